@@ -9,8 +9,9 @@ LoRA adapters live in a separate pytree (see `tpu_reason.lora`); passing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -191,50 +192,74 @@ def project(name, x, layer, lora_layer, lora_scale):
   return y
 
 
-class KVCache(NamedTuple):
-  """Per-layer keys/values for S slots; `valid` marks slots holding real tokens."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "valid", "pos"], meta_fields=["group"])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys/values for S slots of every layer; `valid` marks slots holding real tokens.
+
+  `group` > 1 means each cache row is shared by `group` consecutive query rows: the
+  prompt of a GRPO group is prefilled once and read by all its G samples.
+  """
 
   k: jax.Array  # [L, B, S, K, H]
   v: jax.Array  # [L, B, S, K, H]
   valid: jax.Array  # [B, S] bool
   pos: jax.Array  # [B, S] int32 position of the token in each slot
+  group: int = 1
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
   shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(
-      jnp.zeros(shape, dtype),
-      jnp.zeros(shape, dtype),
-      jnp.zeros((batch, slots), bool),
-      jnp.zeros((batch, slots), jnp.int32),
-  )
+  zeros = jnp.zeros(shape, dtype)
+  return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((batch, slots), jnp.int32))
 
 
-def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, cfg: ModelConfig):
-  """Grouped-query attention with an explicit boolean mask; softmax in f32."""
-  b, t, n, h = q_BxTxNxH.shape
-  k_heads = k_BxSxKxH.shape[2]
-  q = q_BxTxNxH.reshape(b, t, k_heads, n // k_heads, h)
-  scale = cfg.query_scale if cfg.query_scale is not None else h**-0.5
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH).astype(jnp.float32) * scale
-  logits = softcap(logits, cfg.attn_softcap)
-  logits = jnp.where(mask_BxTxS[:, None, None], logits, -1e30)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-  return out.reshape(b, t, n, h)
+def write(cache: KVCache, k_LxBxTxKxH, v_LxBxTxKxH, pos_BxT, valid_BxT, index) -> KVCache:
+  """Store T new tokens at slot `index` (in place inside a jitted loop)."""
+  upd = lambda buf, x, axis: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), index, axis)  # noqa: E731
+  return dataclasses.replace(
+      cache, k=upd(cache.k, k_LxBxTxKxH, 2), v=upd(cache.v, v_LxBxTxKxH, 2),
+      valid=upd(cache.valid, valid_BxT, 1), pos=upd(cache.pos, pos_BxT.astype(jnp.int32), 1))
 
 
-def attn_mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window):
-  """Causal by position, only valid keys, optionally within a sliding window."""
+def _mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window, is_global, causal_strict=False):
+  """Causal by position over valid keys; sliding-window layers also bound the distance."""
   diff = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
   mask = (diff >= 0) & k_valid_BxS[:, None, :]
   if window is not None:
-    mask = mask & (diff < window)
+    mask = mask & (is_global | (diff < window))
   return mask
 
 
-def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, k_pos, k_valid, is_global, kv=None):
-  """One decoder block; `kv` = (cache_k, cache_v, write_index) to attend over a cache."""
+def attention(q_BxTxNxH, blocks, cfg: ModelConfig):
+  """Joint softmax attention over several key blocks [(k_bxSxKxH, v, mask_BxTxS, group)].
+
+  A block with group g has B/g rows, each read by g consecutive query rows, so a shared
+  prompt is stored and read once per group instead of once per sample.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  kh = blocks[0][0].shape[2]
+  q = q_BxTxNxH.reshape(b, t, kh, n // kh, h)
+  scale = cfg.query_scale if cfg.query_scale is not None else h**-0.5
+  all_logits = []
+  for k, _, mask, g in blocks:
+    qg = q.reshape(b // g, g * t, kh, n // kh, h)
+    lg = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32) * scale
+    lg = lg.reshape(b // g, kh, n // kh, g, t, -1).transpose(0, 3, 1, 2, 4, 5).reshape(b, kh, n // kh, t, -1)
+    lg = softcap(lg, cfg.attn_softcap)
+    all_logits.append(jnp.where(mask[:, None, None], lg, -1e30))
+  probs = jax.nn.softmax(jnp.concatenate(all_logits, axis=-1), axis=-1).astype(q.dtype)
+  out, start = 0.0, 0
+  for (k, v, _, g), lg in zip(blocks, all_logits):
+    p = probs[..., start:start + lg.shape[-1]]
+    start += lg.shape[-1]
+    p = p.reshape(b // g, g, kh, n // kh, t, -1)
+    out = out + jnp.einsum("bGkgts,bskh->bGtkgh", p, v.astype(q.dtype)).reshape(b, t, kh, n // kh, h)
+  return out.reshape(b, t, n, h)
+
+
+def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, is_global, caches):
+  """One decoder block; attends to itself and to `caches` [(k, v, pos, valid, group)] of this layer."""
   act = jax.nn.silu if cfg.act == "silu" else (lambda z: jax.nn.gelu(z, approximate=True))
   h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
   q = project("q", h, layer, lora_layer, lora_scale)
@@ -249,17 +274,13 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, k_pos, k
     theta = jnp.where(is_global, cfg.rope_theta, cfg.rope_local_theta)
   q, k = rope(q, pos_BxT, theta), rope(k, pos_BxT, theta)
 
-  keys, values, new_kv = k, v, None
-  if kv is not None:
-    cache_k, cache_v, idx = kv
-    keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), idx, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), idx, axis=1)
-    new_kv = (keys, values)
-  mask = attn_mask(pos_BxT, k_pos, k_valid, None)
-  if cfg.sliding_window is not None:
-    local = attn_mask(pos_BxT, k_pos, k_valid, cfg.sliding_window)
-    mask = jnp.where(is_global, mask, local)
-  out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, cfg)
+  blocks = []
+  for ck, cv, cpos, cvalid, g in caches:
+    qpos = pos_BxT.reshape(-1, g * pos_BxT.shape[1])
+    m = _mask(qpos, cpos, cvalid, cfg.sliding_window, is_global)
+    blocks.append((ck, cv, m.reshape(pos_BxT.shape[0], pos_BxT.shape[1], -1), g))
+  blocks.append((k, v, _mask(pos_BxT, pos_BxT, valid_BxT, cfg.sliding_window, is_global), 1))
+  out = attention(q, blocks, cfg)
   out = project("o", out, layer, lora_layer, lora_scale)
   if cfg.post_norms:
     out = rms_norm(out, layer["post_attn_norm"], cfg.norm_eps)
@@ -271,7 +292,7 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, k_pos, k
   out = project("down", act(g) * u, layer, lora_layer, lora_scale)
   if cfg.post_norms:
     out = rms_norm(out, layer["post_ffn_norm"], cfg.norm_eps)
-  return x + out, new_kv
+  return x + out, (k, v)
 
 
 def embed(params: Params, cfg: ModelConfig, tokens_BxT, dtype):
@@ -290,45 +311,35 @@ def forward(
     valid_BxT=None,
     lora: Params | None = None,
     lora_scale: float = 1.0,
-    cache: KVCache | None = None,
-    cache_index=None,
+    caches: tuple[KVCache, ...] = (),
     dtype=jnp.float32,
     remat: bool = False,
+    return_kv: bool = False,
 ):
-  """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
+  """Final-norm hidden states [B, T, D]; with `return_kv` also this call's keys/values.
 
-  Without a cache the T tokens attend to each other (training, scoring); invalid
-  (padding) tokens are never attended to. With a cache the tokens are written at
-  slot `cache_index` and attend to every valid slot (prefill and decode).
+  The T tokens attend causally (by position) to each other and to every valid slot of
+  `caches`; padding tokens (valid=False) are never attended to. Keys/values come back
+  as [L, B, T, K, H] so the caller decides where to store them (`write`).
   """
   if valid_BxT is None:
     valid_BxT = jnp.ones(tokens_BxT.shape, bool)
   x = embed(params, cfg, tokens_BxT, dtype)
   is_global = jnp.array([cfg.is_global(i) for i in range(cfg.num_layers)])
   lora_layers = None if lora is None else lora["layers"]
-
-  if cache is None:
-
-    def body(x, xs):
-      layer, lora_layer, glob = xs
-      y, _ = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, pos_BxT, valid_BxT, glob)
-      return y, None
-
-    if remat:
-      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, _ = jax.lax.scan(body, x, (params["layers"], lora_layers, is_global))
-    return rms_norm(x, params["final_norm"], cfg.norm_eps)
-
-  k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_BxT, cache_index, axis=1)
-  k_pos = jax.lax.dynamic_update_slice_in_dim(cache.pos, pos_BxT.astype(jnp.int32), cache_index, axis=1)
+  cache_xs = tuple((c.k, c.v) for c in caches)
 
   def body(x, xs):
-    layer, lora_layer, glob, ck, cv = xs
-    y, (nk, nv) = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, k_pos, k_valid, glob, (ck, cv, cache_index))
-    return y, (nk, nv)
+    layer, lora_layer, glob, kvs = xs
+    per_layer = [(k, v, c.pos, c.valid, c.group) for (k, v), c in zip(kvs, caches)]
+    y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer)
+    return y, (kv if return_kv else None)
 
-  x, (new_k, new_v) = jax.lax.scan(body, x, (params["layers"], lora_layers, is_global, cache.k, cache.v))
-  return rms_norm(x, params["final_norm"], cfg.norm_eps), KVCache(new_k, new_v, k_valid, k_pos)
+  if remat:
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+  x, kv = jax.lax.scan(body, x, (params["layers"], lora_layers, is_global, cache_xs))
+  hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
+  return (hidden, kv) if return_kv else hidden
 
 
 def logits(params: Params, cfg: ModelConfig, hidden_BxTxD):

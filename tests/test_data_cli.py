@@ -1,0 +1,39 @@
+"""Tests for `python -m tpu_reason.data`: prints the report, one-line errors."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(*args):
+  env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+  return subprocess.run([sys.executable, "-m", "tpu_reason.data", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_report_and_marked_examples():
+  out = _run("data.size=16", "data.eval_size=4", "data.completion_buckets=[128,256,512]")
+  assert out.returncode == 0, out.stderr
+  text = out.stdout
+  assert "train [reasoning_gym:gsm_symbolic:seed=0]: kept 16/16" in text
+  assert "eval [reasoning_gym:gsm_symbolic:seed=10000]: kept 4/4" in text
+  assert "prompt tokens: n=16" in text and "completion tokens (incl. EOS): n=16" in text
+  assert "C=128:" in text and "C=512:" in text
+  assert text.count("\n--- ") == 3  # three rendered examples
+  assert text.count("<reasoning>\n[[") == 3 and text.count("</answer><|im_end|>]]") == 3  # loss span incl. EOS
+
+
+def test_cli_bad_override_is_one_line_error():
+  out = _run("data.nope=1")
+  assert out.returncode == 2
+  assert out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+  assert "Traceback" not in out.stderr and "nope" in out.stderr
+
+
+def test_cli_missing_path_is_one_line_error():
+  out = _run("data.source=teacher", "data.path=does/not/exist.jsonl")
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.startswith("error:") and "Traceback" not in out.stderr

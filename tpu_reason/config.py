@@ -1,0 +1,274 @@
+"""Nested frozen dataclass configs, YAML recipes and `a.b=value` overrides.
+
+Every CLI: `--config recipes/X.yaml key.sub=value ...`. Unknown keys and bad values
+are `UserError`s (one line, no traceback); the resolved config is printed and saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tpu_reason.errors import UserError
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _check(cond: bool, msg: str):
+  if not cond:
+    raise UserError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCfg:
+  """Which checkpoint to load and how to run it."""
+
+  spec: str = "smollm2-135m"
+  dtype: str = "float32"  # compute/param dtype: float32 on CPU, bfloat16 on TPU
+  remat: bool = False
+
+  def __post_init__(self):
+    _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraCfg:
+  """LoRA adapters on the projections whose names match `targets` (a regex)."""
+
+  rank: int = 16
+  alpha: float = 32.0
+  targets: str = "q|k|v|o|gate|up|down"
+
+  def __post_init__(self):
+    _check(self.rank > 0, f"lora.rank must be > 0, got {self.rank}")
+    _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshCfg:
+  """Device mesh: fsdp * tp must equal the device count (-1 = all remaining devices)."""
+
+  fsdp: int = -1
+  tp: int = 1
+
+  def __post_init__(self):
+    _check(self.tp >= 1 and (self.fsdp >= 1 or self.fsdp == -1), f"mesh sizes must be >= 1 (fsdp may be -1), got fsdp={self.fsdp} tp={self.tp}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingCfg:
+  """Generation settings."""
+
+  max_new_tokens: int = 512
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    _check(self.max_new_tokens > 0, f"sampling.max_new_tokens must be > 0, got {self.max_new_tokens}")
+    _check(self.temperature >= 0, f"sampling.temperature must be >= 0, got {self.temperature}")
+    _check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
+    _check(self.top_k >= 0, f"sampling.top_k must be >= 0, got {self.top_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCfg:
+  """Where examples come from and the fixed shapes they are bucketed into."""
+
+  source: str = "reasoning_gym"  # teacher | gsm8k | s1k | dolphin_r1 | reasoning_gym | jsonl | parquet
+  path: str = ""  # file, directory or hub id for file-based sources
+  task: str = "gsm_symbolic"  # reasoning-gym task
+  size: int = 256
+  seed: int = 0
+  eval_size: int = 32
+  eval_seed: int = 10_000  # far from `seed`: nearby reasoning-gym seeds share rows
+  schema: str = "reasoning"  # tag schema: reasoning | think | s1
+  system_prompt: str = ""
+  max_prompt_tokens: int = 256
+  max_completion_tokens: int = 512
+  completion_buckets: tuple[int, ...] = ()  # e.g. (128, 256, 512); () = one bucket
+  strict: bool = True
+
+  def __post_init__(self):
+    _check(self.schema in ("reasoning", "think", "s1"), f"data.schema must be reasoning, think or s1, got {self.schema!r}")
+    _check(self.size > 0 and self.eval_size >= 0, "data.size must be > 0 and data.eval_size >= 0")
+    _check(self.max_prompt_tokens > 0 and self.max_completion_tokens > 0, "data token budgets must be > 0")
+    _check(all(0 < b <= self.max_completion_tokens for b in self.completion_buckets),
+           f"data.completion_buckets must lie in (0, max_completion_tokens={self.max_completion_tokens}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Top-level run config shared by every entry point."""
+
+  name: str = "default"
+  output_dir: str = ""  # default runs/<name>-<time>
+  model: ModelCfg = ModelCfg()
+  lora: LoraCfg = LoraCfg()
+  mesh: MeshCfg = MeshCfg()
+  sampling: SamplingCfg = SamplingCfg()
+  data: DataCfg = DataCfg()
+
+  def resolved_output_dir(self) -> Path:
+    if self.output_dir:
+      return Path(self.output_dir)
+    return Path("runs") / f"{self.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+  """Convert a YAML / command-line value to the field's declared type."""
+  origin = typing.get_origin(typ)
+  if dataclasses.is_dataclass(typ):
+    if not isinstance(value, dict):
+      raise UserError(f"{where} must be a mapping, got {value!r}")
+    return build(typ, value, where + ".")
+  if origin in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+      return None
+    return _coerce(value, args[0], where)
+  if origin is tuple:
+    (item, *_) = typing.get_args(typ)
+    if isinstance(value, str):
+      value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+      raise UserError(f"{where} must be a list, got {value!r}")
+    return tuple(_coerce(v, item, where) for v in value)
+  if typ is bool:
+    if isinstance(value, bool):
+      return value
+    if str(value).lower() in ("true", "1", "yes", "on"):
+      return True
+    if str(value).lower() in ("false", "0", "no", "off"):
+      return False
+    raise UserError(f"{where} must be true or false, got {value!r}")
+  if typ in (int, float):
+    try:
+      out = typ(value)
+    except (TypeError, ValueError):
+      raise UserError(f"{where} must be {typ.__name__}, got {value!r}") from None
+    if typ is int and isinstance(value, float) and value != out:
+      raise UserError(f"{where} must be an integer, got {value!r}")
+    return out
+  if typ is str:
+    return "" if value is None else str(value)
+  return value
+
+
+def build(cls, values: dict, prefix: str = ""):
+  """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise UserError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+  kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+  return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value: Any):
+  *path, leaf = dotted.split(".")
+  node = tree
+  for p in path:
+    node = node.setdefault(p, {})
+    if not isinstance(node, dict):
+      raise UserError(f"override {dotted!r}: {p!r} is not a section")
+  node[leaf] = value
+
+
+def _parse_value(text: str) -> Any:
+  """`1e-4` -> float, `[1,2]` -> list, `abc` -> str (YAML scalar rules)."""
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError:
+    return text
+
+
+def load(cls, config: str | Path | None = None, overrides: list[str] = ()):
+  """Defaults <- recipe YAML <- `a.b=value` overrides, validated."""
+  tree: dict = {}
+  if config:
+    path = Path(config)
+    if not path.exists() and (RECIPES / path.name).exists():
+      path = RECIPES / path.name
+    if not path.exists():
+      raise UserError(f"recipe not found: {config}")
+    try:
+      tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+      raise UserError(f"{path}: a recipe must be a mapping of sections")
+  for item in overrides:
+    if "=" not in item:
+      raise UserError(f"override {item!r} must look like key.sub=value")
+    key, value = item.split("=", 1)
+    _set(tree, key.strip().lstrip("-"), _parse_value(value))
+  return build(cls, tree)
+
+
+def parse_args(cls, argv: list[str], extra: dict[str, str] | None = None):
+  """Split `--config X` (and other `--flag value` pairs in `extra`) from overrides."""
+  config, overrides, flags = None, [], {}
+  it = iter(argv)
+  for arg in it:
+    name = arg.split("=", 1)[0]
+    if name == "--config" or (extra and name in extra):
+      value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+      if value is None:
+        raise UserError(f"{name} needs a value")
+      if name == "--config":
+        config = value
+      else:
+        flags[extra[name]] = value
+    elif arg in ("-h", "--help"):
+      raise SystemExit(_usage(cls))
+    elif arg.startswith("--") and "=" not in arg:
+      raise UserError(f"unknown flag {arg}; use --config FILE and key.sub=value overrides")
+    else:
+      overrides.append(arg)
+  cfg = load(cls, config, overrides)
+  return (cfg, flags) if extra is not None else cfg
+
+
+def _usage(cls) -> str:
+  lines = ["usage: [--config recipes/X.yaml] [key.sub=value ...]", "", "keys (default):"]
+  lines += [f"  {k} = {v!r}" for k, v in flatten(to_dict(cls())).items()]
+  return "\n".join(lines)
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def dump(cfg) -> str:
+  """Resolved config as YAML text (what gets printed and saved with a run)."""
+  return yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False)
+
+
+def save(cfg, out_dir: Path) -> Path:
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / "config.yaml"
+  path.write_text(dump(cfg))
+  return path

@@ -1,0 +1,124 @@
+"""Glue: DataCfg -> source records -> rendered, bucketed examples for train and eval.
+
+Train and eval come from the same source:
+  * reasoning_gym: train = (task, seed, size), eval = (task, eval_seed, eval_size);
+  * file sources: eval = the last eval_size rows, train = `size` of the rest
+    (a seeded sample in file order when there are more).
+Eval rows whose id (a hash of the prompt) also occurs in train are dropped
+(`in_train`), so eval scores are never measured on trained prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from tpu_reason import tags
+from tpu_reason.config import DataCfg
+from tpu_reason.data import sources
+from tpu_reason.data.buckets import DataReport, Example, build_examples
+from tpu_reason.data.sources import LoadReport, Record
+from tpu_reason.errors import UserError
+
+GENERATED_SOURCES = ("reasoning_gym",)
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def load_records(data: DataCfg, *, seed: int, size: int) -> tuple[list[Record], LoadReport]:
+  """Records of the configured source; (seed, size) only matter for generated sources."""
+  if data.source in GENERATED_SOURCES:
+    spec = {"kind": data.source, "name": data.task, "seed": seed, "size": size}
+  else:
+    if not data.path:
+      raise UserError(f"data.source={data.source} reads a file or hub dataset: set data.path")
+    local = pathlib.Path(data.path)
+    # A hub id ("openai/gsm8k") or glob is not a local path; catch plain typos cheaply.
+    if local.suffix in LOCAL_SUFFIXES and not any(c in data.path for c in "*?[") and not local.exists():
+      raise UserError(f"data.path not found: {data.path}")
+    spec = {"kind": data.source, "path": data.path}
+  try:
+    return sources.load_source(spec, strict=data.strict)
+  except UserError:
+    raise
+  except FileNotFoundError as e:
+    raise UserError(f"data.path: {e}") from None
+  except (ValueError, TypeError) as e:  # unknown source kind or reasoning-gym task
+    raise UserError(f"data.source={data.source} task={data.task}: {e}") from None
+
+
+def split_file_records(
+  records: Sequence[Record], *, size: int, eval_size: int, seed: int
+) -> tuple[list[Record], list[Record], int]:
+  """(train, eval, rows beyond `size`): eval is the file's tail, train a seeded sample of the rest."""
+  if eval_size >= len(records):
+    raise UserError(f"data.eval_size={eval_size} leaves no training rows ({len(records)} usable rows)")
+  pool, held_out = list(records[: len(records) - eval_size]), list(records[len(records) - eval_size :])
+  if len(pool) <= size:
+    return pool, held_out, 0
+  keep = np.sort(np.random.default_rng(seed).choice(len(pool), size, replace=False))
+  return [pool[i] for i in keep], held_out, len(pool) - size
+
+
+@dataclasses.dataclass
+class Splits:
+  """Train and eval records, and the rows each split lost before tokenization."""
+
+  train: list[Record]
+  eval: list[Record]
+  train_source: str
+  eval_source: str
+  train_dropped: dict[str, int]
+  eval_dropped: dict[str, int]
+
+
+def split_records(data: DataCfg) -> Splits:
+  """Loads train and eval records; cheap, so config mistakes surface before the model loads."""
+  records, loaded = load_records(data, seed=data.seed, size=data.size)
+  train_dropped = dict(loaded.dropped)
+  if data.source in GENERATED_SOURCES:
+    train = records
+    if data.eval_size:
+      evals, eval_loaded = load_records(data, seed=data.eval_seed, size=data.eval_size)
+      eval_source, eval_dropped = eval_loaded.source, dict(eval_loaded.dropped)
+    else:
+      evals, eval_source, eval_dropped = [], "none (data.eval_size=0)", {}
+  else:
+    train, evals, over = split_file_records(records, size=data.size, eval_size=data.eval_size, seed=data.seed)
+    train_dropped.update(held_out_eval=len(evals), over_size=over)
+    eval_source, eval_dropped = f"{loaded.source} (last {len(evals)} rows)", {}
+  train_ids = {r.id for r in train}
+  fresh = [r for r in evals if r.id not in train_ids]
+  eval_dropped["in_train"] = len(evals) - len(fresh)
+  return Splits(train, fresh, loaded.source, eval_source, train_dropped, eval_dropped)
+
+
+def _examples(records, model, data: DataCfg, schema, split: str, source: str, dropped: dict[str, int]):
+  examples, report = build_examples(
+    records, model, schema,
+    system_prompt=data.system_prompt,
+    max_prompt_tokens=data.max_prompt_tokens,
+    max_completion_tokens=data.max_completion_tokens,
+    buckets=data.completion_buckets,
+    split=split,
+    source=source,
+  )
+  report.absorb(dropped)
+  assert report.accounted, report
+  return examples, report
+
+
+def prepare(
+  data: DataCfg, model: Any, splits: Splits | None = None
+) -> tuple[list[Example], list[Example], dict[str, DataReport]]:
+  """(train examples, eval examples, {"train": report, "eval": report})."""
+  schema = tags.get_schema(data.schema)
+  s = split_records(data) if splits is None else splits
+  train, train_report = _examples(s.train, model, data, schema, "train", s.train_source, s.train_dropped)
+  evals, eval_report = _examples(s.eval, model, data, schema, "eval", s.eval_source, s.eval_dropped)
+  if not train:
+    raise UserError(f"no training example survived: {train_report.summary()}")
+  return train, evals, {"train": train_report, "eval": eval_report}

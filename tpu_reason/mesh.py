@@ -1,0 +1,82 @@
+"""The device mesh and the one table mapping logical axes to mesh axes."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tpu_reason.config import MeshCfg
+from tpu_reason.errors import UserError
+from tpu_reason.models.transformer import unflatten
+
+MESH_AXES = ("fsdp", "tp")
+
+# Logical axis -> mesh axis. Params are sharded over fsdp on the model dim (ZeRO-3 style)
+# and over tp on heads / mlp / vocab; activations put the batch on fsdp.
+SHARDING_RULES: dict[str, str | None] = {
+    "batch": "fsdp",
+    "embed": "fsdp",
+    "vocab": "tp",
+    "heads": "tp",
+    "kv_heads": "tp",
+    "mlp": "tp",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "lora": None,
+    "seq": None,
+}
+
+
+def make_mesh(cfg: MeshCfg, devices=None) -> Mesh:
+  """An (fsdp, tp) mesh over `devices` (default: all)."""
+  devices = list(devices if devices is not None else jax.devices())
+  n = len(devices)
+  fsdp = n // cfg.tp if cfg.fsdp == -1 else cfg.fsdp
+  if fsdp * cfg.tp != n:
+    raise UserError(f"mesh fsdp={cfg.fsdp} x tp={cfg.tp} does not cover the {n} available devices")
+  return Mesh(np.array(devices).reshape(fsdp, cfg.tp), MESH_AXES)
+
+
+def spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec from logical axes; a dim the mesh axis doesn't divide stays replicated."""
+  out, used = [], set()
+  for dim, axis in zip(shape, axes):
+    mesh_axis = SHARDING_RULES[axis]
+    if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis]:
+      out.append(None)
+    else:
+      out.append(mesh_axis)
+      used.add(mesh_axis)
+  return PartitionSpec(*out)
+
+
+def shardings(table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], mesh: Mesh):
+  """Nested pytree of NamedShardings for a flat {name: (shape, axes)} table."""
+  return unflatten({k: NamedSharding(mesh, spec(s, a, mesh)) for k, (s, a) in table.items()})
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis over fsdp, everything else replicated."""
+  return NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put(tree, shard_tree):
+  """device_put a pytree with a matching pytree of shardings."""
+  return jax.tree.map(jax.device_put, tree, shard_tree)
+
+
+def bytes_per_device(tree) -> int:
+  """Largest per-device footprint of a sharded pytree (for memory plans and tests)."""
+  per_device: dict = {}
+  for x in jax.tree.leaves(tree):
+    for s in x.addressable_shards:
+      per_device[s.device] = per_device.get(s.device, 0) + math.prod(s.data.shape) * x.dtype.itemsize
+  return max(per_device.values(), default=0)
