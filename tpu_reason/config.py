@@ -219,31 +219,45 @@ def load(cls, config: str | Path | None = None, overrides: list[str] = ()):
 
 
 def parse_args(cls, argv: list[str], extra: dict[str, str] | None = None):
-  """Split `--config X` (and other `--flag value` pairs in `extra`) from overrides."""
+  """Parse `--config X`, `key.sub=value` overrides and the CLI's own `extra` flags.
+
+  `extra` maps a flag to a dotted config key (a shorthand override, e.g. --model ->
+  model.spec) or to a plain name returned in the flags dict. A flag given without a
+  value (`--raw`) gets "true".
+  """
+  extra = extra or {}
   config, overrides, flags = None, [], {}
-  it = iter(argv)
-  for arg in it:
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
     name = arg.split("=", 1)[0]
-    if name == "--config" or (extra and name in extra):
-      value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
-      if value is None:
-        raise UserError(f"{name} needs a value")
+    if name == "--config" or name in extra:
+      if "=" in arg:
+        value = arg.split("=", 1)[1]
+      elif args and not args[0].startswith("--"):
+        value = args.pop(0)
+      elif name == "--config":
+        raise UserError("--config needs a value")
+      else:
+        value = "true"
       if name == "--config":
         config = value
+      elif "." in extra[name]:
+        overrides.append(f"{extra[name]}={value}")
       else:
         flags[extra[name]] = value
     elif arg in ("-h", "--help"):
-      raise SystemExit(_usage(cls))
+      raise SystemExit(_usage(cls, extra))
     elif arg.startswith("--") and "=" not in arg:
       raise UserError(f"unknown flag {arg}; use --config FILE and key.sub=value overrides")
     else:
-      overrides.append(arg)
-  cfg = load(cls, config, overrides)
-  return (cfg, flags) if extra is not None else cfg
+      overrides.append(arg.removeprefix("--"))
+  return load(cls, config, overrides), flags
 
 
-def _usage(cls) -> str:
-  lines = ["usage: [--config recipes/X.yaml] [key.sub=value ...]", "", "keys (default):"]
+def _usage(cls, extra: dict[str, str]) -> str:
+  flags = "".join(f" [{f} ...]" for f in extra)
+  lines = [f"usage:{flags} [--config recipes/X.yaml] [key.sub=value ...]", "", "keys (default):"]
   lines += [f"  {k} = {v!r}" for k, v in flatten(to_dict(cls())).items()]
   return "\n".join(lines)
 

@@ -39,7 +39,7 @@ def show_example(ex: Example, tokenizer, color: bool) -> str:
 
 @errors.cli
 def main(argv: list[str] | None = None):
-  cfg = config.parse_args(config.Config, sys.argv[1:] if argv is None else argv)
+  cfg, _ = config.parse_args(config.Config, sys.argv[1:] if argv is None else argv)
   d = cfg.data
   start = time.time()
   splits = split_records(d)  # before the model: bad paths and tasks fail fast

@@ -122,11 +122,11 @@ def read_tokenizer(reader, family: str):
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
-  # Control / user-defined tokens (<|im_end|>, <end_of_turn>, ...) must match atomically.
-  backend.add_special_tokens([
-      AddedToken(t, special=True, normalized=False)
-      for t, kind_id in zip(tdict["tokens"], tdict["token_type"]) if kind_id in (3, 4)
-  ])
+  # Control tokens (<|im_end|>, <end_of_turn>) are special; user-defined ones (Gemma's
+  # whitespace runs such as "\n\n") must also match atomically but survive decoding.
+  types = dict(zip(tdict["tokens"], tdict["token_type"]))
+  backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in types.items() if k == 4])
+  backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in types.items() if k == 3])
   tokens = tdict["tokens"]
   special = lambda key: tokens[tdict[key]] if tdict.get(key) is not None else None  # noqa: E731
   tok = PreTrainedTokenizerFast(

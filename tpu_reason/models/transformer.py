@@ -201,24 +201,24 @@ class KVCache:
   prompt of a GRPO group is prefilled once and read by all its G samples.
   """
 
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
+  k: jax.Array  # [L, B, K, S, H]
+  v: jax.Array  # [L, B, K, S, H]
   valid: jax.Array  # [B, S] bool
   pos: jax.Array  # [B, S] int32 position of the token in each slot
   group: int = 1
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-  shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
   zeros = jnp.zeros(shape, dtype)
   return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((batch, slots), jnp.int32))
 
 
-def write(cache: KVCache, k_LxBxTxKxH, v_LxBxTxKxH, pos_BxT, valid_BxT, index) -> KVCache:
+def write(cache: KVCache, k_LxBxKxTxH, v_LxBxKxTxH, pos_BxT, valid_BxT, index) -> KVCache:
   """Store T new tokens at slot `index` (in place inside a jitted loop)."""
   upd = lambda buf, x, axis: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), index, axis)  # noqa: E731
   return dataclasses.replace(
-      cache, k=upd(cache.k, k_LxBxTxKxH, 2), v=upd(cache.v, v_LxBxTxKxH, 2),
+      cache, k=upd(cache.k, k_LxBxKxTxH, 3), v=upd(cache.v, v_LxBxKxTxH, 3),
       valid=upd(cache.valid, valid_BxT, 1), pos=upd(cache.pos, pos_BxT.astype(jnp.int32), 1))
 
 
@@ -232,30 +232,34 @@ def _mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window, is_global, causal_strict=Fa
 
 
 def attention(q_BxTxNxH, blocks, cfg: ModelConfig):
-  """Joint softmax attention over several key blocks [(k_bxSxKxH, v, mask_BxTxS, group)].
+  """Joint softmax attention over several key blocks [(k_bxKxSxH, v_bxKxSxH, mask_BxTxS, group)].
 
-  A block with group g has B/g rows, each read by g consecutive query rows, so a shared
-  prompt is stored and read once per group instead of once per sample.
+  Keys are stored heads-first ([b, K, S, H]) so both einsums are plain batched matmuls
+  over (b, K) with no transposed copy of the cache. A block with group g has B/g rows,
+  each read by g consecutive query rows: a shared prompt is stored and read once.
   """
   b, t, n, h = q_BxTxNxH.shape
-  kh = blocks[0][0].shape[2]
-  q = q_BxTxNxH.reshape(b, t, kh, n // kh, h)
+  kh = blocks[0][0].shape[1]
+  gq = n // kh
   scale = cfg.query_scale if cfg.query_scale is not None else h**-0.5
+  q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, kh, gq, h).transpose(0, 2, 3, 1, 4)
   all_logits = []
   for k, _, mask, g in blocks:
-    qg = q.reshape(b // g, g * t, kh, n // kh, h)
-    lg = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype)).astype(jnp.float32) * scale
-    lg = lg.reshape(b // g, kh, n // kh, g, t, -1).transpose(0, 3, 1, 2, 4, 5).reshape(b, kh, n // kh, t, -1)
+    # fold the g query rows that share a cache row into the query-time axis
+    qg = q_BxKxGxTxH.reshape(b // g, g, kh, gq, t, h).transpose(0, 2, 3, 1, 4, 5).reshape(b // g, kh, gq, g * t, h)
+    lg = jnp.einsum("bkgth,bksh->bkgts", qg, k.astype(qg.dtype)).astype(jnp.float32) * scale
+    lg = lg.reshape(b // g, kh, gq, g, t, -1).transpose(0, 3, 1, 2, 4, 5).reshape(b, kh, gq, t, -1)
     lg = softcap(lg, cfg.attn_softcap)
     all_logits.append(jnp.where(mask[:, None, None], lg, -1e30))
-  probs = jax.nn.softmax(jnp.concatenate(all_logits, axis=-1), axis=-1).astype(q.dtype)
+  probs = jax.nn.softmax(jnp.concatenate(all_logits, axis=-1), axis=-1).astype(q_BxTxNxH.dtype)
   out, start = 0.0, 0
-  for (k, v, _, g), lg in zip(blocks, all_logits):
+  for (_, v, _, g), lg in zip(blocks, all_logits):
     p = probs[..., start:start + lg.shape[-1]]
     start += lg.shape[-1]
-    p = p.reshape(b // g, g, kh, n // kh, t, -1)
-    out = out + jnp.einsum("bGkgts,bskh->bGtkgh", p, v.astype(q.dtype)).reshape(b, t, kh, n // kh, h)
-  return out.reshape(b, t, n, h)
+    p = p.reshape(b // g, g, kh, gq, t, -1).transpose(0, 2, 3, 1, 4, 5).reshape(b // g, kh, gq, g * t, -1)
+    o = jnp.einsum("bkgts,bksh->bkgth", p, v.astype(p.dtype))
+    out = out + o.reshape(b // g, kh, gq, g, t, h).transpose(0, 3, 1, 2, 4, 5).reshape(b, kh, gq, t, h)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, is_global, caches):
@@ -279,6 +283,7 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_Bx
     qpos = pos_BxT.reshape(-1, g * pos_BxT.shape[1])
     m = _mask(qpos, cpos, cvalid, cfg.sliding_window, is_global)
     blocks.append((ck, cv, m.reshape(pos_BxT.shape[0], pos_BxT.shape[1], -1), g))
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H], the cache layout
   blocks.append((k, v, _mask(pos_BxT, pos_BxT, valid_BxT, cfg.sliding_window, is_global), 1))
   out = attention(q, blocks, cfg)
   out = project("o", out, layer, lora_layer, lora_scale)
@@ -320,7 +325,7 @@ def forward(
 
   The T tokens attend causally (by position) to each other and to every valid slot of
   `caches`; padding tokens (valid=False) are never attended to. Keys/values come back
-  as [L, B, T, K, H] so the caller decides where to store them (`write`).
+  as [L, B, K, T, H] so the caller decides where to store them (`write`).
   """
   if valid_BxT is None:
     valid_BxT = jnp.ones(tokens_BxT.shape, bool)

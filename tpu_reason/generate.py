@@ -1,0 +1,62 @@
+"""`python -m tpu_reason.generate --model smollm2-135m --prompt "What is 7 times 8?"`.
+
+Streams the completion through the model's chat template and reports tokens/s.
+Also takes `--config recipes/X.yaml` and `key.sub=value` overrides (e.g. sampling.temperature=0.7).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tpu_reason import config, models, sampler
+from tpu_reason.errors import UserError, cli
+
+FLAGS = {"--model": "model.spec", "--max-new-tokens": "sampling.max_new_tokens",
+         "--temperature": "sampling.temperature", "--seed": "sampling.seed",
+         "--prompt": "prompt", "--raw": "raw"}
+
+
+def _parse(argv: list[str]):
+  cfg, flags = config.parse_args(config.Config, argv, extra=FLAGS)
+  if not flags.get("prompt"):
+    raise UserError('--prompt "..." is required')
+  return cfg, flags["prompt"], flags.get("raw", "false").lower() in ("1", "true", "yes")
+
+
+def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> sampler.Generation:
+  """Load the model, generate for one prompt, stream text to `out`."""
+  model = models.load(cfg.model.spec)
+  params = jax.tree.map(jnp.asarray, model.params)
+  text = prompt if raw or not model.tokenizer.chat_template else model.chat_prompt(prompt)
+  tokens, mask = sampler.left_pad([model.encode(text)], None, model.tokenizer.pad_token_id or 0)
+  printed = [0]
+
+  def stream(tokens_BxN, lengths_B):
+    new = model.tokenizer.decode(tokens_BxN[0, : lengths_B[0]], skip_special_tokens=True)
+    if len(new) > printed[0] and not new.endswith("\ufffd"):  # wait for whole UTF-8 characters
+      out.write(new[printed[0]:])
+      out.flush()
+      printed[0] = len(new)
+
+  gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
+                         sampling=cfg.sampling, chunk=8, on_chunk=stream)
+  out.write(gen.texts[0][printed[0]:] + "\n")
+  reason = "eos" if gen.finished[0] else "length cap"
+  print(f"[{gen.lengths[0]} tokens, {gen.tokens_per_second:.1f} tok/s incl. compile, stopped by {reason}]",
+        file=sys.stderr)
+  return gen
+
+
+@cli
+def main(argv: list[str] | None = None):
+  cfg, prompt, raw = _parse(sys.argv[1:] if argv is None else argv)
+  run(cfg, prompt, raw)
+
+
+if __name__ == "__main__":
+  np.set_printoptions(precision=3)
+  main()
