@@ -61,6 +61,11 @@ class Generation:
     return float(self.lengths.sum()) / max(self.seconds, 1e-9)
 
 
+def _mode(sampling: SamplingCfg) -> tuple[float, int, float]:
+  """The sampling fields that change the compiled graph (the seed must not)."""
+  return (sampling.temperature, sampling.top_k, sampling.top_p)
+
+
 def sample_token(logits_BxV, key, temperature: float, top_k: int, top_p: float):
   """Greedy when temperature == 0, else temperature / top-k / top-p sampling."""
   if temperature == 0.0:
@@ -94,22 +99,22 @@ def prefill(params, lora, lora_scale, tokens_BxP, mask_BxP, *, cfg: ModelConfig,
   return cache, logits(params, cfg, hidden[:, -1:])[:, 0], pos[:, -1] + 1
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "group", "max_new", "sampling", "dtype"))
+@functools.partial(jax.jit, static_argnames=("cfg", "group", "max_new", "mode", "dtype"))
 def start(prefix: KVCache, first_logits_BxV, next_pos_B, key, *, cfg: ModelConfig, group: int,
-          max_new: int, sampling: SamplingCfg, eos_ids, dtype=jnp.float32) -> DecodeState:
+          max_new: int, mode: tuple, eos_ids, dtype=jnp.float32) -> DecodeState:
   """Sample each row's first token (G different ones per prompt) and set up the loop."""
   b = first_logits_BxV.shape[0] * group
   key, sub = jax.random.split(key)
-  first = sample_token(jnp.repeat(first_logits_BxV, group, 0), sub, sampling.temperature, sampling.top_k, sampling.top_p)
+  first = sample_token(jnp.repeat(first_logits_BxV, group, 0), sub, *mode)
   tokens = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, eos_ids)
   return DecodeState(init_cache(cfg, b, max_new, dtype), tokens, first, jnp.repeat(next_pos_B, group),
                      jnp.array(1, jnp.int32), done, jnp.ones((b,), jnp.int32), key)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "dtype"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "mode", "dtype"), donate_argnames=("state",))
 def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until, eos_ids, pad_id,
-           *, cfg: ModelConfig, sampling: SamplingCfg, dtype=jnp.float32) -> DecodeState:
+           *, cfg: ModelConfig, mode: tuple, dtype=jnp.float32) -> DecodeState:
   """Generate until step == `until` or every row is done."""
   max_new = state.tokens.shape[1]
 
@@ -124,7 +129,7 @@ def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until,
                              lora_scale=lora_scale, caches=(prefix, s.suffix), dtype=dtype, return_kv=True)
     suffix = write(s.suffix, k, v, pos, alive[:, None], s.step - 1)
     key, sub = jax.random.split(s.key)
-    nxt = sample_token(logits(params, cfg, hidden)[:, 0], sub, sampling.temperature, sampling.top_k, sampling.top_p)
+    nxt = sample_token(logits(params, cfg, hidden)[:, 0], sub, *mode)
     nxt = jnp.where(alive, nxt, pad_id)
     tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, nxt[:, None], s.step, axis=1)
     done = s.done | jnp.isin(nxt, eos_ids)
@@ -171,7 +176,7 @@ def generate(
   prefix = KVCache(prefix.k, prefix.v, prefix.valid, prefix.pos, group)
   max_new = sampling.max_new_tokens
   state = start(prefix, first, next_pos, key, cfg=cfg, group=group, max_new=max_new,
-                sampling=sampling, eos_ids=eos, dtype=dtype)
+                mode=_mode(sampling), eos_ids=eos, dtype=dtype)
   stopped = np.zeros(state.done.shape, bool)
   stop_len = np.zeros(state.done.shape, np.int64)
   step = 1
@@ -189,7 +194,7 @@ def generate(
     if step >= max_new or bool(jnp.all(state.done)):
       break
     step = min(step + chunk, max_new)
-    state = decode(params, lora, lora_scale, prefix, state, step, eos, pad, cfg=cfg, sampling=sampling, dtype=dtype)
+    state = decode(params, lora, lora_scale, prefix, state, step, eos, pad, cfg=cfg, mode=_mode(sampling), dtype=dtype)
   tokens, done, lengths = jax.device_get((state.tokens, state.done, state.lengths))
   lengths = np.where(stopped, np.minimum(stop_len, lengths), lengths)
   tokens = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, pad).astype(np.int32)

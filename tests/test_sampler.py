@@ -1,0 +1,130 @@
+"""Sampler: greedy equals teacher-forced argmax, EOS / stop strings, seeds, no recompiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tpu_reason import models, sampler
+from tpu_reason.config import SamplingCfg
+from tpu_reason.models import transformer as T
+
+TINY = T.ModelConfig(family="llama", vocab_size=97, embed_dim=32, hidden_dim=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8)
+
+
+class ByteTok:
+  """Minimal tokenizer: id i <-> chr(32 + i % 95); enough for stop-string logic."""
+
+  pad_token_id = 0
+
+  def decode(self, ids, skip_special_tokens=False):
+    return "".join(chr(32 + int(i) % 95) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return T.init_params(TINY, jax.random.key(0))
+
+
+def _greedy_reference(params, cfg, prompt, n):
+  """Greedy decoding by re-running the full forward on the growing sequence."""
+  seq = list(prompt)
+  for _ in range(n):
+    ids = jnp.array([seq])
+    h = T.forward(params, cfg, ids, jnp.arange(len(seq))[None])
+    seq.append(int(jnp.argmax(T.logits(params, cfg, h)[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_matches_full_forward_with_left_padding(tiny):
+  prompts = [[5, 6, 7, 8, 9], [11, 12]]
+  tokens, mask = sampler.left_pad(prompts, 8, 0)
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),
+                         sampling=SamplingCfg(max_new_tokens=12), chunk=5)
+  for i, p in enumerate(prompts):
+    assert gen.tokens[i].tolist() == _greedy_reference(tiny, TINY, p, 12)
+  assert gen.lengths.tolist() == [12, 12] and not gen.finished.any()
+
+
+def test_group_samples_share_prompt_but_differ(tiny):
+  tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9]], 4, 0)
+  s = SamplingCfg(max_new_tokens=16, temperature=1.0)
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=4)
+  assert gen.tokens.shape == (8, 16)
+  assert len({tuple(r) for r in gen.tokens[:4].tolist()}) > 1  # G samples are not identical
+  # greedy with a group gives G copies of the single greedy sample
+  g1 = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=8), group=3)
+  g0 = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=8))
+  np.testing.assert_array_equal(g1.tokens, np.repeat(g0.tokens, 3, axis=0))
+
+
+def test_seed_controls_sampling(tiny):
+  tokens, mask = sampler.left_pad([[5, 6, 7]], 4, 0)
+  run = lambda seed: sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),  # noqa: E731
+                                      sampling=SamplingCfg(max_new_tokens=24, temperature=1.0, seed=seed)).tokens
+  np.testing.assert_array_equal(run(1), run(1))
+  assert not np.array_equal(run(1), run(2))
+  key_a = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), key=jax.random.key(7),
+                           sampling=SamplingCfg(max_new_tokens=24, temperature=1.0)).tokens
+  assert not np.array_equal(key_a, run(0))  # an explicit key overrides the config seed
+
+
+def test_eos_stops_row_and_pads(tiny):
+  tokens, mask = sampler.left_pad([[5, 6, 7, 8, 9]], 8, 0)
+  free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=10))
+  eos = int(free.tokens[0, 3])
+  first = int(np.argmax(free.tokens[0] == eos))  # the EOS may occur earlier than index 3
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(eos, 96), sampling=SamplingCfg(max_new_tokens=10))
+  assert gen.finished[0] and gen.lengths[0] == first + 1
+  assert gen.tokens[0, first] == eos and (gen.tokens[0, first + 1:] == 0).all()
+
+
+def test_stop_string_cuts_at_the_token_that_completes_it(tiny):
+  tokens, mask = sampler.left_pad([[5, 6, 7, 8, 9]], 8, 0)
+  free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=20))
+  text = ByteTok().decode(free.tokens[0])
+  stop = text[6:8]
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=20),
+                         stop_strings=(stop,), chunk=4)
+  n = text.index(stop) + len(stop)
+  assert gen.finished[0] and gen.lengths[0] == n and gen.texts[0] == text[:n]
+
+
+def test_top_k_one_is_greedy(tiny):
+  tokens, mask = sampler.left_pad([[5, 6, 7]], 4, 0)
+  greedy = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=10))
+  topk = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),
+                          sampling=SamplingCfg(max_new_tokens=10, temperature=1.5, top_k=1, seed=3))
+  np.testing.assert_array_equal(greedy.tokens, topk.tokens)
+
+
+def test_top_p_keeps_the_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 2000)
+  draws = jax.vmap(lambda k: sampler.sample_token(logits, k, 1.0, 0, 0.75))(keys)[:, 0]
+  assert set(np.unique(draws).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75; the tail is cut
+  frac0 = float((draws == 0).mean())
+  assert abs(frac0 - 0.5 / 0.8) < 0.05
+
+
+def test_no_recompile_across_calls(tiny):
+  tokens, mask = sampler.left_pad([[5, 6, 7], [1, 2]], 4, 0)
+  s = SamplingCfg(max_new_tokens=12, temperature=1.0)
+  sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, chunk=4)
+  sizes = (sampler.prefill._cache_size(), sampler.start._cache_size(), sampler.decode._cache_size())
+  for seed in range(3):
+    other, omask = sampler.left_pad([[9, 9, 9, 9], [3]], 4, 0)
+    sampler.generate(tiny, TINY, ByteTok(), other, omask, eos_ids=(-1,), chunk=4,
+                     sampling=SamplingCfg(max_new_tokens=12, temperature=1.0, seed=seed), key=jax.random.key(seed))
+  assert (sampler.prefill._cache_size(), sampler.start._cache_size(), sampler.decode._cache_size()) == sizes
+
+
+def test_real_model_answers_coherently():
+  m = models.load("smollm2-135m")
+  params = jax.tree.map(jnp.asarray, m.params)
+  tokens, mask = sampler.left_pad([m.encode(m.chat_prompt("What is the capital of France?"))], None, 0)
+  gen = sampler.generate(params, m.cfg, m.tokenizer, tokens, mask, eos_ids=m.eos_ids,
+                         sampling=SamplingCfg(max_new_tokens=24))
+  assert "Paris" in gen.texts[0]
+  assert gen.finished[0]  # the instruct model ends its turn with <|im_end|>
