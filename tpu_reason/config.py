@@ -106,6 +106,40 @@ class DataCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainCfg:
+  """Optimisation, evaluation and checkpoint cadence (SFT; GRPO reuses the optimizer part)."""
+
+  max_steps: int = 60
+  batch_size: int = 4
+  grad_accum: int = 1  # micro-batches per optimizer step
+  lr: float = 1e-3
+  warmup_steps: int = 5
+  schedule: str = "cosine"  # cosine | linear | constant
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  seed: int = 0
+  eval_every: int = 20
+  eval_generate: int = 16  # held-out prompts generated for format / answer accuracy
+  eval_max_new_tokens: int = 256
+  save_every: int = 20
+  keep_last: int = 2
+  resume: str = "latest"  # latest | none | a step number
+  max_nonfinite: int = 5  # consecutive skipped steps before the run stops
+  vocab_chunk: int = 8192
+  peak_flops: float = 1.5e11  # per device, for MFU (2-core AVX2 CPU ~1.5e11; TPU v5e 1.97e14 bf16)
+
+  def __post_init__(self):
+    _check(self.max_steps > 0 and self.batch_size > 0 and self.grad_accum > 0,
+           "train.max_steps, train.batch_size and train.grad_accum must be > 0")
+    _check(self.batch_size % self.grad_accum == 0,
+           f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}")
+    _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+    _check(self.schedule in ("cosine", "linear", "constant"), f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+    _check(self.eval_every > 0 and self.save_every > 0 and self.keep_last > 0, "train.eval_every, save_every, keep_last must be > 0")
+    _check(self.resume in ("latest", "none") or self.resume.isdigit(), f"train.resume must be latest, none or a step, got {self.resume!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Top-level run config shared by every entry point."""
 
@@ -116,6 +150,7 @@ class Config:
   mesh: MeshCfg = MeshCfg()
   sampling: SamplingCfg = SamplingCfg()
   data: DataCfg = DataCfg()
+  train: TrainCfg = TrainCfg()
 
   def resolved_output_dir(self) -> Path:
     if self.output_dir:

@@ -1,0 +1,70 @@
+"""Token log-probabilities over the vocabulary in chunks, and the SFT loss.
+
+A [B, T, V] f32 logits tensor is never materialised: Gemma-3's 262k vocabulary would
+make it gigabytes. The vocabulary is scanned in chunks with an online logsumexp.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int = 8192, softcap: float | None = None,
+                   temperature: float = 1.0):
+  """log p(target) per position, computed over vocabulary chunks of `chunk` columns."""
+  d, v = w_DxV.shape
+  chunk = min(chunk, v)
+  n = -(-v // chunk)
+  w = jnp.pad(w_DxV, ((0, 0), (0, n * chunk - v))).reshape(d, n, chunk).transpose(1, 0, 2)
+  h = hidden_BxTxD
+
+  def body(carry, xs):
+    run_max, run_sum, tgt = carry
+    w_c, i = xs
+    lg = jnp.einsum("btd,dv->btv", h, w_c.astype(h.dtype)).astype(jnp.float32)
+    if softcap is not None:
+      lg = softcap * jnp.tanh(lg / softcap)
+    lg = lg / temperature
+    col = i * chunk + jnp.arange(chunk)
+    lg = jnp.where(col < v, lg, -jnp.inf)  # padding columns of the last chunk
+    new_max = jnp.maximum(run_max, lg.max(-1))
+    run_sum = run_sum * jnp.exp(run_max - new_max) + jnp.exp(lg - new_max[..., None]).sum(-1)
+    hit = col[None, None, :] == targets_BxT[..., None]
+    tgt = tgt + jnp.sum(jnp.where(hit, lg, 0.0), -1)
+    return (new_max, run_sum, tgt), None
+
+  b, t = targets_BxT.shape
+  init = (jnp.full((b, t), -jnp.inf, jnp.float32), jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t), jnp.float32))
+  # remat each chunk: the backward recomputes its logits instead of storing n of them
+  (run_max, run_sum, tgt), _ = jax.lax.scan(jax.checkpoint(body), init, (w, jnp.arange(n)))
+  return tgt - (run_max + jnp.log(run_sum))
+
+
+def masked_mean(x_BxT, mask_BxT):
+  """Mean over the True entries (0 when there are none)."""
+  mask = mask_BxT.astype(jnp.float32)
+  return jnp.sum(x_BxT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def sft_loss(logp_BxT, mask_BxT):
+  """Token-mean negative log-likelihood over completion tokens (incl. EOS)."""
+  return -masked_mean(logp_BxT, mask_BxT)
+
+
+def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
+                        remat=False, chunk=8192, temperature=1.0):
+  """log p(completion token) [B, C] for a left-padded prompt + right-padded completion batch."""
+  from tpu_reason.models.transformer import forward
+
+  prompt, completion = batch["prompt_tokens_BxP"], batch["completion_tokens_BxC"]
+  p, c = prompt.shape[1], completion.shape[1]
+  tokens = jnp.concatenate([prompt, completion], axis=1)
+  valid = jnp.concatenate([batch["prompt_mask_BxP"], batch["completion_mask_BxC"]], axis=1)
+  pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  hidden = forward(params, cfg, tokens, pos, valid_BxT=valid, lora=lora, lora_scale=lora_scale,
+                   dtype=dtype, remat=remat)
+  # hidden at t predicts token t+1: the last prompt position predicts the first completion token
+  h = hidden[:, p - 1: p + c - 1]
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  return token_logprobs(h, w, completion, chunk=chunk, softcap=cfg.final_softcap, temperature=temperature)

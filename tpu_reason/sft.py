@@ -1,0 +1,286 @@
+"""`python -m tpu_reason.sft [--config recipes/X.yaml] [key=value ...]`: LoRA SFT on reasoning traces.
+
+Fixed shapes (left-padded prompts, right-padded completion buckets), LoRA-only gradients,
+a pure `_train_step(state, params, batch)` jitted once per bucket shape with donated state,
+non-finite steps skipped, Orbax checkpoints with exact resume, held-out eval before/after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, tags
+from tpu_reason.config import Config, TrainCfg
+from tpu_reason.data import buckets
+from tpu_reason.data.prepare import prepare
+from tpu_reason.errors import UserError, cli
+from tpu_reason.metrics import MetricsLog
+from tpu_reason.models.transformer import param_shapes
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["lora", "opt_state", "step", "bad_steps", "key"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything that changes during training (the base weights never do)."""
+
+  lora: Any
+  opt_state: Any
+  step: jax.Array
+  bad_steps: jax.Array  # consecutive skipped (non-finite) steps
+  key: jax.Array
+
+
+def schedule(t: TrainCfg) -> optax.Schedule:
+  """Linear warmup, then cosine / linear decay to 10% (or constant)."""
+  decay_steps = max(t.max_steps - t.warmup_steps, 1)
+  if t.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=0.1)
+  elif t.schedule == "linear":
+    decay = optax.linear_schedule(t.lr, 0.1 * t.lr, decay_steps)
+  else:
+    decay = optax.constant_schedule(t.lr)
+  warmup = optax.linear_schedule(t.lr / max(t.warmup_steps, 1), t.lr, t.warmup_steps)
+  return optax.join_schedules([warmup, decay], [t.warmup_steps])
+
+
+def make_optimizer(t: TrainCfg) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(t.clip_norm),
+                     optax.adamw(schedule(t), b1=0.9, b2=0.999, weight_decay=t.weight_decay))
+
+
+def init_state(lora, optimizer, seed: int) -> TrainState:
+  return TrainState(lora, optimizer.init(lora), jnp.array(0, jnp.int32), jnp.array(0, jnp.int32),
+                    jax.random.key_data(jax.random.key(seed)))
+
+
+def device_batch(batch: dict) -> dict:
+  """The array part of a collated batch (lists of strings stay on the host)."""
+  return {k: np.asarray(v) for k, v in batch.items() if k.endswith(("_BxP", "_BxC"))}
+
+
+def _loss(lora, params, batch, *, cfg, lora_scale, dtype, remat, chunk):
+  logp = losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype,
+                                    remat=remat, chunk=chunk)
+  return losses.sft_loss(logp, batch["completion_mask_BxC"])
+
+
+def _train_step(state: TrainState, params, batch, *, cfg, optimizer, lora_scale, dtype, remat, chunk, accum):
+  """One optimizer step over `accum` micro-batches; a non-finite loss/grad skips the update."""
+  micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+  grad_fn = jax.value_and_grad(functools.partial(_loss, cfg=cfg, lora_scale=lora_scale, dtype=dtype,
+                                                 remat=remat, chunk=chunk))
+
+  def accumulate(carry, mb):
+    loss, grads = grad_fn(state.lora, params, mb)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.lora))
+  (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+  loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+  new = TrainState(optax.apply_updates(state.lora, updates), opt_state, state.step + 1,
+                   jnp.zeros_like(state.bad_steps), state.key)
+  skip = dataclasses.replace(state, step=state.step + 1, bad_steps=state.bad_steps + 1)
+  state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, skip)
+  return state, {"loss": loss, "grad_norm": grad_norm, "finite": ok}
+
+
+def _eval_sums(lora, params, batch, *, cfg, lora_scale, dtype, chunk):
+  logp = losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype, chunk=chunk)
+  mask = batch["completion_mask_BxC"]
+  return -jnp.sum(jnp.where(mask, logp, 0.0)), jnp.sum(mask)
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Holds what `run` builds once: model, data, mesh, jitted functions, sinks."""
+
+  cfg: Config
+  out: Path
+  model: models.Model
+  schema: tags.TagSchema
+  train: list
+  eval: list
+  params: Any
+  mesh: Any
+  optimizer: optax.GradientTransformation
+  step_fn: Any
+  eval_fn: Any
+  lora_scale: float
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.cfg.model.dtype)
+
+  def place_batch(self, batch: dict) -> dict:
+    arrays = device_batch(batch)
+    return {k: jax.device_put(v, mesh_lib.batch_sharding(self.mesh, v.ndim)) for k, v in arrays.items()}
+
+  def eval_loss(self, lora) -> float:
+    total, count = 0.0, 0.0
+    bs = self.cfg.train.batch_size
+    for batch in buckets.batches(self.eval, bs, shuffle=False, drop_remainder=False, num_epochs=1):
+      s, n = self.eval_fn(lora, self.params, self.place_batch(batch))
+      total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+  def generation_scores(self, lora) -> dict:
+    t = self.cfg.train
+    rows = self.eval[: t.eval_generate]
+    if not rows:
+      return {}
+    scores, _ = evaluate.generate_and_score(self.model, self.params, rows, self.schema, lora=lora,
+                                            lora_scale=self.lora_scale, max_new_tokens=t.eval_max_new_tokens,
+                                            dtype=self.dtype)
+    return scores
+
+
+def build(cfg: Config) -> Trainer:
+  """Load model and data, build the mesh and the jitted step (no training yet)."""
+  out = cfg.resolved_output_dir()
+  schema = tags.get_schema(cfg.data.schema)
+  model = models.load(cfg.model.spec)
+  train, evals, reports = prepare(cfg.data, model)
+  for r in reports.values():
+    print(r.summary())
+  if len(train) < cfg.train.batch_size:
+    raise UserError(f"only {len(train)} training rows survived filtering; need >= train.batch_size={cfg.train.batch_size}")
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  dtype = jnp.dtype(cfg.model.dtype)
+  shard = mesh_lib.shardings(param_shapes(model.cfg), mesh)
+  params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), model.params), shard)
+  model.params = None  # the host copy is no longer needed: keep one copy of the weights
+  optimizer = make_optimizer(cfg.train)
+  scale = lora_lib.scale(cfg.lora)
+  statics = dict(cfg=model.cfg, lora_scale=scale, dtype=dtype, chunk=cfg.train.vocab_chunk)
+  step_fn = jax.jit(functools.partial(_train_step, optimizer=optimizer, remat=cfg.model.remat,
+                                      accum=cfg.train.grad_accum, **statics), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(_eval_sums, **statics))
+  return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale)
+
+
+def _initial_state(tr: Trainer, ckpts: checkpoint.Checkpoints) -> tuple[TrainState, dict]:
+  """Fresh LoRA, or the checkpoint named by train.resume (exactly as it was saved)."""
+  t = tr.cfg.train
+  key = jax.random.key(t.seed)
+  lora = lora_lib.init(tr.model.cfg, tr.cfg.lora, key, tr.dtype)
+  lora = mesh_lib.put(lora, mesh_lib.shardings(lora_lib.shapes(tr.model.cfg, tr.cfg.lora), tr.mesh))
+  state = init_state(lora, tr.optimizer, t.seed)
+  step = {"latest": ckpts.latest_step(), "none": None}.get(t.resume, None if t.resume in ("latest", "none") else int(t.resume))
+  if step is None:
+    return state, {}
+  state, meta = ckpts.restore(step, state)
+  print(f"resumed from {tr.out / 'checkpoints' / 'last'} step {step}")
+  return state, meta
+
+
+def _table(before: dict, after: dict) -> str:
+  keys = [k for k in ("eval_loss", "format_accuracy", "answer_accuracy", "mean_completion_tokens") if k in after]
+  lines = [f"{'held-out':<24}{'before':>10}{'after':>10}"]
+  lines += [f"{k:<24}{before.get(k, float('nan')):>10.3f}{after[k]:>10.3f}" for k in keys]
+  return "\n".join(lines)
+
+
+def run(cfg: Config) -> dict:
+  """Train, evaluate before/after, checkpoint; returns the summary (also saved as summary.json)."""
+  from tqdm.auto import tqdm
+
+  tr = build(cfg)
+  out, t = tr.out, cfg.train
+  config.save(cfg, out)
+  print(config.dump(cfg))
+  log = MetricsLog(out)
+  ckpts = checkpoint.Checkpoints(out / "checkpoints", t.keep_last, best_metric="eval_loss")
+  state, meta = _initial_state(tr, ckpts)
+  start = int(state.step)
+  print(lora_lib.describe(tr.params, state.lora))
+
+  before_path = out / "before.json"
+  if start == 0 or not before_path.exists():
+    before = {"eval_loss": tr.eval_loss(state.lora), **tr.generation_scores(state.lora)}
+    before_path.write_text(json.dumps(before))
+    log.log(start, before, "eval")
+  before = json.loads(before_path.read_text())
+
+  lr_at = schedule(t)
+  n_params = tr.model.cfg.num_params
+  data = buckets.batches(tr.train, t.batch_size, seed=t.seed, start_step=start)
+  bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="sft", dynamic_ncols=True)
+  saved_at = start
+  try:
+    for step in bar:
+      batch = next(data)
+      tokens = int(batch["prompt_mask_BxP"].sum() + batch["completion_mask_BxC"].sum())
+      t0 = time.perf_counter()
+      state, m = tr.step_fn(state, tr.params, tr.place_batch(batch))
+      m = jax.device_get(m)
+      dt = time.perf_counter() - t0
+      row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(lr_at(step)),
+             "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": int(not m["finite"]),
+             "mfu": 6 * n_params * tokens / dt / (t.peak_flops * jax.device_count()),
+             "compiles": tr.step_fn._cache_size()}
+      log.log(step + 1, row)
+      bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
+      if int(state.bad_steps) >= t.max_nonfinite:
+        raise UserError(f"{t.max_nonfinite} non-finite steps in a row at step {step + 1}: lower train.lr or check the data")
+      done = step + 1
+      if done % t.eval_every == 0 or done == t.max_steps:
+        ev = {"eval_loss": tr.eval_loss(state.lora)}
+        log.log(done, ev, "eval")
+        ckpts.save_best(done, state, _meta(cfg, done), ev)
+      if done % t.save_every == 0 or done == t.max_steps:
+        ckpts.save(done, state, _meta(cfg, done))
+        saved_at = done
+  except BaseException:
+    done = int(state.step)
+    if done > saved_at and bool(jnp.isfinite(jax.tree.leaves(state.lora)[0]).all()):
+      ckpts.save(done, state, _meta(cfg, done))  # nothing lost on a crash or Ctrl-C
+      print(f"\nsaved step {done} to {out / 'checkpoints'} before exiting", file=sys.stderr)
+    raise
+  finally:
+    bar.close()
+    ckpts.close()
+
+  after = {"eval_loss": tr.eval_loss(state.lora), **tr.generation_scores(state.lora)}
+  log.log(t.max_steps, after, "eval")
+  plot = log.plot([("train", "loss"), ("eval", "eval_loss"), ("train", "tokens_per_s"), ("eval", "format_accuracy")],
+                  "loss.png", f"SFT {cfg.model.spec}")
+  log.close()
+  summary = {"before": before, "after": after, "output_dir": str(out), "plot": str(plot),
+             "best_step": ckpts.best_step(), "last_step": int(state.step)}
+  (out / "summary.json").write_text(json.dumps(summary, indent=1))
+  print(_table(before, after))
+  print(f"outputs in {out} (config.yaml, metrics.jsonl, tb/, checkpoints/, loss.png)")
+  return summary
+
+
+def _meta(cfg: Config, step: int) -> dict:
+  return {"step": step, "data_position": step, "config": config.to_dict(cfg)}
+
+
+@cli
+def main(argv: list[str] | None = None):
+  cfg, _ = config.parse_args(Config, sys.argv[1:] if argv is None else argv)
+  run(cfg)
+
+
+if __name__ == "__main__":
+  main()
