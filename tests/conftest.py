@@ -1,0 +1,70 @@
+"""Shared test setup: 8 fake CPU devices for the whole session, tiny random models.
+
+The XLA flag must be set before anything imports jax, so it sits at the very top of
+this file (pytest imports conftest.py before any test module).
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tpu_reason.models.transformer import ModelConfig, param_shapes, unflatten  # noqa: E402
+
+# A Llama-style model small enough to compile and run in milliseconds.
+TINY_LLAMA = ModelConfig(
+    family="llama", vocab_size=128, embed_dim=32, hidden_dim=64, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=8)
+
+# Gemma3-like: sliding window of 4 on even layers (global_every=2 -> layer 1 global),
+# qk-norm, post-norms, sqrt(D) embedding scale, gelu, a separate local rope theta.
+TINY_GEMMA3 = ModelConfig(
+    family="gemma3", vocab_size=128, embed_dim=32, hidden_dim=64, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+    qk_norm=True, post_norms=True, embed_scale=True, act="gelu_tanh", query_scale=8**-0.5,
+    sliding_window=4, global_every=2)
+
+TINY = {"llama": TINY_LLAMA, "gemma3": TINY_GEMMA3}
+
+# jit options for tiny models: they run in microseconds, so compiling is the whole cost,
+# and skipping LLVM's optimisation passes halves it (numerics are unchanged: no fast-math).
+TINY_JIT = {"xla_backend_optimization_level": 0}
+
+
+def tiny_params(cfg: ModelConfig, seed: int = 0):
+  """Random float32 params like `init_params` (matrices ~ N(0, 1/fan_in)), but drawn with
+  numpy (compiling jax's PRNG for every shape costs seconds on CPU) and with norm weights
+  1 + noise instead of exactly 1, so a norm mix-up (e.g. gemma's 1 + w) would show."""
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for name, (shape, axes) in sorted(param_shapes(cfg).items()):
+    if "norm" in name:
+      flat[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+    elif "bias" in name:
+      flat[name] = 0.02 * rng.standard_normal(shape)
+    else:
+      fan_in = shape[1] if axes[0] == "layers" else shape[0]
+      if name.endswith("/o"):
+        fan_in = shape[1] * shape[2]
+      flat[name] = rng.standard_normal(shape) / np.sqrt(fan_in)
+  return unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+@pytest.fixture(params=sorted(TINY), ids=lambda name: f"tiny-{name}")
+def tiny(request):
+  """(cfg, params) of a tiny random model, once per architecture."""
+  cfg = TINY[request.param]
+  return cfg, tiny_params(cfg)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """The real embedded SmolLM2-135M (loaded once per session, ~5 s from the disk cache)."""
+  from tpu_reason import models
+
+  return models.load("smollm2-135m")
