@@ -329,9 +329,6 @@ def test_hf_config_reads_transformers_v5_rope_parameters():
   assert hf.config_from_hf(c).rope_theta == 123_456.0
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "library bug: hf.config_from_hf reads rope_parameters['rope_theta'], which transformers 5 "
-    "sets to None for gemma3 (thetas live under rope_parameters['full_attention'/'sliding_attention'])"))
 def test_hf_config_gemma3_as_saved_by_installed_transformers():
   from transformers import Gemma3TextConfig
 
@@ -424,9 +421,6 @@ def test_hub_failure_is_a_user_error(monkeypatch):
     models.load("some-org/some-model")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: hf._resolve embeds the hub exception text verbatim, and huggingface_hub's "
-    "offline error spans two lines, so the 'one clear line' UserError is not one line"))
 def test_hub_failure_is_one_line(monkeypatch):
   _offline_hub(monkeypatch)
   with pytest.raises(UserError) as e:

@@ -161,8 +161,16 @@ class Config:
 # --------------------------------------------------------------------------- building
 
 
+class Raw(str):
+  """A command-line override value: parsed as YAML only for non-string fields."""
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
   """Convert a YAML / command-line value to the field's declared type."""
+  if isinstance(value, Raw):
+    if typ is str or typ == (str | None):
+      return str(value)
+    value = _parse_value(value)
   origin = typing.get_origin(typ)
   if dataclasses.is_dataclass(typ):
     if not isinstance(value, dict):
@@ -189,6 +197,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
       return False
     raise UserError(f"{where} must be true or false, got {value!r}")
   if typ in (int, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+      raise UserError(f"{where} must be {typ.__name__}, got {value!r}")
     try:
       out = typ(value)
     except (TypeError, ValueError):
@@ -197,7 +207,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
       raise UserError(f"{where} must be an integer, got {value!r}")
     return out
   if typ is str:
-    return "" if value is None else str(value)
+    if value is None:
+      return ""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+      raise UserError(f"{where} must be a string, got {value!r}")
+    return str(value)
   return value
 
 
@@ -207,7 +221,7 @@ def build(cls, values: dict, prefix: str = ""):
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - names)
   if unknown:
-    raise UserError(f"unknown config key {prefix}{unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+    raise UserError(f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}")
   kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
   return cls(**kwargs)
 
@@ -249,7 +263,7 @@ def load(cls, config: str | Path | None = None, overrides: list[str] = ()):
     if "=" not in item:
       raise UserError(f"override {item!r} must look like key.sub=value")
     key, value = item.split("=", 1)
-    _set(tree, key.strip().lstrip("-"), _parse_value(value))
+    _set(tree, key.strip().lstrip("-"), Raw(value))
   return build(cls, tree)
 
 
@@ -257,8 +271,8 @@ def parse_args(cls, argv: list[str], extra: dict[str, str] | None = None):
   """Parse `--config X`, `key.sub=value` overrides and the CLI's own `extra` flags.
 
   `extra` maps a flag to a dotted config key (a shorthand override, e.g. --model ->
-  model.spec) or to a plain name returned in the flags dict. A flag given without a
-  value (`--raw`) gets "true".
+  model.spec) or to a plain name returned in the flags dict; a name ending in "?" is a
+  switch that takes no value (`--raw` -> flags["raw"] = "true").
   """
   extra = extra or {}
   config, overrides, flags = None, [], {}
@@ -267,20 +281,21 @@ def parse_args(cls, argv: list[str], extra: dict[str, str] | None = None):
     arg = args.pop(0)
     name = arg.split("=", 1)[0]
     if name == "--config" or name in extra:
+      switch = extra.get(name, "").endswith("?")
       if "=" in arg:
         value = arg.split("=", 1)[1]
+      elif switch:
+        value = "true"
       elif args and not args[0].startswith("--"):
         value = args.pop(0)
-      elif name == "--config":
-        raise UserError("--config needs a value")
       else:
-        value = "true"
+        raise UserError(f"{name} needs a value")
       if name == "--config":
         config = value
       elif "." in extra[name]:
         overrides.append(f"{extra[name]}={value}")
       else:
-        flags[extra[name]] = value
+        flags[extra[name].rstrip("?")] = value
     elif arg in ("-h", "--help"):
       raise SystemExit(_usage(cls, extra))
     elif arg.startswith("--") and "=" not in arg:

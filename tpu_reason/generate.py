@@ -17,7 +17,7 @@ from tpu_reason.errors import UserError, cli
 
 FLAGS = {"--model": "model.spec", "--max-new-tokens": "sampling.max_new_tokens",
          "--temperature": "sampling.temperature", "--seed": "sampling.seed",
-         "--prompt": "prompt", "--raw": "raw"}
+         "--prompt": "prompt", "--raw": "raw?"}
 
 
 def _parse(argv: list[str]):

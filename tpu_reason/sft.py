@@ -164,6 +164,10 @@ def build(cfg: Config) -> Trainer:
   if len(train) < cfg.train.batch_size:
     raise UserError(f"only {len(train)} training rows survived filtering; need >= train.batch_size={cfg.train.batch_size}")
   mesh = mesh_lib.make_mesh(cfg.mesh)
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  if micro % mesh.shape["fsdp"]:
+    raise UserError(f"micro-batch train.batch_size/grad_accum={micro} must be a multiple of the "
+                    f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
   dtype = jnp.dtype(cfg.model.dtype)
   shard = mesh_lib.shardings(param_shapes(model.cfg), mesh)
   params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), model.params), shard)

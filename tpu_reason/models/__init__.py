@@ -134,7 +134,7 @@ def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...]) -> Model:
   from tpu_reason.models import convert
   from tpu_reason.models import gguf as gguf_io
 
-  source = {"gguf": str(path), "size": path.stat().st_size, "version": 1}
+  source = {"gguf": str(path), "size": path.stat().st_size, "version": 2}
   cache = cache_root() / name
   cached = _load_cache(cache, name, source)
   if cached is not None:

@@ -31,9 +31,10 @@ def config_from_hf(c: dict) -> ModelConfig:
       num_heads=n,
       num_kv_heads=c.get("num_key_value_heads", n),
       head_dim=c.get("head_dim") or c["hidden_size"] // n,
-      rope_theta=float(c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10_000.0))),
+      rope_theta=_rope_theta(c, "full_attention"),
       norm_eps=c.get("rms_norm_eps", 1e-6),
-      tie_embeddings=c.get("tie_word_embeddings", True),
+      # transformers' own defaults: Gemma ties embeddings, Llama / Qwen do not
+      tie_embeddings=c.get("tie_word_embeddings", family.startswith("gemma")),
   )
   if family == "qwen2":
     kw["qkv_bias"] = True
@@ -48,9 +49,27 @@ def config_from_hf(c: dict) -> ModelConfig:
   if family == "gemma2":
     kw["global_every"] = 2
   if family == "gemma3":
-    kw.update(qk_norm=True, global_every=c.get("sliding_window_pattern", 6),
-              rope_local_theta=float(c.get("rope_local_base_freq", 10_000.0)))
+    kw.update(qk_norm=True, global_every=_global_every(c),
+              rope_local_theta=_rope_theta(c, "sliding_attention", c.get("rope_local_base_freq", 10_000.0)))
   return ModelConfig(**kw)
+
+
+def _rope_theta(c: dict, layer_type: str, default: float = 10_000.0) -> float:
+  """rope_theta from old-style configs or transformers 5 `rope_parameters` (maybe per layer type)."""
+  if c.get("rope_theta") is not None:
+    return float(c["rope_theta"]) if layer_type == "full_attention" else float(default)
+  rp = c.get("rope_parameters") or {}
+  rp = rp.get(layer_type, rp)
+  theta = rp.get("rope_theta")
+  return float(theta if theta is not None else default)
+
+
+def _global_every(c: dict) -> int:
+  """Gemma-3's period of full-attention layers, from `layer_types` or the legacy pattern."""
+  types = c.get("layer_types")
+  if types and "full_attention" in types:
+    return types.index("full_attention") + 1
+  return c.get("sliding_window_pattern", 6)
 
 
 def _resolve(spec: str) -> Path:
@@ -66,7 +85,8 @@ def _resolve(spec: str) -> Path:
 
     return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
   except Exception as e:  # offline, gated, or missing: one clear line
-    raise UserError(f"cannot fetch {spec!r} from the Hugging Face hub: {type(e).__name__}: {e}") from None
+    reason = " ".join(str(e).split())  # hub messages span lines; errors are one line
+    raise UserError(f"cannot fetch {spec!r} from the Hugging Face hub: {type(e).__name__}: {reason}") from None
 
 
 def load(spec: str):
