@@ -68,3 +68,56 @@ def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=
   h = hidden[:, p - 1: p + c - 1]
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
   return token_logprobs(h, w, completion, chunk=chunk, softcap=cfg.final_softcap, temperature=temperature)
+
+
+# --------------------------------------------------------------------------- GRPO maths
+
+
+def group_advantages(rewards_B, group: int, *, scale: str = "group", eps: float = 1e-4):
+  """(r - group mean) / (std + eps); `scale`: group | batch (one std for all) | none (Dr. GRPO)."""
+  r = rewards_B.reshape(-1, group)
+  centered = r - r.mean(axis=1, keepdims=True)
+  if scale == "group":
+    centered = centered / (r.std(axis=1, keepdims=True) + eps)
+  elif scale == "batch":
+    centered = centered / (rewards_B.std() + eps)
+  elif scale != "none":
+    raise ValueError(f"unknown advantage scale {scale!r}: group | batch | none")
+  return centered.reshape(-1)
+
+
+def kl_k3(logp_BxT, ref_logp_BxT):
+  """Schulman's k3 estimator of KL(policy || ref): exp(ref - p) - (ref - p) - 1, always >= 0."""
+  d = ref_logp_BxT - logp_BxT
+  return jnp.exp(d) - d - 1.0
+
+
+def clipped_surrogate(logp_BxT, old_logp_BxT, adv_B, eps_low: float, eps_high: float):
+  """Per-token PPO objective to MINIMISE: -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
+
+  Returns (loss_BxT, clipped_low_BxT, clipped_high_BxT) where the clip flags mark tokens whose
+  gradient the clip removed (ratio below 1-eps_low with A<0, above 1+eps_high with A>0).
+  """
+  ratio = jnp.exp(logp_BxT - old_logp_BxT)
+  adv = adv_B[:, None]
+  unclipped = ratio * adv
+  clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+  loss = -jnp.minimum(unclipped, clipped)
+  low = (ratio < 1.0 - eps_low) & (adv < 0)
+  high = (ratio > 1.0 + eps_high) & (adv > 0)
+  return loss, low, high
+
+
+def aggregate(loss_BxT, mask_BxT, mode: str, max_tokens: int | None = None):
+  """Token losses -> scalar: grpo (mean over sequences of token-means), dapo (token-mean over
+  the batch), dr_grpo (token-sum / (batch * max_tokens), a constant normaliser)."""
+  mask = mask_BxT.astype(jnp.float32)
+  tokens = loss_BxT * mask
+  if mode == "grpo":
+    per_seq = tokens.sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    return per_seq.mean()
+  if mode == "dapo":
+    return tokens.sum() / jnp.maximum(mask.sum(), 1.0)
+  if mode == "dr_grpo":
+    return tokens.sum() / (loss_BxT.shape[0] * (max_tokens or loss_BxT.shape[1]))
+  raise ValueError(f"unknown loss aggregation {mode!r}: grpo | dapo | dr_grpo")
