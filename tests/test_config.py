@@ -26,7 +26,7 @@ def test_defaults_build():
 def test_recipes_directory_is_found():
   assert config.RECIPES.is_dir()
   assert len(RECIPES) >= 1
-  assert "default.yaml" in {p.name for p in RECIPES}
+  assert "smollm2-135m-cpu.yaml" in {p.name for p in RECIPES}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -35,7 +35,7 @@ def test_every_recipe_loads(path):
   assert text.startswith("# "), "every recipe opens with a one-line comment"
   raw = yaml.safe_load(text)
   cfg = config.load(Config, path)
-  assert cfg != Config() or path.name == "default.yaml"
+  assert cfg != Config() or path.name == "smollm2-135m-cpu.yaml"
   # the recipe's values are really used (not silently dropped)
   for section, values in raw.items():
     if isinstance(values, dict):
@@ -53,11 +53,11 @@ def test_every_recipe_loads(path):
 
 def test_recipe_found_by_bare_name(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # not next to recipes/: the bare name falls back to RECIPES
-  assert config.load(Config, "default.yaml") == config.load(Config, config.RECIPES / "default.yaml")
+  assert config.load(Config, "smollm2-135m-cpu.yaml") == config.load(Config, config.RECIPES / "smollm2-135m-cpu.yaml")
 
 
 def test_default_recipe_contents():
-  cfg = config.load(Config, config.RECIPES / "default.yaml")
+  cfg = config.load(Config, config.RECIPES / "smollm2-135m-cpu.yaml")
   assert cfg.model.spec == "smollm2-135m" and cfg.model.dtype == "float32"
   assert (cfg.lora.rank, cfg.lora.alpha) == (16, 32.0)
   assert (cfg.data.source, cfg.data.task, cfg.data.schema) == ("reasoning_gym", "gsm_symbolic", "reasoning")
@@ -81,7 +81,7 @@ def test_overrides_are_coerced_to_field_types():
 
 
 def test_overrides_win_over_recipe_and_apply_in_order():
-  cfg = config.load(Config, config.RECIPES / "default.yaml", ["lora.rank=8", "lora.rank=4", "--mesh.tp=2"])
+  cfg = config.load(Config, config.RECIPES / "smollm2-135m-cpu.yaml", ["lora.rank=8", "lora.rank=4", "--mesh.tp=2"])
   assert cfg.lora.rank == 4 and cfg.mesh.tp == 2
   assert cfg.model.spec == "smollm2-135m"  # untouched recipe values survive
 
@@ -161,7 +161,7 @@ def test_missing_and_invalid_recipe_files(tmp_path):
 
 
 def test_dump_round_trips(tmp_path):
-  cfg = config.load(Config, config.RECIPES / "default.yaml", [
+  cfg = config.load(Config, config.RECIPES / "smollm2-135m-cpu.yaml", [
       "sampling.temperature=0.7", "data.completion_buckets=[128,256]",
       "name=x", "mesh.fsdp=4", "mesh.tp=2", "model.dtype=bfloat16"])
   # strings YAML would misread if written unquoted
@@ -179,7 +179,7 @@ def test_dump_round_trips(tmp_path):
 
 
 def test_parse_args():
-  recipe = str(config.RECIPES / "default.yaml")
+  recipe = str(config.RECIPES / "smollm2-135m-cpu.yaml")
   cfg, flags = config.parse_args(Config, ["--config", recipe, "lora.rank=4", "sampling.top_k=5"])
   assert flags == {}
   assert cfg.lora.rank == 4 and cfg.sampling.top_k == 5 and cfg.model.spec == "smollm2-135m"

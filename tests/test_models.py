@@ -471,3 +471,20 @@ def test_gemma3_tokenizer(gemma3):
   # user-defined whitespace tokens survive skip_special_tokens; control tokens do not
   text = "Step 1:\n\n  48 / 2 = 24<end_of_turn>"
   assert tok.decode(gemma3.encode(text), skip_special_tokens=True) == "Step 1:\n\n  48 / 2 = 24"
+
+
+def test_add_tokens_surgery_keeps_old_behaviour(smollm2):
+  from tpu_reason.models import transformer as T
+
+  tags = ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]
+  grown = models.add_tokens(smollm2, tags)
+  v = smollm2.cfg.vocab_size
+  assert grown.cfg.vocab_size == v + 4 and grown.params["embed"].shape == (v + 4, smollm2.cfg.embed_dim)
+  ids = grown.tokenizer.encode("<reasoning>\n1+1=2</reasoning><answer>2</answer>", add_special_tokens=False)
+  assert [grown.tokenizer.convert_ids_to_tokens(i) for i in ids if i >= v] == tags  # one token each
+  assert smollm2.cfg.vocab_size == v and len(smollm2.tokenizer) == v  # the original is untouched
+  text = jnp.array([smollm2.encode("Two plus two is")])
+  pos = jnp.arange(text.shape[1])[None]
+  old = T.logits(smollm2.params, smollm2.cfg, T.forward(smollm2.params, smollm2.cfg, text, pos))
+  new = T.logits(grown.params, grown.cfg, T.forward(grown.params, grown.cfg, text, pos))
+  np.testing.assert_array_equal(np.asarray(new[..., :v]), np.asarray(old))

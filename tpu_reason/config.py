@@ -19,6 +19,7 @@ import yaml
 from tpu_reason.errors import UserError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_SYSTEM_PROMPT = "Think step by step inside the reasoning tags, then give only the final answer inside the answer tags."
 
 
 def _check(cond: bool, msg: str):
@@ -86,15 +87,15 @@ class DataCfg:
   source: str = "reasoning_gym"  # teacher | gsm8k | s1k | dolphin_r1 | reasoning_gym | jsonl | parquet
   path: str = ""  # file, directory or hub id for file-based sources
   task: str = "gsm_symbolic"  # reasoning-gym task
-  size: int = 256
+  size: int = 512
   seed: int = 0
   eval_size: int = 32
   eval_seed: int = 10_000  # far from `seed`: nearby reasoning-gym seeds share rows
   schema: str = "reasoning"  # tag schema: reasoning | think | s1
-  system_prompt: str = ""
-  max_prompt_tokens: int = 256
-  max_completion_tokens: int = 512
-  completion_buckets: tuple[int, ...] = ()  # e.g. (128, 256, 512); () = one bucket
+  system_prompt: str = DEFAULT_SYSTEM_PROMPT
+  max_prompt_tokens: int = 192  # TPU recipes: 256 / 512; the CPU default trims padding
+  max_completion_tokens: int = 256
+  completion_buckets: tuple[int, ...] = (128, 256)  # () = one bucket of max_completion_tokens
   strict: bool = True
 
   def __post_init__(self):
@@ -109,7 +110,7 @@ class DataCfg:
 class TrainCfg:
   """Optimisation, evaluation and checkpoint cadence (SFT; GRPO reuses the optimizer part)."""
 
-  max_steps: int = 60
+  max_steps: int = 50
   batch_size: int = 4
   grad_accum: int = 1  # micro-batches per optimizer step
   lr: float = 1e-3
@@ -118,10 +119,10 @@ class TrainCfg:
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   seed: int = 0
-  eval_every: int = 20
+  eval_every: int = 25
   eval_generate: int = 16  # held-out prompts generated for format / answer accuracy
-  eval_max_new_tokens: int = 256
-  save_every: int = 20
+  eval_max_new_tokens: int = 192
+  save_every: int = 25
   keep_last: int = 2
   resume: str = "latest"  # latest | none | a step number
   max_nonfinite: int = 5  # consecutive skipped steps before the run stops
@@ -143,7 +144,7 @@ class TrainCfg:
 class Config:
   """Top-level run config shared by every entry point."""
 
-  name: str = "default"
+  name: str = "smollm2-135m-cpu"
   output_dir: str = ""  # default runs/<name>-<time>
   model: ModelCfg = ModelCfg()
   lora: LoraCfg = LoraCfg()

@@ -195,3 +195,28 @@ def load(spec: str, dtype=np.float32) -> Model:
 
 def known_specs() -> list[str]:
   return sorted(EMBEDDED) + sorted(TINY)
+
+
+def add_tokens(model: Model, tokens: list[str]) -> Model:
+  """Tokenizer surgery: add `tokens` (e.g. tag strings) as single special tokens.
+
+  The embedding (and an untied head) grows to the new vocabulary; new rows start at the
+  mean embedding so their logits begin unremarkable. Returns a new Model.
+  """
+  import copy
+
+  tok = copy.deepcopy(model.tokenizer)
+  added = tok.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+  n = len(tok)
+  if n <= model.cfg.vocab_size:
+    return dataclasses.replace(model, tokenizer=tok)
+  params = dict(model.params)
+  extra = n - model.cfg.vocab_size
+  mean = np.asarray(params["embed"]).mean(axis=0, keepdims=True)
+  params["embed"] = np.concatenate([params["embed"], np.repeat(mean, extra, 0)], 0)
+  if "lm_head" in params:
+    head_mean = np.asarray(params["lm_head"]).mean(axis=1, keepdims=True)
+    params["lm_head"] = np.concatenate([params["lm_head"], np.repeat(head_mean, extra, 1)], 1)
+  cfg = dataclasses.replace(model.cfg, vocab_size=n)
+  del added
+  return dataclasses.replace(model, cfg=cfg, params=params, tokenizer=tok)
