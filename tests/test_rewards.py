@@ -267,7 +267,7 @@ def test_outcome_other_schemas():
 
 
 def test_answers_match_off_main_thread():
-  # math_verify's own timeout uses SIGALRM, which raises off the main thread.
+  # math_verify's own timeout uses SIGALRM, which raises off the main thread; we never use it.
   results = []
   pairs = [("1/2", "0.5"), ("9^9^9^9", "1"), ("(" * 40 + "1" + ")" * 40, "2")]
   worker = threading.Thread(target=lambda: results.extend(answers_match(p, g) for p, g in pairs))
@@ -281,27 +281,6 @@ def test_math_verify_is_bounded_and_leaves_signals_alone():
   assert not answers_match("9^9^9^9^9", "2")
   assert not answers_match("(" * 40 + "1" + ")" * 40, "2")
   assert signal.getsignal(signal.SIGALRM) is before
-  assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-
-
-def test_math_verify_deadline_survives_a_swallowed_alarm(monkeypatch):
-  # A SIGALRM landing in a gc callback or __del__ is swallowed; the deadline must fire again.
-  events = []
-
-  def stubborn_parse(s, **kwargs):
-    try:
-      time.sleep(5)
-    except BaseException:
-      events.append("swallowed")
-    try:
-      time.sleep(5)
-    except BaseException:
-      events.append("interrupted")
-      raise
-
-  monkeypatch.setattr(rewards, "mv_parse", stubborn_parse)
-  assert not answers_match("\\frac{7}{9}", "0.7777")
-  assert events == ["swallowed", "interrupted"]
   assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 

@@ -23,16 +23,17 @@ per-row list of either; default "reasoning") picks the tag layout.
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import logging
 import re
-import signal
-import threading
 from collections.abc import Callable, Sequence
 
 from math_verify import parse as mv_parse
+
+# We bound math_verify by input size instead of its SIGALRM timeout; silence its warning about that.
+logging.getLogger("math_verify.grader").setLevel(logging.ERROR)
+logging.getLogger("math_verify.parser").setLevel(logging.ERROR)
 from math_verify import verify as mv_verify
-from math_verify.errors import TimeoutException as MVTimeout
 
 from tpu_reason.tags import Parsed, TagSchema, get_schema, last_boxed
 
@@ -89,58 +90,22 @@ def normalize_answer(s: str | None) -> str:
   return _canonical_number(s) or s
 
 
-class _Deadline(BaseException):
-  """SIGALRM fired during math_verify; a BaseException so sympy's `except Exception` can't eat it."""
 
 
-# math_verify can take seconds (deep nesting, power towers) and its own timeout is
-# whole seconds of SIGALRM, so we pass it no timeout and impose ours.
-_MATH_VERIFY_BUDGET_S = 0.5
-_DEADLINE_RETRY_S = 0.05
-_MATH_VERIFY_MAX_CHARS = 1000
-# Without SIGALRM (worker threads) only inputs that are known to be quick get through.
-_UNTIMED_MAX_CHARS = 64
-_UNTIMED_MAX_DEPTH = 3
+# math_verify can take seconds on deep nesting or power towers and its own timeout is a
+# process-wide SIGALRM (unsafe inside training loops, threads and test runners), so instead
+# only inputs known to be quick reach it: short, shallow, no towers or factorials.
+_MATH_VERIFY_MAX_CHARS = 64
+_MATH_VERIFY_MAX_DEPTH = 3
+_SMALL_POWER = re.compile(r"\^(\{\s*)?(\d{1,3}|[a-z])(\s*\})?(?![\d{])")
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-  """Raises _Deadline after `seconds` of wall time (main thread only; replaces any ITIMER_REAL)."""
-  armed = True
-
-  def _raise(signum, frame):
-    if armed:
-      # Fire again soon in case this raise is swallowed (e.g. it lands in a gc callback).
-      signal.setitimer(signal.ITIMER_REAL, _DEADLINE_RETRY_S)
-      raise _Deadline()
-
-  def _disarm():
-    nonlocal armed
-    armed = False
-    signal.setitimer(signal.ITIMER_REAL, 0)
-
-  previous = signal.signal(signal.SIGALRM, _raise)
-  signal.setitimer(signal.ITIMER_REAL, seconds)
-  try:
-    yield
-  finally:
-    while True:  # a late alarm can interrupt the disarming itself: retry until it sticks
-      try:
-        _disarm()
-        break
-      except _Deadline:
-        pass
-    signal.signal(signal.SIGALRM, previous)
-
-
-def _can_alarm() -> bool:
-  return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-
-
-def _quick_without_timer(s: str) -> bool:
+def _quick(s: str) -> bool:
   """Whether math_verify is safe on `s` with no timeout: short, shallow, no towers."""
-  if len(s) > _UNTIMED_MAX_CHARS or "^" in s or "**" in s or "!" in s:
+  if len(s) > _MATH_VERIFY_MAX_CHARS or "**" in s or "!" in s:
     return False
+  if "^" in s and (s.count("^") > 1 or not _SMALL_POWER.search(s)):
+    return False  # one small power (2^{10}, x^2) is quick; towers and huge exponents are not
   depth = deepest = 0
   for c in s:
     if c in "([{":
@@ -148,7 +113,7 @@ def _quick_without_timer(s: str) -> bool:
       deepest = max(deepest, depth)
     elif c in ")]}":
       depth -= 1
-  return deepest <= _UNTIMED_MAX_DEPTH
+  return deepest <= _MATH_VERIFY_MAX_DEPTH
 
 
 def _mv_parse(s: str) -> list:
@@ -156,20 +121,17 @@ def _mv_parse(s: str) -> list:
 
 
 @functools.lru_cache(maxsize=4096)
-def _symbolic_equal(pred: str, gold: str, timed: bool) -> bool:
-  """math_verify equivalence of two normalised answers, bounded in time; never raises."""
-  if not timed and not (_quick_without_timer(pred) and _quick_without_timer(gold)):
-    return False
+def _symbolic_equal(pred: str, gold: str) -> bool:
+  """math_verify equivalence of two short normalised answers; never raises."""
   try:
-    with _time_limit(_MATH_VERIFY_BUDGET_S) if timed else contextlib.nullcontext():
-      gold_parsed = _mv_parse(f"${gold}$")
-      if not gold_parsed:
-        return False
-      # Wrapped as LaTeX: parsed as plain text, math_verify would pull the last
-      # number out of anything ("3x" -> 3) and reward hedging.
-      target = _mv_parse(f"${pred}$")
-      return bool(target) and mv_verify(gold_parsed, target, timeout_seconds=None)
-  except (Exception, _Deadline, MVTimeout):
+    gold_parsed = _mv_parse(f"${gold}$")
+    if not gold_parsed:
+      return False
+    # Wrapped as LaTeX: parsed as plain text, math_verify would pull the last
+    # number out of anything ("3x" -> 3) and reward hedging.
+    target = _mv_parse(f"${pred}$")
+    return bool(target) and mv_verify(gold_parsed, target, timeout_seconds=None)
+  except Exception:
     return False
 
 
@@ -186,11 +148,9 @@ def answers_match(pred: str | None, gold: str | None) -> bool:
     return True
   if _canonical_number(a) is not None and _canonical_number(b) is not None:
     return False  # two different plain numbers: no need to ask sympy
-  if len(a) > _MATH_VERIFY_MAX_CHARS or len(b) > _MATH_VERIFY_MAX_CHARS:
+  if not (_mathy(a) and _mathy(b) and _quick(a) and _quick(b)):
     return False
-  if not (_mathy(a) and _mathy(b)):
-    return False
-  return _symbolic_equal(a, b, _can_alarm())
+  return _symbolic_equal(a, b)
 
 
 # ------------------------------------------------------------ checkpoints
