@@ -33,7 +33,7 @@ class ModelCfg:
 
   spec: str = "smollm2-135m"
   dtype: str = "float32"  # compute/param dtype: float32 on CPU, bfloat16 on TPU
-  remat: bool = False
+  remat: bool = True  # recompute each layer in the backward: ~5x less activation memory
 
   def __post_init__(self):
     _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
