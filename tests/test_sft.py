@@ -2,9 +2,15 @@
 sharding equivalence, compile counts, run outputs and CLI errors.
 
 Everything runs the `tiny-llama` spec (random 2-layer model, real SmolLM2 tokenizer) on a
-small JSONL of one-line arithmetic rows written per module, with P=56 prompt tokens and
-completion buckets of 32 (and 64), so a step compiles in seconds on a CPU. conftest.py
-gives the session 8 fake CPU devices, so `build` puts the default mesh (fsdp=-1) on all 8.
+small JSONL of one-line arithmetic rows written per module: P=56 prompt tokens and two
+completion buckets (32 and 64), batch 8. conftest.py gives the session 8 fake CPU devices,
+so `build` puts the default mesh (fsdp=-1) on all 8.
+
+Compiling the train step is the whole cost on a CPU (~10 s per signature on a busy
+2-core machine), so the module builds ONE Trainer with the real `sft.build` and the `run`
+tests reuse it (`reuse_build` swaps in a copy with the run's own config and output dir,
+after checking that everything `build` depends on is identical): every jitted function
+then compiles once per module.
 """
 
 import dataclasses
@@ -22,31 +28,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec
 
-from tpu_reason import checkpoint, config, lora as lora_lib, losses, mesh as mesh_lib, models, sft
+from tests.conftest import TINY_LLAMA
+from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, sft
 from tpu_reason.config import Config, MeshCfg
 from tpu_reason.data import buckets
 from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import flatten, param_shapes, unflatten
-
-_LOAD = models.load
-
-
-@functools.lru_cache(maxsize=None)
-def _tiny_model() -> models.Model:
-  return _LOAD("tiny-llama")
-
-
-def _cached_load(spec, *args, **kwargs):
-  """models.load with tiny-llama loaded once per module (build() sets model.params = None on
-  the copy it gets, so every caller gets a shallow copy of the same numpy weights)."""
-  if spec == "tiny-llama" and not args and not kwargs:
-    return dataclasses.replace(_tiny_model())
-  return _LOAD(spec, *args, **kwargs)
-
-
-@pytest.fixture
-def fast_load(monkeypatch):
-  monkeypatch.setattr(models, "load", _cached_load)
 
 
 def write_rows(path, n_short, n_long, n_eval):
@@ -65,19 +52,31 @@ def write_rows(path, n_short, n_long, n_eval):
   return path
 
 
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-  d = tmp_path_factory.mktemp("sft_data")
-  return {"one": write_rows(d / "one_bucket.jsonl", 16, 0, 4),  # 16 train rows, C=32
-          "two": write_rows(d / "two_buckets.jsonl", 16, 16, 4)}  # 16 rows in C=32, 16 in C=64
-
-
 def make_cfg(out, data_path, *overrides) -> Config:
+  """16 short + 16 long training rows, 4 held out; 4 steps of 8 rows = one epoch."""
   return config.load(Config, None, [
       f"output_dir={out}", "model.spec=tiny-llama", "data.source=jsonl", f"data.path={data_path}",
-      "data.size=16", "data.eval_size=4", "data.max_prompt_tokens=56", "data.max_completion_tokens=32",
-      "train.batch_size=8", "train.max_steps=4", "train.warmup_steps=1", "train.save_every=2",
-      "train.eval_every=2", "train.eval_generate=0", "train.eval_max_new_tokens=8", *overrides])
+      "data.size=32", "data.eval_size=4", "data.system_prompt=", "data.max_prompt_tokens=56",
+      "data.max_completion_tokens=64", "data.completion_buckets=[32]", "train.batch_size=8",
+      "train.max_steps=4", "train.warmup_steps=1", "train.save_every=2", "train.eval_every=2",
+      "train.eval_generate=0", "train.eval_max_new_tokens=8", *overrides])
+
+
+def _build_key(cfg: Config):
+  """Everything `build` depends on (the rest only matters inside `run`)."""
+  t = dataclasses.replace(cfg.train, eval_generate=0, eval_max_new_tokens=1, max_nonfinite=1, save_every=1,
+                          eval_every=1, keep_last=1, resume="none")
+  return cfg.model, cfg.lora, cfg.mesh, cfg.data, t
+
+
+def reuse_build(monkeypatch, tr: sft.Trainer, **changes):
+  """Make `sft.build(cfg)` return `tr` with cfg / output dir (and `changes`) swapped in."""
+
+  def build(cfg):
+    assert _build_key(cfg) == _build_key(tr.cfg), "this run needs its own build()"
+    return dataclasses.replace(tr, cfg=cfg, out=cfg.resolved_output_dir(), **changes)
+
+  monkeypatch.setattr(sft, "build", build)
 
 
 def host(tree):
@@ -85,11 +84,19 @@ def host(tree):
   return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
 
 
-def fresh_state(tr: sft.Trainer) -> sft.TrainState:
-  """The state `run` starts from (seed 0, no checkpoint)."""
-  lora = lora_lib.init(tr.model.cfg, tr.cfg.lora, jax.random.key(tr.cfg.train.seed), tr.dtype)
-  lora = mesh_lib.put(lora, mesh_lib.shardings(lora_lib.shapes(tr.model.cfg, tr.cfg.lora), tr.mesh))
-  return sft.init_state(lora, tr.optimizer, tr.cfg.train.seed)
+def fresh_state(tr: sft.Trainer, lora=None) -> sft.TrainState:
+  """The state `run` starts from: `sft._initial_state` with no checkpoint to resume
+  (optionally with other adapter values, placed like the fresh ones)."""
+  ckpts = checkpoint.Checkpoints(tr.out / "no-checkpoints", keep_last=1)
+  try:
+    state, meta = sft._initial_state(tr, ckpts)
+  finally:
+    ckpts.close()
+  assert meta == {} and int(state.step) == 0
+  if lora is not None:
+    lora = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), lora, state.lora)
+    state = dataclasses.replace(state, lora=lora)
+  return state
 
 
 def batches_of(tr: sft.Trainer, bucket: int, n: int) -> list[dict]:
@@ -129,15 +136,14 @@ class CompileCounter:
 
 
 @pytest.fixture(scope="module")
-def trainer(data_files, tmp_path_factory):
-  """A Trainer from `build` on all 8 devices with completion buckets 32 and 64."""
-  cfg = make_cfg(tmp_path_factory.mktemp("trainer"), data_files["two"], "data.size=32",
-                 "data.max_completion_tokens=64", "data.completion_buckets=[32]")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(models, "load", _cached_load)
-    tr = sft.build(cfg)
+def trainer(tmp_path_factory):
+  """A Trainer from the real `sft.build` on all 8 devices with completion buckets 32 and 64."""
+  data = write_rows(tmp_path_factory.mktemp("sft_data") / "rows.jsonl", 16, 16, 4)
+  tr = sft.build(make_cfg(tmp_path_factory.mktemp("trainer"), data))
   assert tr.mesh.shape == {"fsdp": 8, "tp": 1}
-  assert sorted({ex.bucket for ex in tr.train}) == [32, 64]
+  groups = buckets.group_by_bucket(tr.train)
+  assert {b: len(g) for b, g in groups.items()} == {32: 16, 64: 16}
+  assert len(tr.eval) == 4
   return tr
 
 
@@ -145,64 +151,66 @@ def trainer(data_files, tmp_path_factory):
 def compile_history(trainer):
   """Two epochs of real steps from a fresh state: per step (bucket, jit cache size, backend compiles).
 
-  Module-scoped and requested first, so it sees the jitted step before any other test used it.
+  Module-scoped and requested by every test that steps `trainer`, so it is the first to
+  call the jitted step.
   """
   tr = trainer
+  assert tr.step_fn._cache_size() == 0
   state = fresh_state(tr)
   history = []
   data = buckets.batches(tr.train, tr.cfg.train.batch_size, seed=0)
-  sizes = {b: len(g) for b, g in buckets.group_by_bucket(tr.train).items()}
-  per_epoch = buckets.steps_per_epoch(sizes, tr.cfg.train.batch_size)
-  for _ in range(3 * per_epoch):
+  for _ in range(2 * 4):  # 4 batches per epoch: two per bucket
     batch = next(data)
     with CompileCounter() as cc:
       state, m = tr.step_fn(state, tr.params, tr.place_batch(batch))
       jax.block_until_ready(m)
     assert bool(m["finite"])
     history.append((batch["completion_tokens_BxC"].shape[1], tr.step_fn._cache_size(), cc.n))
-  return history, per_epoch
+  return history
+
+
+@pytest.fixture(scope="module")
+def first_bucket(compile_history):
+  """The bucket of the first step: a fresh state on it hits the step already compiled."""
+  return compile_history[0][0]
 
 
 def test_step_cache_stops_growing_once_every_bucket_was_stepped(compile_history):
-  history, per_epoch = compile_history
-  assert {b for b, _, _ in history[:per_epoch]} == {32, 64}
-  assert history[0][2] >= 1  # the very first step compiles (the counter works)
-  # warm once every bucket has been stepped with a state that came out of a step
-  # (the first step's state is the fresh one from init_state)
+  history = compile_history
+  assert {b for b, _, _ in history[:4]} == {32, 64}
+  assert history[0][2] >= 1 and history[0][1] == 1  # the very first step compiles (the counter works)
+  # warm once every bucket was stepped with a state that came out of a step
+  # (the very first step's state is the fresh one from init_state)
   warm = max(next(i for i, (b, _, _) in enumerate(history) if i > 0 and b == bucket) for bucket in (32, 64))
   later = history[warm + 1:]
-  assert len(later) >= 2 and {b for b, _, _ in later} == {32, 64}, history
+  assert {b for b, _, _ in later} == {32, 64}, history
   assert [c for _, _, c in later] == [0] * len(later), history  # no backend compile
   assert {size for _, size, _ in later} == {history[warm][1]}, history  # no new jit cache entry
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sft bug: the initial TrainState's step/bad_steps/key/optimizer counts are uncommitted "
-    "single-device arrays (and some LoRA specs differ from what the step returns), so the "
-    "second step recompiles: 3 compiles for 2 buckets. Fix: pin in/out shardings of the state."))
 def test_exactly_one_compile_per_completion_bucket(compile_history):
-  history, _ = compile_history
-  buckets_seen = {b for b, _, _ in history}
-  assert sum(c for _, _, c in history) == len(buckets_seen)
-  assert history[-1][1] == len(buckets_seen)
+  seen = {b for b, _, _ in compile_history}
+  assert sum(c for _, _, c in compile_history) == len(seen)
+  assert compile_history[-1][1] == len(seen)
 
 
-def test_train_step_is_lora_only(trainer, compile_history):
+def test_train_step_is_lora_only(trainer, first_bucket):
   tr = trainer
   params_before = host(tr.params)
   state = fresh_state(tr)
   lora0 = host(state.lora)
   assert all(np.all(x == 0) for n, x in flatten(lora0).items() if n.endswith("/b"))
-  for batch in batches_of(tr, 32, 2) + batches_of(tr, 64, 1):
+  other = 64 if first_bucket == 32 else 32
+  for batch in batches_of(tr, first_bucket, 2) + batches_of(tr, other, 1):
     state, m = tr.step_fn(state, tr.params, tr.place_batch(batch))
     assert bool(m["finite"]) and float(m["grad_norm"]) > 0
   assert int(state.step) == 3 and int(state.bad_steps) == 0
 
   # base weights: bit-identical
-  after = host(tr.params)
-  assert jax.tree.structure(after) == jax.tree.structure(params_before)
+  after = flatten(host(tr.params))
+  assert after.keys() == flatten(params_before).keys()
   for name, x in flatten(params_before).items():
-    assert np.array_equal(flatten(after)[name], x), name
+    assert np.array_equal(after[name], x), name
   # every adapter moved (B from its zero init; A once B was non-zero)
   lora3 = flatten(host(state.lora))
   for name, x in flatten(lora0).items():
@@ -216,15 +224,14 @@ def test_train_step_is_lora_only(trainer, compile_history):
   lora_tree = jax.tree.structure(state.lora)
   assert jax.tree.structure(adam[0].mu) == lora_tree and jax.tree.structure(adam[0].nu) == lora_tree
   tensors = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
-  lora_shapes = [x.shape for x in jax.tree.leaves(state.lora)]
-  assert sorted(x.shape for x in tensors) == sorted(lora_shapes * 2)
+  assert sorted(x.shape for x in tensors) == sorted([x.shape for x in jax.tree.leaves(state.lora)] * 2)
   assert sum(x.size for x in tensors) == 2 * lora_lib.count(state.lora)
   assert int(adam[0].count) == 3
 
 
-def test_non_finite_step_is_skipped_and_counted(trainer, compile_history):
+def test_non_finite_step_is_skipped_and_counted(trainer, first_bucket):
   tr = trainer
-  b1, b2 = [tr.place_batch(b) for b in batches_of(tr, 32, 2)]
+  b1, b2 = [tr.place_batch(b) for b in batches_of(tr, first_bucket, 2)]
   # NaN in one base weight, for these calls only (same shape and sharding: no recompile)
   norm = tr.params["final_norm"]
   bad_params = {**tr.params, "final_norm": jax.device_put(norm.at[0].set(jnp.nan), norm.sharding)}
@@ -238,6 +245,7 @@ def test_non_finite_step_is_skipped_and_counted(trainer, compile_history):
   assert tree_equal(host(state.lora), good.lora)
   assert tree_equal(host(state.opt_state), good.opt_state)
   state, m = tr.step_fn(state, bad_params, b2)
+  assert not bool(m["finite"])
   assert int(state.bad_steps) == 2 and int(state.step) == 3
   assert tree_equal(host(state.lora), good.lora)
 
@@ -245,36 +253,40 @@ def test_non_finite_step_is_skipped_and_counted(trainer, compile_history):
   assert bool(m["finite"])
   assert int(state.bad_steps) == 0 and int(state.step) == 4
   assert not tree_equal(host(state.lora), good.lora)
-  # the skips were true no-ops: same adapters as [b1, b2] without them
+  # the skips were true no-ops: the same adapters and moments as [b1, b2] without them
   ref, _ = tr.step_fn(fresh_state(tr), tr.params, b1)
   ref, _ = tr.step_fn(ref, tr.params, b2)
   assert tree_equal(host(state.lora), host(ref.lora))
   assert tree_equal(host(state.opt_state), host(ref.opt_state))
 
 
-def test_sharded_steps_agree(trainer, compile_history):
-  """One step on meshes (8,1), (2,4) and (1,1): same loss, grad norm and update."""
+def test_sharded_steps_agree(trainer, first_bucket):
+  """One step on meshes (8,1), (2,4) and (1,1): same loss, grad norm and updated adapters."""
   tr = trainer
   cfg, lcfg = tr.model.cfg, tr.cfg.lora
   host_params = host(tr.params)
-  lora0 = host(lora_lib.init(cfg, lcfg, jax.random.key(0)))
-  lora_b = {n: (np.random.default_rng(1).standard_normal(x.shape).astype(np.float32) * 0.02 if n.endswith("/b") else x)
-            for n, x in flatten(lora0).items()}  # non-zero B: the A gradients are non-trivial too
-  lora0 = unflatten(lora_b)
-  batch = sft.device_batch(batches_of(tr, 32, 1)[0])
+  rng = np.random.default_rng(1)
+  # non-zero B, so the A gradients are non-trivial too
+  lora0 = unflatten({n: (0.02 * rng.standard_normal(x.shape)).astype(np.float32) if n.endswith("/b") else x
+                     for n, x in flatten(host(lora_lib.init(cfg, lcfg, jax.random.key(0)))).items()})
+  batch = sft.device_batch(batches_of(tr, first_bucket, 1)[0])
+  # (8, 1) is the trainer's own mesh and jitted step; the others compile their own
   step = jax.jit(functools.partial(sft._train_step, cfg=cfg, optimizer=tr.optimizer, lora_scale=tr.lora_scale,
-                                   dtype=tr.dtype, remat=False, chunk=tr.cfg.train.vocab_chunk, accum=1))
+                                   dtype=tr.dtype, remat=tr.cfg.model.remat, chunk=tr.cfg.train.vocab_chunk,
+                                   accum=tr.cfg.train.grad_accum))
   results = {}
   for fsdp, tp in [(8, 1), (2, 4), (1, 1)]:
-    devices = jax.devices()[: fsdp * tp]
-    mesh = mesh_lib.make_mesh(MeshCfg(fsdp=fsdp, tp=tp), devices)
+    mesh = mesh_lib.make_mesh(MeshCfg(fsdp=fsdp, tp=tp), jax.devices()[: fsdp * tp])
     params = mesh_lib.put(host_params, mesh_lib.shardings(param_shapes(cfg), mesh))
     lora = mesh_lib.put(lora0, mesh_lib.shardings(lora_lib.shapes(cfg, lcfg), mesh))
     placed = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
     if (fsdp, tp) == (2, 4):  # really sharded: vocab over tp, model dim over fsdp, batch over fsdp
       assert params["embed"].sharding.spec == PartitionSpec("tp", "fsdp")
-      assert len(placed["completion_tokens_BxC"].addressable_shards[0].data) == 4
-    new, m = step(sft.init_state(lora, tr.optimizer, 0), params, placed)
+      assert placed["completion_tokens_BxC"].addressable_shards[0].data.shape[0] == 4
+    if (fsdp, tp) == (8, 1):
+      new, m = tr.step_fn(fresh_state(tr, lora0), tr.params, placed)
+    else:
+      new, m = step(sft.init_state(lora, tr.optimizer, 0), params, placed)
     assert bool(m["finite"])
     results[(fsdp, tp)] = (float(m["loss"]), float(m["grad_norm"]), host(new.lora))
 
@@ -284,8 +296,10 @@ def test_sharded_steps_agree(trainer, compile_history):
     l, g, u = results[mesh_shape]
     assert l == pytest.approx(loss, rel=1e-5), mesh_shape
     assert g == pytest.approx(gnorm, rel=1e-5), mesh_shape
+    # Adam's first update is ~lr * sign(grad): entries with a near-zero gradient amplify
+    # reduction-order noise, hence an absolute tolerance of 1% of lr
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(upd)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(mesh_shape))
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * tr.cfg.train.lr, err_msg=str(mesh_shape))
 
 
 # --------------------------------------------------------------------------- run(): outputs, resume
@@ -315,11 +329,10 @@ def read_metrics(out):
   return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def restore_last(cfg: Config, out, step: int):
+def restore_last(tr: sft.Trainer, cfg: Config, out, step: int):
   """(state, meta) of checkpoints/last/<step>, restored into a fresh single-device state."""
-  model = _tiny_model()
-  opt = sft.make_optimizer(cfg.train)
-  abstract = sft.init_state(lora_lib.init(model.cfg, cfg.lora, jax.random.key(0)), opt, 0)
+  abstract = sft.init_state(lora_lib.init(tr.model.cfg, cfg.lora, jax.random.key(0)),
+                            sft.make_optimizer(cfg.train), 0)
   ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last)
   try:
     assert step in ckpts.last.all_steps()
@@ -329,17 +342,18 @@ def restore_last(cfg: Config, out, step: int):
 
 
 @pytest.fixture(scope="module")
-def straight_run(data_files, tmp_path_factory):
-  """4 steps in one go (eval + save at 2 and 4, two prompts generated before and after)."""
+def straight_run(trainer, compile_history, tmp_path_factory):
+  """4 steps in one go (eval + save at 2 and 4; two held-out prompts generated before and after)."""
   out = tmp_path_factory.mktemp("straight") / "run"
-  cfg = make_cfg(out, data_files["one"], "train.eval_generate=2")
+  cfg = dataclasses.replace(trainer.cfg, output_dir=str(out),
+                            train=dataclasses.replace(trainer.cfg.train, eval_generate=2))
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(models, "load", _cached_load)
+    reuse_build(mp, trainer)
     summary = sft.run(cfg)
   return cfg, out, summary
 
 
-def test_run_writes_all_outputs(straight_run):
+def test_run_writes_all_outputs(trainer, straight_run):
   cfg, out, summary = straight_run
   assert config.load(Config, out / "config.yaml") == cfg
 
@@ -347,16 +361,15 @@ def test_run_writes_all_outputs(straight_run):
   train = [r for r in rows if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
   lr_at = sft.schedule(cfg.train)
+  peak = cfg.train.peak_flops * jax.device_count()
   for r in train:
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu", "compiles"):
       assert key in r and np.isfinite(r[key]) and r[key] > 0, (key, r)
     assert r["skipped"] == 0
     assert r["lr"] == pytest.approx(float(lr_at(r["step"] - 1)))
     tokens = r["tokens_per_s"] * r["step_time_s"]  # real prompt + completion tokens of the batch
-    assert tokens == pytest.approx(round(tokens), abs=1e-3) and 8 * 10 <= round(tokens) <= 8 * (56 + 32)
-    peak = cfg.train.peak_flops * jax.device_count()
-    assert r["mfu"] == pytest.approx(6 * _tiny_model().cfg.num_params * r["tokens_per_s"] / peak, rel=1e-6)
-  assert train[-1]["loss"] < train[0]["loss"]  # 4 steps on 16 rows do learn something
+    assert tokens == pytest.approx(round(tokens), abs=1e-3) and 8 * 20 <= round(tokens) <= 8 * (56 + 64)
+    assert r["mfu"] == pytest.approx(6 * trainer.model.cfg.num_params * r["tokens_per_s"] / peak, rel=1e-6)
   evals = [r for r in rows if r["split"] == "eval"]
   assert [r["step"] for r in evals if "format_accuracy" in r] == [0, 4]  # generated before and after
   assert sorted({r["step"] for r in evals}) == [0, 2, 4]
@@ -373,63 +386,68 @@ def test_run_writes_all_outputs(straight_run):
   finally:
     ckpts.close()
 
-  on_disk = json.loads((out / "summary.json").read_text())
-  assert on_disk == json.loads(json.dumps(summary))
+  assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
   assert summary["last_step"] == 4 and summary["output_dir"] == str(out)
   for when in ("before", "after"):
     for key in ("eval_loss", "format_accuracy", "answer_accuracy", "mean_completion_tokens"):
       assert key in summary[when], (when, key)
     assert 0 < summary[when]["mean_completion_tokens"] <= cfg.train.eval_max_new_tokens
   assert summary["before"]["eval_loss"] == pytest.approx(evals[0]["eval_loss"])
-  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]  # 4 steps do learn something
 
 
-def test_interrupted_run_resumes_exactly(straight_run, data_files, tmp_path, monkeypatch, fast_load, capsys):
+def test_interrupted_run_resumes_exactly(trainer, straight_run, tmp_path, monkeypatch, capsys):
   cfg_a, out_a, _ = straight_run
   out = tmp_path / "run"
-  # Same schedule (max_steps=4) in both halves; the first is interrupted after 3 steps,
-  # i.e. after the step-2 checkpoint: the crash handler must save step 3.
-  cfg = make_cfg(out, data_files["one"])
+  # The same schedule (max_steps=4) in both halves; the first half is interrupted after
+  # 3 steps, i.e. after the step-2 checkpoint, so the crash handler must save step 3.
+  cfg = dataclasses.replace(trainer.cfg, output_dir=str(out))
+  reuse_build(monkeypatch, trainer)
   with pytest.MonkeyPatch.context() as mp:
     interrupt_training_after(mp, 3)
     with pytest.raises(KeyboardInterrupt):
       sft.run(cfg)
   assert "saved step 3" in capsys.readouterr().err
-  state3, meta3 = restore_last(cfg, out, 3)
+  state3, meta3 = restore_last(trainer, cfg, out, 3)
   assert int(state3.step) == 3 and meta3["data_position"] == 3
 
-  summary = sft.run(cfg)
+  summary = sft.run(cfg)  # train.resume=latest
   assert "resumed from" in capsys.readouterr().out
   assert summary["last_step"] == 4
 
   rows, rows_a = read_metrics(out), read_metrics(out_a)
   loss = {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
-  loss_a = {r["step"]: r["loss"] for r in rows_a if r["split"] == "train"}
-  assert loss == loss_a  # step 4 of the resumed run sees the same batch and state
-  assert [r["step"] for r in rows if r["split"] == "eval" and "eval_loss" in r and r["step"] == 0] == [0]  # before: once
+  assert loss == {r["step"]: r["loss"] for r in rows_a if r["split"] == "train"}  # incl. the resumed step 4
+  assert [r["step"] for r in rows if r["split"] == "eval" and r["step"] == 0] == [0]  # "before" measured once
+  assert summary["before"] == json.loads((out / "before.json").read_text())
 
-  # CPU determinism: the resumed run's final state equals the uninterrupted one bit for bit
-  state_a, meta_a = restore_last(cfg_a, out_a, 4)
-  state_b, meta_b = restore_last(cfg, out, 4)
+  # CPU determinism: the resumed run ends bit for bit where the uninterrupted one did
+  # (same programs, same data order, the whole state restored exactly)
+  state_a, meta_a = restore_last(trainer, cfg_a, out_a, 4)
+  state_b, meta_b = restore_last(trainer, cfg, out, 4)
   assert int(state_b.step) == 4 and int(state_b.bad_steps) == 0
+  assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
   for x, y in zip(jax.tree.leaves(host(state_a)), jax.tree.leaves(host(state_b))):
     np.testing.assert_array_equal(x, y)
   assert meta_a["data_position"] == meta_b["data_position"] == 4
 
 
-def test_run_stops_after_max_nonfinite_steps(data_files, tmp_path, monkeypatch, fast_load):
-  # Every loss NaN (sft._loss looks losses.sft_loss up when the step is traced).
-  monkeypatch.setattr(losses, "sft_loss", lambda logp, mask: jnp.nan * losses.masked_mean(logp, mask))
+def test_run_stops_after_max_nonfinite_steps(trainer, compile_history, tmp_path, monkeypatch):
   out = tmp_path / "run"
-  cfg = make_cfg(out, data_files["one"], "train.max_nonfinite=2", "train.max_steps=10", "train.save_every=5")
+  cfg = dataclasses.replace(trainer.cfg, output_dir=str(out),
+                            train=dataclasses.replace(trainer.cfg.train, max_nonfinite=2))
+  # a NaN in one base weight makes every loss NaN (same shapes and shardings: no recompile)
+  norm = trainer.params["final_norm"]
+  bad = {**trainer.params, "final_norm": jax.device_put(norm.at[0].set(jnp.nan), norm.sharding)}
+  reuse_build(monkeypatch, trainer, params=bad)
   with pytest.raises(UserError, match="2 non-finite steps in a row at step 2"):
     sft.run(cfg)
   train = [r for r in read_metrics(out) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2]
   assert [r["skipped"] for r in train] == [1, 1] and all(np.isnan(r["loss"]) for r in train)
   # the crash handler kept the (untouched, finite) adapters: B still exactly zero
-  state, _ = restore_last(cfg, out, 2)
-  assert int(state.bad_steps) == 2
+  state, _ = restore_last(trainer, cfg, out, 2)
+  assert int(state.step) == 2 and int(state.bad_steps) == 2
   assert all(np.all(np.asarray(x) == 0) for n, x in flatten(state.lora).items() if n.endswith("/b"))
 
 
@@ -437,11 +455,10 @@ def test_run_stops_after_max_nonfinite_steps(data_files, tmp_path, monkeypatch, 
 
 
 def small_state(value: float) -> sft.TrainState:
-  model = _tiny_model()
-  lcfg = config.LoraCfg(rank=2, targets="q")
-  lora = jax.tree.map(lambda x: x + value, lora_lib.init(model.cfg, lcfg, jax.random.key(0)))
-  opt = sft.make_optimizer(config.TrainCfg())
-  return dataclasses.replace(sft.init_state(lora, opt, 0), step=jnp.array(int(value), jnp.int32))
+  lora = lora_lib.init(TINY_LLAMA, config.LoraCfg(rank=2, targets="q"), jax.random.key(0))
+  lora = jax.tree.map(lambda x: x + value, lora)
+  state = sft.init_state(lora, sft.make_optimizer(config.TrainCfg()), 0)
+  return dataclasses.replace(state, step=jnp.array(int(value), jnp.int32))
 
 
 def test_failed_save_leaves_previous_checkpoint_usable(tmp_path):
@@ -456,8 +473,8 @@ def test_failed_save_leaves_previous_checkpoint_usable(tmp_path):
   for t in set(threading.enumerate()) - before:  # let the orphaned array writer finish
     t.join(timeout=60)
   ckpts.close()
-  partial = [p.name for p in (tmp_path / "checkpoints" / "last").iterdir()]
-  assert any(n.startswith("4") and n != "4" for n in partial), partial  # a half-written step 4 exists
+  names = [p.name for p in (tmp_path / "checkpoints" / "last").iterdir()]
+  assert "4" not in names and any(n.startswith("4.") for n in names), names  # a half-written step 4
 
   again = checkpoint.Checkpoints(tmp_path / "checkpoints", keep_last=2)
   try:
@@ -485,5 +502,4 @@ def test_cli_config_errors_are_one_line(tmp_path, override, needle):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
-  assert "Traceback" not in proc.stderr
-  assert not (tmp_path / "runs").exists()  # failed before creating any output
+  assert not list(tmp_path.iterdir())  # failed before writing any output

@@ -44,7 +44,7 @@ def token_logprobs(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int = 8192, softc
 def masked_mean(x_BxT, mask_BxT):
   """Mean over the True entries (0 when there are none)."""
   mask = mask_BxT.astype(jnp.float32)
-  return jnp.sum(x_BxT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(jnp.where(mask_BxT, x_BxT, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def sft_loss(logp_BxT, mask_BxT):

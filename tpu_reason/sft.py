@@ -125,6 +125,7 @@ class Trainer:
   step_fn: Any
   eval_fn: Any
   lora_scale: float
+  state_sharding: Any
 
   @property
   def dtype(self):
@@ -175,10 +176,26 @@ def build(cfg: Config) -> Trainer:
   optimizer = make_optimizer(cfg.train)
   scale = lora_lib.scale(cfg.lora)
   statics = dict(cfg=model.cfg, lora_scale=scale, dtype=dtype, chunk=cfg.train.vocab_chunk)
+  state_sh = state_sharding(model.cfg, cfg, optimizer, mesh)
+  rep = mesh_lib.replicated(mesh)
+  # Pinning the output layout to the input layout keeps one compile per batch shape.
   step_fn = jax.jit(functools.partial(_train_step, optimizer=optimizer, remat=cfg.model.remat,
-                                      accum=cfg.train.grad_accum, **statics), donate_argnums=0)
+                                      accum=cfg.train.grad_accum, **statics),
+                    donate_argnums=0, out_shardings=(state_sh, rep))
   eval_fn = jax.jit(functools.partial(_eval_sums, **statics))
-  return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale)
+  return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale, state_sh)
+
+
+def state_sharding(model_cfg, cfg: Config, optimizer, mesh) -> TrainState:
+  """TrainState of shardings: adapters (and their Adam moments) by the table, scalars replicated."""
+  table = lora_lib.shapes(model_cfg, cfg.lora)
+  lora_sh = mesh_lib.shardings(table, mesh)
+  rep = mesh_lib.replicated(mesh)
+  abstract = jax.tree.map(lambda sa: jax.ShapeDtypeStruct(sa[0], jnp.float32),
+                          models.unflatten(table), is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], tuple))
+  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract), lora_sh,
+                                 transform_non_params=lambda _: rep)
+  return TrainState(lora_sh, opt_sh, rep, rep, rep)
 
 
 def _initial_state(tr: Trainer, ckpts: checkpoint.Checkpoints) -> tuple[TrainState, dict]:
@@ -186,8 +203,7 @@ def _initial_state(tr: Trainer, ckpts: checkpoint.Checkpoints) -> tuple[TrainSta
   t = tr.cfg.train
   key = jax.random.key(t.seed)
   lora = lora_lib.init(tr.model.cfg, tr.cfg.lora, key, tr.dtype)
-  lora = mesh_lib.put(lora, mesh_lib.shardings(lora_lib.shapes(tr.model.cfg, tr.cfg.lora), tr.mesh))
-  state = init_state(lora, tr.optimizer, t.seed)
+  state = jax.device_put(init_state(lora, tr.optimizer, t.seed), tr.state_sharding)
   step = {"latest": ckpts.latest_step(), "none": None}.get(t.resume, None if t.resume in ("latest", "none") else int(t.resume))
   if step is None:
     return state, {}
