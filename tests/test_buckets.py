@@ -14,6 +14,9 @@ from tpu_reason.config import DataCfg
 from tpu_reason.data import buckets, sources
 from tpu_reason.data.buckets import batch_order, batches, build_examples
 from tpu_reason.data.prepare import prepare
+
+# The project-wide fixed shapes (the CPU default recipe trims them; these tests use the spec's).
+SHAPES = dict(max_prompt_tokens=256, max_completion_tokens=512, system_prompt="")
 from tpu_reason.data.sources import Record
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -233,7 +236,7 @@ def test_every_source_renders_and_parses_back(model, gym_records, source, schema
 
 
 def test_prepare_reasoning_gym(model):
-  cfg = DataCfg(size=16, eval_size=4, completion_buckets=BUCKETS)
+  cfg = DataCfg(**SHAPES, size=16, eval_size=4, completion_buckets=BUCKETS)
   train, evals, reports = prepare(cfg, model)
   assert (len(train), len(evals)) == (16, 4)
   assert not {ex.id for ex in train} & {ex.id for ex in evals}
@@ -243,13 +246,13 @@ def test_prepare_reasoning_gym(model):
 
 
 def test_prepare_drops_eval_rows_seen_in_train(model):
-  cfg = DataCfg(size=8, eval_size=4, eval_seed=0)  # same seed: eval rows repeat train rows
+  cfg = DataCfg(**SHAPES, size=8, eval_size=4, eval_seed=0)  # same seed: eval rows repeat train rows
   _, evals, reports = prepare(cfg, model)
   assert evals == [] and reports["eval"].dropped == {"in_train": 4} and reports["eval"].accounted
 
 
 def test_prepare_file_source_holds_out_the_tail(model):
-  cfg = DataCfg(source="teacher", path=str(SAMPLE), size=40, eval_size=8)
+  cfg = DataCfg(**SHAPES, source="teacher", path=str(SAMPLE), size=40, eval_size=8)
   train, evals, reports = prepare(cfg, model)
   records, _ = sources.load_teacher(SAMPLE)
   assert [ex.id for ex in evals] == [r.id for r in records[-8:]]
@@ -264,7 +267,7 @@ def test_prepare_file_source_holds_out_the_tail(model):
 
 def test_prepare_merges_source_drops(model):
   bad = FIXTURES / "teacher_bad.jsonl"
-  cfg = DataCfg(source="teacher", path=str(bad), eval_size=0, strict=False)
+  cfg = DataCfg(**SHAPES, source="teacher", path=str(bad), eval_size=0, strict=False)
   records, loaded = sources.load_teacher(bad, strict=False)
   assert records and loaded.dropped  # one good row, several bad ones
   _, _, reports = prepare(cfg, model)

@@ -61,7 +61,8 @@ def test_default_recipe_contents():
   assert cfg.model.spec == "smollm2-135m" and cfg.model.dtype == "float32"
   assert (cfg.lora.rank, cfg.lora.alpha) == (16, 32.0)
   assert (cfg.data.source, cfg.data.task, cfg.data.schema) == ("reasoning_gym", "gsm_symbolic", "reasoning")
-  assert (cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens) == (256, 512)
+  assert (cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens) == (160, 256)  # CPU: trimmed padding
+  assert cfg.data.completion_buckets == (128, 256)
   assert cfg.sampling.max_new_tokens == 512
 
 
@@ -183,7 +184,7 @@ def test_parse_args():
   cfg, flags = config.parse_args(Config, ["--config", recipe, "lora.rank=4", "sampling.top_k=5"])
   assert flags == {}
   assert cfg.lora.rank == 4 and cfg.sampling.top_k == 5 and cfg.model.spec == "smollm2-135m"
-  assert cfg.data.completion_buckets == (128, 256, 512)  # from the recipe
+  assert cfg.data.completion_buckets == (128, 256)  # from the recipe
   same, _ = config.parse_args(Config, [f"--config={recipe}", "--lora.rank=4", "sampling.top_k=5"])
   assert same == cfg
   assert config.parse_args(Config, ["lora.rank=2"])[0] == dataclasses.replace(Config(), lora=LoraCfg(rank=2))

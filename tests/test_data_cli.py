@@ -15,7 +15,8 @@ def _run(*args):
 
 
 def test_cli_prints_report_and_marked_examples():
-  out = _run("data.size=16", "data.eval_size=4", "data.completion_buckets=[128,256,512]")
+  out = _run("data.size=16", "data.eval_size=4", "data.max_prompt_tokens=256", "data.max_completion_tokens=512",
+             "data.completion_buckets=[128,256,512]")
   assert out.returncode == 0, out.stderr
   text = out.stdout
   assert "train [reasoning_gym:gsm_symbolic:seed=0]: kept 16/16" in text
