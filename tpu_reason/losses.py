@@ -55,13 +55,13 @@ def sft_loss(logp_BxT, mask_BxT):
 def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
                         remat=False, chunk=8192, temperature=1.0):
   """log p(completion token) [B, C] for a left-padded prompt + right-padded completion batch."""
-  from tpu_reason.models.transformer import forward
+  from tpu_reason.models.transformer import forward, positions
 
   prompt, completion = batch["prompt_tokens_BxP"], batch["completion_tokens_BxC"]
   p, c = prompt.shape[1], completion.shape[1]
   tokens = jnp.concatenate([prompt, completion], axis=1)
   valid = jnp.concatenate([batch["prompt_mask_BxP"], batch["completion_mask_BxC"]], axis=1)
-  pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  pos = positions(valid)
   hidden = forward(params, cfg, tokens, pos, valid_BxT=valid, lora=lora, lora_scale=lora_scale,
                    dtype=dtype, remat=remat)
   # hidden at t predicts token t+1: the last prompt position predicts the first completion token

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_reason.config import SamplingCfg
-from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, write
+from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
@@ -84,14 +84,10 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int, top_p: float):
   return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 
-def _positions(mask_BxP):
-  return jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
 def prefill(params, lora, lora_scale, tokens_BxP, mask_BxP, *, cfg: ModelConfig, dtype=jnp.float32):
   """Run the (left-padded) prompts once: their cache and last-token logits."""
-  pos = _positions(mask_BxP)
+  pos = positions(mask_BxP)
   hidden, (k, v) = forward(params, cfg, tokens_BxP, pos, valid_BxT=mask_BxP, lora=lora,
                            lora_scale=lora_scale, dtype=dtype, return_kv=True)
   cache = init_cache(cfg, tokens_BxP.shape[0], tokens_BxP.shape[1], dtype)
@@ -205,12 +201,11 @@ def generate(
 
 def left_pad(ids_list: list[list[int]], length: int | None, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad token lists to a fixed length: (tokens_BxP, mask_BxP)."""
+  from tpu_reason.data.buckets import left_pad as left_pad_row
+
   length = length or max(len(x) for x in ids_list)
-  tokens = np.full((len(ids_list), length), pad_id, np.int32)
-  mask = np.zeros((len(ids_list), length), bool)
   for i, ids in enumerate(ids_list):
     if len(ids) > length:
       raise ValueError(f"prompt {i} has {len(ids)} tokens > {length}")
-    tokens[i, length - len(ids):] = ids
-    mask[i, length - len(ids):] = True
-  return tokens, mask
+  rows = [left_pad_row(ids, length, pad_id) for ids in ids_list]
+  return np.stack([t for t, _ in rows]), np.stack([m for _, m in rows])

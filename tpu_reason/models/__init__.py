@@ -206,7 +206,7 @@ def add_tokens(model: Model, tokens: list[str]) -> Model:
   import copy
 
   tok = copy.deepcopy(model.tokenizer)
-  added = tok.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+  tok.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
   n = len(tok)
   if n <= model.cfg.vocab_size:
     return dataclasses.replace(model, tokenizer=tok)
@@ -218,5 +218,4 @@ def add_tokens(model: Model, tokens: list[str]) -> Model:
     head_mean = np.asarray(params["lm_head"]).mean(axis=1, keepdims=True)
     params["lm_head"] = np.concatenate([params["lm_head"], np.repeat(head_mean, extra, 1)], 1)
   cfg = dataclasses.replace(model.cfg, vocab_size=n)
-  del added
   return dataclasses.replace(model, cfg=cfg, params=params, tokenizer=tok)

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-from tpu_reason.models.transformer import ModelConfig, param_shapes, unflatten
+from tpu_reason.models.transformer import ModelConfig, flatten, param_shapes, unflatten
 
 # our flat name -> HF name pattern ({i} = layer index)
 HF_NAMES = {
@@ -97,8 +97,6 @@ def params_from_hf(
 
 def params_to_hf(cfg: ModelConfig, params: dict, *, norm_plus_one: bool) -> dict[str, np.ndarray]:
   """Inverse of `params_from_hf`: HF-named tensors in torch layout (for export)."""
-  from tpu_reason.models.transformer import flatten
-
   out = {}
   for name, w in flatten(params).items():
     pattern = hf_names(cfg)[name]

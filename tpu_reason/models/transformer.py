@@ -222,7 +222,7 @@ def write(cache: KVCache, k_LxBxKxTxH, v_LxBxKxTxH, pos_BxT, valid_BxT, index) -
       valid=upd(cache.valid, valid_BxT, 1), pos=upd(cache.pos, pos_BxT.astype(jnp.int32), 1))
 
 
-def _mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window, is_global, causal_strict=False):
+def _mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window, is_global):
   """Causal by position over valid keys; sliding-window layers also bound the distance."""
   diff = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
   mask = (diff >= 0) & k_valid_BxS[:, None, :]
@@ -300,6 +300,11 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_Bx
   if cfg.post_norms:
     out = rms_norm(out, layer["post_ffn_norm"], cfg.norm_eps)
   return x + out, (k, v)
+
+
+def positions(valid_BxT):
+  """Position of each token counting only valid ones (left padding sits at position 0)."""
+  return jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0).astype(jnp.int32)
 
 
 def embed(params: Params, cfg: ModelConfig, tokens_BxT, dtype):
