@@ -141,6 +141,53 @@ class TrainCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class BudgetCfg:
+  """s1 budget forcing at inference: cap the thinking, or extend it with "Wait"."""
+
+  max_thinking_tokens: int = 0  # 0 = no cap; at the cap the closing tag is forced
+  extend: int = 0  # times a close of the reasoning is suppressed and `wait` appended
+  wait: str = "Wait"
+
+  def __post_init__(self):
+    _check(self.max_thinking_tokens >= 0 and self.extend >= 0, "budget.max_thinking_tokens and budget.extend must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoCfg:
+  """GRPO: rollouts, rewards and the clipped objective (optimizer settings come from `train`)."""
+
+  group: int = 4  # completions per prompt (G); `train.batch_size` counts prompts
+  max_new_tokens: int = 256
+  temperature: float = 0.9
+  top_k: int = 50
+  top_p: float = 1.0
+  rewards: tuple[str, ...] = ("format", "process", "outcome")
+  reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
+  scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+  loss: str = "grpo"  # grpo | dapo | dr_grpo
+  beta: float = 0.04  # KL (k3) weight against the base model (LoRA off); 0 skips the reference pass
+  epsilon_low: float = 0.2
+  epsilon_high: float = 0.2
+  num_iterations: int = 1  # μ: optimizer passes over each rollout batch
+  mini_batch: int = 0  # prompts per optimizer update (0 = train.batch_size)
+  micro_batch: int = 1  # prompts per forward/backward (gradient accumulation inside a mini-batch)
+  mask_truncated_completions: bool = False
+  init: str = "auto"  # auto (latest SFT run of this recipe, else base) | base | a run/checkpoint dir
+  curriculum: tuple[str, ...] = ()  # easy reasoning-gym tasks served first
+  curriculum_steps: int = 0  # steps drawn from `curriculum` before `data.task`
+
+  def __post_init__(self):
+    _check(self.group >= 2, f"grpo.group must be >= 2 (advantages compare samples), got {self.group}")
+    _check(self.max_new_tokens > 0 and self.temperature > 0, "grpo.max_new_tokens and grpo.temperature must be > 0")
+    _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
+    _check(self.scale_rewards in ("group", "batch", "none"), f"grpo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+    _check(self.loss in ("grpo", "dapo", "dr_grpo"), f"grpo.loss must be grpo, dapo or dr_grpo, got {self.loss!r}")
+    _check(self.beta >= 0 and self.epsilon_low >= 0 and self.epsilon_high >= 0, "grpo.beta and grpo.epsilon_* must be >= 0")
+    _check(self.num_iterations >= 1 and self.micro_batch >= 1 and self.mini_batch >= 0,
+           "grpo.num_iterations and grpo.micro_batch must be >= 1, grpo.mini_batch >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Top-level run config shared by every entry point."""
 
@@ -152,6 +199,8 @@ class Config:
   sampling: SamplingCfg = SamplingCfg()
   data: DataCfg = DataCfg()
   train: TrainCfg = TrainCfg()
+  grpo: GrpoCfg = GrpoCfg()
+  budget: BudgetCfg = BudgetCfg()
 
   def resolved_output_dir(self) -> Path:
     if self.output_dir:
