@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,48 +21,14 @@ import numpy as np
 import optax
 
 from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, tags
-from tpu_reason.config import Config, TrainCfg
+from tpu_reason import train as train_lib
+from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
+from tpu_reason.config import Config
 from tpu_reason.data import buckets
 from tpu_reason.data.prepare import prepare
 from tpu_reason.errors import UserError, cli
 from tpu_reason.metrics import MetricsLog
 from tpu_reason.models.transformer import param_shapes
-
-
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["lora", "opt_state", "step", "bad_steps", "key"], meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-  """Everything that changes during training (the base weights never do)."""
-
-  lora: Any
-  opt_state: Any
-  step: jax.Array
-  bad_steps: jax.Array  # consecutive skipped (non-finite) steps
-  key: jax.Array
-
-
-def schedule(t: TrainCfg) -> optax.Schedule:
-  """Linear warmup, then cosine / linear decay to 10% (or constant)."""
-  decay_steps = max(t.max_steps - t.warmup_steps, 1)
-  if t.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=0.1)
-  elif t.schedule == "linear":
-    decay = optax.linear_schedule(t.lr, 0.1 * t.lr, decay_steps)
-  else:
-    decay = optax.constant_schedule(t.lr)
-  warmup = optax.linear_schedule(t.lr / max(t.warmup_steps, 1), t.lr, t.warmup_steps)
-  return optax.join_schedules([warmup, decay], [t.warmup_steps])
-
-
-def make_optimizer(t: TrainCfg) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(t.clip_norm),
-                     optax.adamw(schedule(t), b1=0.9, b2=0.999, weight_decay=t.weight_decay))
-
-
-def init_state(lora, optimizer, seed: int) -> TrainState:
-  return TrainState(lora, optimizer.init(lora), jnp.array(0, jnp.int32), jnp.array(0, jnp.int32),
-                    jax.random.key_data(jax.random.key(seed)))
 
 
 def device_batch(batch: dict) -> dict:
@@ -74,30 +39,13 @@ def device_batch(batch: dict) -> dict:
 def _loss(lora, params, batch, *, cfg, lora_scale, dtype, remat, chunk):
   logp = losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype,
                                     remat=remat, chunk=chunk)
-  return losses.sft_loss(logp, batch["completion_mask_BxC"])
+  return losses.sft_loss(logp, batch["completion_mask_BxC"]), {}
 
 
 def _train_step(state: TrainState, params, batch, *, cfg, optimizer, lora_scale, dtype, remat, chunk, accum):
-  """One optimizer step over `accum` micro-batches; a non-finite loss/grad skips the update."""
-  micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-  grad_fn = jax.value_and_grad(functools.partial(_loss, cfg=cfg, lora_scale=lora_scale, dtype=dtype,
-                                                 remat=remat, chunk=chunk))
-
-  def accumulate(carry, mb):
-    loss, grads = grad_fn(state.lora, params, mb)
-    return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.lora))
-  (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-  loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
-  grad_norm = optax.global_norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
-  new = TrainState(optax.apply_updates(state.lora, updates), opt_state, state.step + 1,
-                   jnp.zeros_like(state.bad_steps), state.key)
-  skip = dataclasses.replace(state, step=state.step + 1, bad_steps=state.bad_steps + 1)
-  state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, skip)
-  return state, {"loss": loss, "grad_norm": grad_norm, "finite": ok}
+  """One SFT optimizer step over `accum` micro-batches; a non-finite loss/grad skips the update."""
+  loss_fn = functools.partial(_loss, cfg=cfg, lora_scale=lora_scale, dtype=dtype, remat=remat, chunk=chunk)
+  return train_lib.step(state, params, batch, loss_fn=loss_fn, optimizer=optimizer, accum=accum)
 
 
 def _eval_sums(lora, params, batch, *, cfg, lora_scale, dtype, chunk):
@@ -184,18 +132,6 @@ def build(cfg: Config) -> Trainer:
                     donate_argnums=0, out_shardings=(state_sh, rep))
   eval_fn = jax.jit(functools.partial(_eval_sums, **statics))
   return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale, state_sh)
-
-
-def state_sharding(model_cfg, cfg: Config, optimizer, mesh) -> TrainState:
-  """TrainState of shardings: adapters (and their Adam moments) by the table, scalars replicated."""
-  table = lora_lib.shapes(model_cfg, cfg.lora)
-  lora_sh = mesh_lib.shardings(table, mesh)
-  rep = mesh_lib.replicated(mesh)
-  abstract = jax.tree.map(lambda sa: jax.ShapeDtypeStruct(sa[0], jnp.float32),
-                          models.unflatten(table), is_leaf=lambda x: isinstance(x, tuple) and isinstance(x[0], tuple))
-  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract), lora_sh,
-                                 transform_non_params=lambda _: rep)
-  return TrainState(lora_sh, opt_sh, rep, rep, rep)
 
 
 def _initial_state(tr: Trainer, ckpts: checkpoint.Checkpoints) -> tuple[TrainState, dict]:
