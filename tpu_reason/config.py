@@ -154,10 +154,18 @@ class BudgetCfg:
 
 @dataclasses.dataclass(frozen=True)
 class GrpoCfg:
-  """GRPO: rollouts, rewards and the clipped objective (optimizer settings come from `train`)."""
+  """GRPO: rollouts, rewards, the clipped objective and its own cadence.
 
-  group: int = 4  # completions per prompt (G); `train.batch_size` counts prompts
-  max_new_tokens: int = 256
+  The optimizer's other settings (schedule, clip_norm, weight_decay, seed) and the eval /
+  checkpoint settings (eval_generate, eval_max_new_tokens, keep_last, resume) come from `train`.
+  """
+
+  steps: int = 30  # rollout steps (each: generate, score, then num_iterations passes of updates)
+  prompts: int = 2  # prompts per step; each is sampled `group` times
+  group: int = 4  # completions per prompt (G)
+  lr: float = 2e-4
+  warmup_steps: int = 2
+  max_new_tokens: int = 192
   temperature: float = 0.9
   top_k: int = 50
   top_p: float = 1.0
@@ -165,18 +173,25 @@ class GrpoCfg:
   reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
   scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
   loss: str = "grpo"  # grpo | dapo | dr_grpo
-  beta: float = 0.04  # KL (k3) weight against the base model (LoRA off); 0 skips the reference pass
+  beta: float = 0.04  # KL (k3) weight against the init policy (adapter off); 0 skips the reference pass
   epsilon_low: float = 0.2
   epsilon_high: float = 0.2
   num_iterations: int = 1  # μ: optimizer passes over each rollout batch
-  mini_batch: int = 0  # prompts per optimizer update (0 = train.batch_size)
+  mini_batch: int = 0  # prompts per optimizer update (0 = all prompts of the step)
   micro_batch: int = 1  # prompts per forward/backward (gradient accumulation inside a mini-batch)
   mask_truncated_completions: bool = False
-  init: str = "auto"  # auto (latest SFT run of this recipe, else base) | base | a run/checkpoint dir
-  curriculum: tuple[str, ...] = ()  # easy reasoning-gym tasks served first
+  init: str = "auto"  # auto (latest finished SFT run of model.spec, else base) | base | a run dir
+  curriculum: tuple[str, ...] = ()  # easy reasoning-gym tasks served first (a warm-up)
   curriculum_steps: int = 0  # steps drawn from `curriculum` before `data.task`
+  eval_every: int = 10
+  save_every: int = 10
+
+  @property
+  def mini(self) -> int:
+    return self.mini_batch or self.prompts
 
   def __post_init__(self):
+    _check(self.steps > 0 and self.prompts > 0 and self.lr > 0, "grpo.steps, grpo.prompts and grpo.lr must be > 0")
     _check(self.group >= 2, f"grpo.group must be >= 2 (advantages compare samples), got {self.group}")
     _check(self.max_new_tokens > 0 and self.temperature > 0, "grpo.max_new_tokens and grpo.temperature must be > 0")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
@@ -185,6 +200,11 @@ class GrpoCfg:
     _check(self.beta >= 0 and self.epsilon_low >= 0 and self.epsilon_high >= 0, "grpo.beta and grpo.epsilon_* must be >= 0")
     _check(self.num_iterations >= 1 and self.micro_batch >= 1 and self.mini_batch >= 0,
            "grpo.num_iterations and grpo.micro_batch must be >= 1, grpo.mini_batch >= 0")
+    _check(self.prompts % self.mini == 0 and self.mini % self.micro_batch == 0,
+           f"grpo.prompts={self.prompts} must be a multiple of grpo.mini_batch={self.mini}, "
+           f"itself a multiple of grpo.micro_batch={self.micro_batch}")
+    _check(self.eval_every > 0 and self.save_every > 0, "grpo.eval_every and grpo.save_every must be > 0")
+    _check(bool(self.curriculum) or not self.curriculum_steps, "grpo.curriculum_steps needs grpo.curriculum tasks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,10 +222,11 @@ class Config:
   grpo: GrpoCfg = GrpoCfg()
   budget: BudgetCfg = BudgetCfg()
 
-  def resolved_output_dir(self) -> Path:
+  def resolved_output_dir(self, kind: str = "") -> Path:
     if self.output_dir:
       return Path(self.output_dir)
-    return Path("runs") / f"{self.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    tag = f"-{kind}" if kind else ""
+    return Path("runs") / f"{self.name}{tag}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 # --------------------------------------------------------------------------- building

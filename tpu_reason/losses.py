@@ -108,16 +108,17 @@ def clipped_surrogate(logp_BxT, old_logp_BxT, adv_B, eps_low: float, eps_high: f
   return loss, low, high
 
 
-def aggregate(loss_BxT, mask_BxT, mode: str, max_tokens: int | None = None):
+def aggregate(loss_BxT, mask_BxT, mode: str, max_tokens: int | None = None, num_tokens=None):
   """Token losses -> scalar: grpo (mean over sequences of token-means), dapo (token-mean over
-  the batch), dr_grpo (token-sum / (batch * max_tokens), a constant normaliser)."""
+  the batch, or token-sum / `num_tokens` when the batch is a micro-slice of a larger one),
+  dr_grpo (token-sum / (batch * max_tokens), a constant normaliser)."""
   mask = mask_BxT.astype(jnp.float32)
   tokens = loss_BxT * mask
   if mode == "grpo":
     per_seq = tokens.sum(1) / jnp.maximum(mask.sum(1), 1.0)
     return per_seq.mean()
   if mode == "dapo":
-    return tokens.sum() / jnp.maximum(mask.sum(), 1.0)
+    return tokens.sum() / jnp.maximum(mask.sum() if num_tokens is None else num_tokens, 1.0)
   if mode == "dr_grpo":
     return tokens.sum() / (loss_BxT.shape[0] * (max_tokens or loss_BxT.shape[1]))
   raise ValueError(f"unknown loss aggregation {mode!r}: grpo | dapo | dr_grpo")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, tags
+from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, runs, tags
 from tpu_reason import train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
 from tpu_reason.config import Config
@@ -162,6 +162,7 @@ def run(cfg: Config) -> dict:
   tr = build(cfg)
   out, t = tr.out, cfg.train
   config.save(cfg, out)
+  runs.write_info(out, "sft")
   print(config.dump(cfg))
   log = MetricsLog(out)
   ckpts = checkpoint.Checkpoints(out / "checkpoints", t.keep_last, best_metric="eval_loss")
@@ -220,7 +221,7 @@ def run(cfg: Config) -> dict:
   plot = log.plot([("train", "loss"), ("eval", "eval_loss"), ("train", "tokens_per_s"), ("eval", "format_accuracy")],
                   "loss.png", f"SFT {cfg.model.spec}")
   log.close()
-  summary = {"before": before, "after": after, "output_dir": str(out), "plot": str(plot),
+  summary = {"trainer": "sft", "before": before, "after": after, "output_dir": str(out), "plot": str(plot),
              "best_step": ckpts.best_step(), "last_step": int(state.step)}
   (out / "summary.json").write_text(json.dumps(summary, indent=1))
   print(_table(before, after))

@@ -73,12 +73,15 @@ class Example:
 
 def render(record: Record, model: Any, schema: TagSchema, system_prompt: str = "") -> tuple[str, str]:
   """(prompt text ending in the primer, completion text after the primer)."""
-  messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-  messages.append({"role": "user", "content": record.prompt})
-  prompt = model.chat_prompt(messages, primer=schema.primer)
+  prompt = model.chat_prompt(_messages(record, system_prompt), primer=schema.primer)
   target = schema.render_target(record.reasoning, record.answer)
   assert target.startswith(schema.primer), (schema.name, target[:40])
   return prompt, target[len(schema.primer) :]
+
+
+def _messages(record: Record, system_prompt: str) -> list[dict]:
+  messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+  return messages + [{"role": "user", "content": record.prompt}]
 
 
 def round_trips(record: Record, schema: TagSchema, completion_text: str) -> bool:
@@ -187,14 +190,15 @@ class DataReport:
 
   def summary(self) -> str:
     drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items()))
-    buckets = ", ".join(f"C={b}: {self.per_bucket.get(b, 0)}" for b in self.buckets)
+    buckets = ", ".join(f"C={b}: {self.per_bucket.get(b, 0)}" for b in self.buckets if b)
     return (f"{self.split} [{self.source}]: kept {self.kept}/{self.seen}"
-            f" (dropped: {drops or 'none'}); buckets {buckets}")
+            f" (dropped: {drops or 'none'})" + (f"; buckets {buckets}" if buckets else ""))
 
   def __str__(self) -> str:
     lines = [self.summary()]
     if self.prompt_lengths:
       lines.append(histogram(self.prompt_lengths, self.max_prompt_tokens, "prompt tokens"))
+    if self.completion_lengths:
       lines.append(histogram(self.completion_lengths, self.buckets[-1], "completion tokens (incl. EOS)"))
     return "\n".join(lines)
 
@@ -257,6 +261,37 @@ def build_examples(
     report.seen += 1
     report.kept += 1
     report.per_bucket[bucket] = report.per_bucket.get(bucket, 0) + 1
+  return examples, report
+
+
+def build_prompts(
+  records: Iterable[Record],
+  model: Any,
+  schema: TagSchema,
+  *,
+  system_prompt: str = "",
+  max_prompt_tokens: int = 256,
+  split: str = "train",
+  source: str = "",
+) -> tuple[list[Example], DataReport]:
+  """Prompt-only examples (empty completion arrays) for RL: no reference trace is needed."""
+  pad = pad_id(model)
+  report = DataReport(split, source, max_prompt_tokens, (0,))
+  examples = []
+  for record in records:
+    prompt_text = model.chat_prompt(_messages(record, system_prompt), primer=schema.primer)
+    prompt_ids = model.encode(prompt_text)
+    report.prompt_lengths.append(len(prompt_ids))
+    if len(prompt_ids) > max_prompt_tokens:
+      report.drop("prompt_too_long")
+      continue
+    p_tokens, p_mask = left_pad(prompt_ids, max_prompt_tokens, pad)
+    empty = np.zeros(0, np.int32)
+    examples.append(Example(record.id, prompt_text, "", record.answer, tuple(record.checkpoints), record.domain,
+                            p_tokens, p_mask, empty, empty.astype(bool)))
+    report.seen += 1
+    report.kept += 1
+    report.per_bucket[0] = report.per_bucket.get(0, 0) + 1
   return examples, report
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from tpu_reason import tags
 from tpu_reason.config import DataCfg
 from tpu_reason.data import sources
-from tpu_reason.data.buckets import DataReport, Example, build_examples
+from tpu_reason.data.buckets import DataReport, Example, build_examples, build_prompts
 from tpu_reason.data.sources import LoadReport, Record
 from tpu_reason.errors import UserError
 
@@ -122,3 +122,21 @@ def prepare(
   if not train:
     raise UserError(f"no training example survived: {train_report.summary()}")
   return train, evals, {"train": train_report, "eval": eval_report}
+
+
+def prepare_prompts(data: DataCfg, model: Any, splits: Splits | None = None) -> tuple[list[Example], list[Example], dict]:
+  """Prompt-only train / eval examples for RL (rows need a question and an answer, not a trace)."""
+  schema = tags.get_schema(data.schema)
+  s = split_records(data) if splits is None else splits
+  out, reports = [], {}
+  for split, records, source, dropped in (("train", s.train, s.train_source, s.train_dropped),
+                                          ("eval", s.eval, s.eval_source, s.eval_dropped)):
+    examples, report = build_prompts(records, model, schema, system_prompt=data.system_prompt,
+                                     max_prompt_tokens=data.max_prompt_tokens, split=split, source=source)
+    report.absorb(dropped)
+    assert report.accounted, report
+    out.append(examples)
+    reports[split] = report
+  if not out[0]:
+    raise UserError(f"no training prompt survived: {reports['train'].summary()}")
+  return out[0], out[1], reports

@@ -1,0 +1,351 @@
+"""Tests for tpu_reason.grpo: fresh keys per step, the reference without a weight copy,
+updates that follow the advantage sign, exact resume, init from an SFT run, curriculum.
+
+One Trainer from the real `grpo.build` on a `tiny-llama` (random weights, real SmolLM2
+tokenizer) with one-line arithmetic prompts; 8 fake devices, so a micro-batch is 2 prompts
+x G=4 = 8 rows. The GRPO maths itself is tested by hand in test_grpo_math.py.
+"""
+
+import dataclasses
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.test_sft import host, write_rows
+from tpu_reason import checkpoint, config, grpo, lora as lora_lib, runs, sft
+from tpu_reason.config import Config
+from tpu_reason.errors import UserError
+from tpu_reason.models import transformer
+
+
+def make_cfg(out, data_path, *overrides) -> Config:
+  return config.load(Config, None, [
+      f"output_dir={out}", "model.spec=tiny-llama", "data.source=jsonl", f"data.path={data_path}",
+      "data.size=32", "data.eval_size=4", "data.system_prompt=", "data.max_prompt_tokens=56",
+      "grpo.init=base", "grpo.steps=2", "grpo.prompts=4", "grpo.micro_batch=2", "grpo.max_new_tokens=8",
+      "grpo.lr=1e-2", "grpo.warmup_steps=0", "grpo.save_every=1", "grpo.eval_every=1", "train.eval_generate=2",
+      "train.eval_max_new_tokens=4", "grpo.temperature=1.0", "grpo.top_k=0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+  return write_rows(tmp_path_factory.mktemp("grpo_data") / "rows.jsonl", 24, 8, 4)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, data_path):
+  tr = grpo.build(make_cfg(tmp_path_factory.mktemp("grpo"), data_path))
+  assert tr.mesh.shape == {"fsdp": 8, "tp": 1}
+  assert len(tr.train) == 32 and len(tr.eval) == 4 and tr.init == "base"
+  return tr
+
+
+def fresh_state(tr):
+  ckpts = checkpoint.Checkpoints(tr.out / "none", keep_last=1)
+  try:
+    state, _ = sft._initial_state(tr, ckpts)
+  finally:
+    ckpts.close()
+  return state
+
+
+def first_batch(tr):
+  return next(tr.batches(0))
+
+
+def reuse_build(monkeypatch, tr, **changes):
+  monkeypatch.setattr(grpo, "build", lambda cfg: dataclasses.replace(tr, cfg=cfg, out=cfg.resolved_output_dir(), **changes))
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_reward_metrics_by_hand():
+  total = [1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 0.0, 2.0]
+  parts = {"format": [1, 1, 1, 1, 0, 1, 0, 1], "outcome": [0, 0, 0, 0, 0, 1, 0, 1]}
+  m = grpo.reward_metrics(total, parts, group=4)
+  assert m["reward"] == 1.0
+  assert m["reward_std"] == pytest.approx((0.0 + 1.0) / 2)  # group stds 0 and 1
+  assert m["frac_reward_zero_std"] == 0.5
+  assert m["rewards/format/mean"] == 0.75 and m["rewards/outcome/mean"] == 0.25
+  assert m["rewards/outcome/std"] == pytest.approx(np.sqrt(0.25 * 0.75))
+
+
+def test_completion_metrics():
+  m = grpo.completion_metrics(np.array([3, 8, 5, 8]), np.array([False, True, False, True]))
+  assert m == {"completions/mean_length": 6.0, "completions/min_length": 3.0, "completions/max_length": 8.0,
+               "completions/clipped_ratio": 0.5}
+
+
+def test_rollout_key_is_fresh_each_step_and_reproducible():
+  k = [jax.random.key_data(grpo.rollout_key(0, s)) for s in range(4)]
+  assert len({tuple(np.asarray(x).ravel()) for x in k}) == 4
+  np.testing.assert_array_equal(k[2], jax.random.key_data(grpo.rollout_key(0, 2)))
+  assert not np.array_equal(k[0], jax.random.key_data(grpo.rollout_key(1, 0)))
+
+
+def test_optimizer_counts_updates():
+  cfg = config.load(Config, None, ["grpo.steps=10", "grpo.prompts=4", "grpo.mini_batch=2", "grpo.num_iterations=3",
+                                   "grpo.warmup_steps=1", "grpo.lr=1e-5"])
+  t = grpo.optimizer_cfg(cfg)
+  assert (t.max_steps, t.warmup_steps, t.lr, t.batch_size, t.grad_accum) == (60, 6, 1e-5, 8, 2)
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["grpo.prompts=3", "grpo.mini_batch=2"], "grpo.prompts=3"),
+    (["grpo.group=1"], "grpo.group"),
+    (["grpo.rewards=[format]"], "same length"),
+    (["grpo.loss=ppo"], "grpo.loss"),
+    (["grpo.curriculum_steps=3"], "curriculum"),
+])
+def test_bad_grpo_config_is_a_user_error(override, needle):
+  with pytest.raises(UserError, match=needle):
+    config.load(Config, None, override)
+
+
+# --------------------------------------------------------------------------- rollouts
+
+
+def test_rollouts_are_fresh_every_step_and_reproducible(trainer):
+  tr = trainer
+  state, batch = fresh_state(tr), first_batch(tr)
+  a0, m0, t0 = tr.rollout(state.lora, batch, 0)
+  b0, _, _ = tr.rollout(state.lora, batch, 0)
+  a1, _, t1 = tr.rollout(state.lora, batch, 1)
+  np.testing.assert_array_equal(a0["completion_tokens_BxC"], b0["completion_tokens_BxC"])
+  assert not np.array_equal(a0["completion_tokens_BxC"], a1["completion_tokens_BxC"])
+  # the G samples of one prompt differ from each other too (one prefill, G streams)
+  rows = a0["completion_tokens_BxC"].reshape(4, 4, -1)
+  assert all(len({r.tobytes() for r in group}) > 1 for group in rows)
+  assert a0["prompt_tokens_BxP"].shape == (16, 56) and a0["completion_tokens_BxC"].shape == (16, 8)
+  np.testing.assert_array_equal(a0["prompt_tokens_BxP"][::4], batch["prompt_tokens_BxP"])
+  assert len(t0) == 16 and all(t.startswith(tr.schema.primer) for t in t0)
+  assert m0["completions/max_length"] <= 8
+  # advantages are zero-mean within every group
+  np.testing.assert_allclose(a0["advantages_B"].reshape(4, 4).sum(1), 0.0, atol=1e-5)
+
+
+def test_truncated_completions_can_be_masked(trainer):
+  tr = trainer
+  state, batch = fresh_state(tr), first_batch(tr)
+  arrays, m, _ = tr.rollout(state.lora, batch, 0)
+  masked = dataclasses.replace(tr, cfg=dataclasses.replace(
+      tr.cfg, grpo=dataclasses.replace(tr.cfg.grpo, mask_truncated_completions=True)))
+  arrays_m, _, _ = masked.rollout(state.lora, batch, 0)
+  lengths = arrays["completion_mask_BxC"].sum(1)
+  truncated = lengths == 8  # a random model rarely stops within 8 tokens
+  assert truncated.any() and m["completions/clipped_ratio"] == truncated.mean()
+  assert not arrays_m["completion_mask_BxC"][truncated].any()
+  np.testing.assert_array_equal(arrays_m["completion_mask_BxC"][~truncated], arrays["completion_mask_BxC"][~truncated])
+
+
+# --------------------------------------------------------------------------- reference and updates
+
+
+def test_reference_is_the_adapter_off_without_a_weight_copy(trainer):
+  tr = trainer
+  state, batch = fresh_state(tr), first_batch(tr)
+  gc.collect()
+  before = {id(a): a for a in jax.live_arrays()}
+  base_ids = {id(x) for x in jax.tree.leaves(tr.params)}
+  assert base_ids <= set(before)  # the trainer's one copy
+  state, m, _ = grpo.grpo_step(tr, state, batch, 0)
+  jax.block_until_ready(state.lora)
+  gc.collect()
+  after = jax.live_arrays()
+  base_shapes = {(x.shape, x.dtype) for x in jax.tree.leaves(tr.params)} - {
+      (x.shape, x.dtype) for x in jax.tree.leaves(state.lora)}
+  new = [a for a in after if id(a) not in before and (a.shape, a.dtype) in base_shapes]
+  assert not new, [a.shape for a in new]
+  grown = sum(a.nbytes for a in after) - sum(a.nbytes for a in before.values())
+  params_bytes = sum(x.nbytes for x in jax.tree.leaves(tr.params))
+  assert grown < 0.1 * params_bytes, (grown, params_bytes)
+  # a fresh adapter (B = 0) is the reference policy exactly: the first step's KL is 0
+  assert m["kl"] == 0.0 and m["clip_ratio/low_mean"] == 0.0 and np.isfinite(m["loss"])
+  assert int(state.step) == grpo.updates_per_step(tr.cfg.grpo) == 1
+
+
+def test_reference_logprobs_equal_the_base_model(trainer):
+  tr = trainer
+  arrays, _, _ = tr.rollout(fresh_state(tr).lora, first_batch(tr), 0)
+  ref = tr.score_logprobs(None, arrays)
+  from tpu_reason import losses
+
+  placed = tr.place({k: arrays[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP", "completion_tokens_BxC",
+                                           "completion_mask_BxC")})
+  direct = losses.completion_logprobs(tr.params, tr.model.cfg, placed, temperature=tr.cfg.grpo.temperature)
+  np.testing.assert_allclose(ref, np.asarray(direct), atol=1e-5)
+
+
+def test_updates_follow_the_advantage_sign(trainer):
+  tr = trainer
+  state = fresh_state(tr)
+  arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
+  # a nonzero adapter so every gradient flows (B = 0 blocks the A gradients of a fresh one)
+  key = jax.random.key(1)
+  lora = jax.tree.map(lambda x: 0.05 * jax.random.normal(key, x.shape, x.dtype), state.lora)
+  state = dataclasses.replace(state, lora=jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), lora, state.lora))
+  adv = np.where(np.arange(16) % 2 == 0, 1.0, -1.0).astype(np.float32)
+  arrays = {**arrays, "advantages_B": adv}
+  c = arrays["completion_tokens_BxC"].shape[1]
+  arrays["ref_logp_BxC"] = tr.score_logprobs(None, arrays)
+  arrays["old_logp_BxC"] = np.zeros((16, c), np.float32)
+  mask = arrays["completion_mask_BxC"]
+  before = (tr.score_logprobs(state.lora, arrays) * mask).sum(1)
+  state, m = tr.update(state, arrays)
+  after = (tr.score_logprobs(state.lora, arrays) * mask).sum(1)
+  assert np.isfinite(m["loss"]) and m["kl"] > 0
+  assert (after - before)[adv > 0].mean() > 0 > (after - before)[adv < 0].mean()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def straight_run(trainer, tmp_path_factory):
+  out = tmp_path_factory.mktemp("straight")
+  with pytest.MonkeyPatch.context() as mp:
+    reuse_build(mp, trainer)
+    summary = grpo.run(dataclasses.replace(trainer.cfg, output_dir=str(out)))
+  return out, summary
+
+
+def test_run_writes_all_outputs(straight_run):
+  out, summary = straight_run
+  for name in ("config.yaml", "run.json", "metrics.jsonl", "rollouts.jsonl", "rewards.png", "summary.json",
+               "before.json"):
+    assert (out / name).exists(), name
+  assert runs.info(out) == {"trainer": "grpo", "init": "base"}
+  rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train] == [1, 2]
+  for key in ("reward", "reward_std", "frac_reward_zero_std", "rewards/format/mean", "rewards/outcome/std",
+              "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/low_mean",
+              "clip_ratio/high_mean", "tokens_per_s/rollout", "tokens_per_s/train", "time/rollout",
+              "time/reference", "time/train", "loss", "grad_norm", "lr"):
+    assert key in train[0], key
+  assert set(summary["before"]) == set(summary["after"]) >= {"accuracy", "format_accuracy", "reward",
+                                                             "reward/format", "mean_completion_tokens"}
+  assert "first_20pct_reward" in summary and summary["last_step"] == 2
+  assert len((out / "rollouts.jsonl").read_text().splitlines()) == 2
+
+
+def test_interrupted_run_resumes_exactly(trainer, straight_run, tmp_path, monkeypatch, capsys):
+  out_a, _ = straight_run
+  out = tmp_path / "run"
+  cfg = dataclasses.replace(trainer.cfg, output_dir=str(out))
+  real = grpo.Trainer.rollout
+
+  def crash_at_step_1(self, lora, batch, step):
+    if step == 1:
+      raise KeyboardInterrupt
+    return real(self, lora, batch, step)
+
+  reuse_build(monkeypatch, trainer)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(grpo.Trainer, "rollout", crash_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+      grpo.run(cfg)
+  summary = grpo.run(cfg)
+  assert "resumed from" in capsys.readouterr().out and summary["last_step"] == 2
+
+  def train_rows(path):
+    return {r["step"]: r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"}
+
+  a, b = train_rows(out_a), train_rows(out)
+  assert [a[s]["reward"] for s in (1, 2)] == [b[s]["reward"] for s in (1, 2)]
+  assert a[2]["loss"] == b[2]["loss"]
+  restored = []
+  for path in (out_a, out):
+    ckpts = checkpoint.Checkpoints(path / "checkpoints", 2)
+    state, meta = ckpts.restore(2, fresh_state(trainer))
+    ckpts.close()
+    restored.append(host(state.lora))
+    assert meta["step"] == 2
+  for x, y in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(restored[1])):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_curriculum_comes_first(trainer):
+  cfg = dataclasses.replace(trainer.cfg, grpo=dataclasses.replace(
+      trainer.cfg.grpo, curriculum=("basic_arithmetic",), curriculum_steps=2))
+  tr = dataclasses.replace(trainer, cfg=cfg, warmup=trainer.eval)  # 4 stand-in "easy" prompts
+  easy = {e.id for e in trainer.eval}
+  it = tr.batches(0)
+  ids = [set(next(it)["id"]) for _ in range(3)]
+  assert ids[0] <= easy and ids[1] <= easy and not ids[2] & easy
+  # resuming mid-curriculum or after it yields the same batches
+  assert [set(b["id"]) for b in grpo._take(tr.batches(1), 2)] == ids[1:]
+
+
+# --------------------------------------------------------------------------- init from an SFT run
+
+
+def fake_sft_run(root, name, spec, lora, trainer_name="sft", finished=True):
+  run = root / name
+  cfg = config.load(Config, None, [f"model.spec={spec}", "lora.rank=16", "lora.alpha=32"])
+  config.save(cfg, run)
+  runs.write_info(run, trainer_name)
+  if lora is not None:
+    state = sft.init_state(lora, sft.make_optimizer(cfg.train), 0)
+    ckpts = checkpoint.Checkpoints(run / "checkpoints", 1)
+    ckpts.save(3, state, {"step": 3})
+    ckpts.close()
+  if finished:
+    (run / "summary.json").write_text("{}")
+  return run
+
+
+def test_latest_finished_sft_run_is_found(tmp_path):
+  import time
+
+  fake_sft_run(tmp_path, "a", "tiny-llama", None)
+  time.sleep(0.01)
+  newest = fake_sft_run(tmp_path, "b", "tiny-llama", None)
+  time.sleep(0.01)
+  fake_sft_run(tmp_path, "c", "tiny-gemma3", None)  # other model
+  fake_sft_run(tmp_path, "d", "tiny-llama", None, trainer_name="grpo")  # not SFT
+  fake_sft_run(tmp_path, "e", "tiny-llama", None, finished=False)  # still running / crashed
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "summary.json").write_text("{}")  # no run.json
+  assert runs.latest_finished("tiny-llama", "sft", tmp_path) == newest
+  assert runs.latest_finished("smollm2-135m", "sft", tmp_path) is None
+
+
+def test_init_merges_the_sft_adapter(tmp_path):
+  from tests.conftest import TINY_LLAMA
+
+  cfg = TINY_LLAMA
+  params = transformer.init_params(cfg, jax.random.key(0))
+  lcfg = config.LoraCfg(rank=16, alpha=32)
+  key = jax.random.key(3)
+  lora = jax.tree.map(lambda x: 0.1 * jax.random.normal(key, x.shape), lora_lib.init(cfg, lcfg, key))
+  run = fake_sft_run(tmp_path, "sft", "tiny-llama", lora)
+  merged = runs.apply_init(str(run), params, cfg)
+  tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % cfg.vocab_size
+  pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  want = transformer.forward(params, cfg, tokens, pos, lora=lora, lora_scale=lora_lib.scale(lcfg))
+  got = transformer.forward(merged, cfg, tokens, pos)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+  # a GRPO run on top chains: its base is the merged SFT weights
+  grpo_run = tmp_path / "grpo"
+  runs.write_info(grpo_run, "grpo", str(run))
+  chained = runs.base_params(grpo_run, params, cfg)
+  for x, y in zip(jax.tree.leaves(chained), jax.tree.leaves(merged)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_cli_bad_init_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "tpu_reason.grpo", f"grpo.init={tmp_path / 'nope'}"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "run directory" in lines[0], proc.stderr

@@ -1,0 +1,390 @@
+"""`python -m tpu_reason.grpo [--config recipes/X.yaml] [key=value ...]`: GRPO on LoRA adapters.
+
+One step: sample G completions per prompt (each prompt prefilled once, a fresh key per step),
+score them with the format / process / outcome rewards, turn the rewards into group-relative
+advantages, then make `num_iterations` passes of clipped-surrogate + β·k3-KL updates over
+mini-batches. The policy is the init weights (base, or base with the SFT adapter merged in)
+plus a fresh adapter; the reference is the same weights with the adapter off — one copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs
+from tpu_reason import sampler, sft, tags
+from tpu_reason import train as train_lib
+from tpu_reason.config import Config, GrpoCfg, SamplingCfg
+from tpu_reason.data import buckets
+from tpu_reason.data.prepare import prepare_prompts, split_records
+from tpu_reason.errors import UserError, cli
+from tpu_reason.metrics import MetricsLog
+from tpu_reason.models.transformer import param_shapes
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def rollout_key(seed: int, step: int) -> jax.Array:
+  """The sampling key of step `step`: fresh every step, the same on a resumed run."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def reward_metrics(total: np.ndarray, parts: dict[str, list[float]], group: int) -> dict[str, float]:
+  """TRL-named reward statistics of one rollout batch (rows grouped by prompt)."""
+  r = np.asarray(total, np.float64).reshape(-1, group)
+  std = r.std(axis=1)
+  out = {"reward": float(r.mean()), "reward_std": float(std.mean()), "frac_reward_zero_std": float(np.mean(std < 1e-6))}
+  for name, values in parts.items():
+    out[f"rewards/{name}/mean"] = float(np.mean(values))
+    out[f"rewards/{name}/std"] = float(np.std(values))
+  return out
+
+
+def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, float]:
+  return {"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+          "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float(truncated.mean())}
+
+
+def _policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, chunk, on_policy: bool):
+  """Clipped surrogate + β·k3 KL over one micro-batch, aggregated as `g.loss`; aux for logging."""
+  logp = losses.completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale, dtype=dtype, remat=remat,
+                                    chunk=chunk, temperature=g.temperature)
+  # μ = 1: the rollout policy is the current one, so its log-probs are these (ratio 1)
+  old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logp_BxC"]
+  per_token, low, high = losses.clipped_surrogate(logp, old, mb["advantages_B"], g.epsilon_low, g.epsilon_high)
+  mask = mb["completion_mask_BxC"]
+  kl = losses.kl_k3(logp, mb["ref_logp_BxC"]) if g.beta else jnp.zeros_like(logp)
+  loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, num_tokens=mb["num_tokens_B"][0])
+  aux = {"kl": losses.masked_mean(kl, mask), "clip_ratio/low_mean": losses.masked_mean(low, mask),
+         "clip_ratio/high_mean": losses.masked_mean(high, mask)}
+  return loss, aux
+
+
+def _logprobs(lora, params, batch, *, cfg, lora_scale, dtype, chunk, temperature):
+  return losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype, chunk=chunk,
+                                    temperature=temperature)
+
+
+def updates_per_step(g: GrpoCfg) -> int:
+  return g.num_iterations * (g.prompts // g.mini)
+
+
+def optimizer_cfg(cfg: Config) -> config.TrainCfg:
+  """`train` with GRPO's lr, and steps / warmup counted in optimizer updates."""
+  g = cfg.grpo
+  updates = updates_per_step(g)
+  return dataclasses.replace(cfg.train, lr=g.lr, max_steps=g.steps * updates, warmup_steps=g.warmup_steps * updates,
+                             batch_size=g.mini * g.group, grad_accum=g.mini // g.micro_batch)
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+@dataclasses.dataclass
+class Trainer:
+  """What `run` builds once: model, prompts, mesh, jitted functions."""
+
+  cfg: Config
+  out: Path
+  model: models.Model
+  schema: tags.TagSchema
+  train: list
+  warmup: list  # curriculum prompts (served for the first grpo.curriculum_steps steps)
+  eval: list
+  params: Any
+  mesh: Any
+  optimizer: optax.GradientTransformation
+  step_fn: Any
+  logp_fn: Any
+  lora_scale: float
+  state_sharding: Any
+  init: str  # "base" or the run dir whose adapter is merged into `params`
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.cfg.model.dtype)
+
+  @property
+  def on_policy(self) -> bool:
+    """One update per rollout: the sampling policy is the one being updated (ratio 1)."""
+    return updates_per_step(self.cfg.grpo) == 1
+
+  def place(self, arrays: dict) -> dict:
+    return {k: jax.device_put(v, mesh_lib.batch_sharding(self.mesh, v.ndim)) for k, v in arrays.items()}
+
+  def batches(self, start: int):
+    """Prompt batches from step `start` on: curriculum first, then the main task."""
+    g = self.cfg.grpo
+    seed = self.cfg.train.seed
+    if start < g.curriculum_steps:
+      yield from _take(buckets.batches(self.warmup, g.prompts, seed=seed, start_step=start), g.curriculum_steps - start)
+    yield from buckets.batches(self.train, g.prompts, seed=seed, start_step=max(0, start - g.curriculum_steps))
+
+  def rollout(self, lora, batch: dict, step: int) -> tuple[dict, dict, list[str]]:
+    """Sample, score and compute advantages: (train arrays, metrics, completions)."""
+    g, m = self.cfg.grpo, self.model
+    sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+    gen = sampler.generate(self.params, m.cfg, m.tokenizer, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"],
+                           eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step), lora=lora,
+                           lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
+                           dtype=self.dtype)
+    texts = [self.schema.primer + t for t in gen.texts]
+    rep = lambda xs: [x for x in xs for _ in range(g.group)]  # noqa: E731
+    total, parts = rewards.score(rep(batch["prompt_text"]), texts, dict(zip(g.rewards, g.reward_weights)),
+                                 answer=rep(batch["answer"]), checkpoints=rep(batch["checkpoints"]),
+                                 schema=self.schema.name)
+    adv = losses.group_advantages(np.asarray(total, np.float32), g.group, scale=g.scale_rewards)
+    mask = gen.mask & ~(gen.truncated[:, None] & g.mask_truncated_completions)
+    arrays = {"prompt_tokens_BxP": np.repeat(batch["prompt_tokens_BxP"], g.group, 0),
+              "prompt_mask_BxP": np.repeat(batch["prompt_mask_BxP"], g.group, 0),
+              "completion_tokens_BxC": gen.tokens, "completion_mask_BxC": mask,
+              "advantages_B": np.asarray(adv, np.float32)}
+    metrics = {**reward_metrics(total, parts, g.group), **completion_metrics(gen.lengths, gen.truncated),
+               "tokens_per_s/rollout": gen.tokens_per_second, "time/rollout": gen.seconds}
+    return arrays, metrics, texts
+
+  def score_logprobs(self, lora, arrays: dict) -> np.ndarray:
+    """Log-probs of the sampled completions under `lora` (None = reference), micro-batch by micro-batch."""
+    rows = self.cfg.grpo.micro_batch * self.cfg.grpo.group
+    keys = ("prompt_tokens_BxP", "prompt_mask_BxP", "completion_tokens_BxC", "completion_mask_BxC")
+    out = [self.logp_fn(lora, self.params, self.place({k: arrays[k][i:i + rows] for k in keys}))
+           for i in range(0, len(arrays["advantages_B"]), rows)]
+    return np.concatenate(jax.device_get(out))
+
+  def update(self, state, arrays: dict) -> tuple[Any, dict]:
+    """`num_iterations` passes of mini-batch updates over one rollout batch."""
+    g = self.cfg.grpo
+    rows, accum = g.mini * g.group, g.mini // g.micro_batch
+    metrics = []
+    for _ in range(g.num_iterations):
+      for i in range(0, len(arrays["advantages_B"]), rows):
+        mb = {k: v[i:i + rows] for k, v in arrays.items()}
+        # dapo's token-mean spans the mini-batch: each micro-slice divides by its share of tokens
+        mb["num_tokens_B"] = np.full(rows, mb["completion_mask_BxC"].sum() / accum, np.float32)
+        state, m = self.step_fn(state, self.params, self.place(mb))
+        metrics.append(m)
+    metrics = jax.device_get(metrics)
+    return state, {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+  def evaluate(self, lora) -> dict:
+    """Greedy completions on held-out prompts: accuracy, format, mean of each reward, length."""
+    t, g = self.cfg.train, self.cfg.grpo
+    rows = self.eval[: t.eval_generate]
+    if not rows:
+      return {}
+    scores, texts = evaluate.generate_and_score(self.model, self.params, rows, self.schema, lora=lora,
+                                                lora_scale=self.lora_scale, max_new_tokens=t.eval_max_new_tokens,
+                                                dtype=self.dtype)
+    total, parts = rewards.score([r.prompt_text for r in rows], texts, dict(zip(g.rewards, g.reward_weights)),
+                                 answer=[r.answer for r in rows], checkpoints=[list(r.checkpoints) for r in rows],
+                                 schema=self.schema.name)
+    return {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],
+            "reward": float(np.mean(total)), **{f"reward/{k}": float(np.mean(v)) for k, v in parts.items()},
+            "mean_completion_tokens": scores["mean_completion_tokens"]}
+
+
+def _take(it, n: int):
+  for _, x in zip(range(n), it):
+    yield x
+
+
+def resolve_init(cfg: Config) -> str:
+  """grpo.init -> "base" or an absolute run dir (auto: the latest finished SFT run of this model)."""
+  init = cfg.grpo.init
+  if init == "base":
+    return "base"
+  if init == "auto":
+    found = runs.latest_finished(cfg.model.spec, "sft")
+    if found is None:
+      print(f"note: no finished SFT run of {cfg.model.spec} under {runs.RUNS}/; starting GRPO from the base model "
+            "(run `python -m tpu_reason.sft` first for a model that already writes the tags)")
+      return "base"
+    print(f"starting from the SFT run {found}")
+    return str(found.resolve())
+  path = Path(init)
+  runs.info(path)  # a clear error when it is not a run dir
+  return str(path.resolve())
+
+
+def load_prompts(cfg: Config, model) -> tuple[list, list, list]:
+  """(train, curriculum, eval) prompt examples; reports printed."""
+  train, evals, reports = prepare_prompts(cfg.data, model)
+  warmup = []
+  for task in cfg.grpo.curriculum:
+    data = dataclasses.replace(cfg.data, task=task, source="reasoning_gym", eval_size=0)
+    rows, _, rep = prepare_prompts(data, model, split_records(data))
+    warmup += rows
+    reports[f"curriculum:{task}"] = rep["train"]
+  for r in reports.values():
+    print(r.summary())
+  return train, warmup, evals
+
+
+def build(cfg: Config) -> Trainer:
+  """Load model (with the init adapter merged), prompts, mesh and the jitted functions."""
+  g = cfg.grpo
+  out = cfg.resolved_output_dir("grpo")
+  schema = tags.get_schema(cfg.data.schema)
+  # a resumed run keeps the weights it started from, whatever `auto` would pick today
+  resuming = (out / "run.json").exists() and cfg.train.resume != "none"
+  init = runs.info(out)["init"] if resuming else resolve_init(cfg)
+  model = models.load(cfg.model.spec)
+  train, warmup, evals = load_prompts(cfg, model)
+  if len(train) < g.prompts:
+    raise UserError(f"only {len(train)} training prompts survived filtering; need >= grpo.prompts={g.prompts}")
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  if (g.micro_batch * g.group) % mesh.shape["fsdp"]:
+    raise UserError(f"grpo.micro_batch * grpo.group = {g.micro_batch * g.group} rows must be a multiple of the "
+                    f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
+  dtype = jnp.dtype(cfg.model.dtype)
+  params = runs.apply_init(init, model.params, model.cfg)
+  params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
+                        mesh_lib.shardings(param_shapes(model.cfg), mesh))
+  model.params = None  # one copy of the weights: the policy and the reference both read `params`
+  t = optimizer_cfg(cfg)
+  optimizer = train_lib.make_optimizer(t)
+  scale = lora_lib.scale(cfg.lora)
+  state_sh = train_lib.state_sharding(model.cfg, cfg, optimizer, mesh)
+  loss_fn = functools.partial(_policy_loss, cfg=model.cfg, g=g, lora_scale=scale, dtype=dtype,
+                              remat=cfg.model.remat, chunk=cfg.train.vocab_chunk, on_policy=updates_per_step(g) == 1)
+  step_fn = jax.jit(functools.partial(train_lib.step, loss_fn=loss_fn, optimizer=optimizer, accum=t.grad_accum),
+                    donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh)))
+  logp_fn = jax.jit(functools.partial(_logprobs, cfg=model.cfg, lora_scale=scale, dtype=dtype,
+                                      chunk=cfg.train.vocab_chunk, temperature=g.temperature))
+  return Trainer(cfg, out, model, schema, train, warmup, evals, params, mesh, optimizer, step_fn, logp_fn, scale,
+                 state_sh, init)
+
+
+def grpo_step(tr: Trainer, state, batch: dict, step: int) -> tuple[Any, dict, list[str]]:
+  """Rollout, reference / old log-probs, updates: the new state and every metric of the step."""
+  g = tr.cfg.grpo
+  arrays, metrics, texts = tr.rollout(state.lora, batch, step)
+  t0 = time.perf_counter()
+  c = arrays["completion_tokens_BxC"].shape[1]
+  arrays["ref_logp_BxC"] = tr.score_logprobs(None, arrays) if g.beta else np.zeros((len(texts), c), np.float32)
+  arrays["old_logp_BxC"] = (np.zeros((len(texts), c), np.float32) if tr.on_policy
+                            else tr.score_logprobs(state.lora, arrays))
+  metrics["time/reference"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  state, train_metrics = tr.update(state, arrays)
+  metrics["time/train"] = time.perf_counter() - t0
+  tokens = g.num_iterations * (arrays["prompt_mask_BxP"].sum() + arrays["completion_mask_BxC"].sum())
+  metrics["tokens_per_s/train"] = float(tokens) / metrics["time/train"]
+  return state, {**train_metrics, **metrics}, texts
+
+
+def _table(before: dict, after: dict) -> str:
+  keys = [k for k in after if k in before]
+  lines = [f"{'held-out':<26}{'before':>10}{'after':>10}"]
+  lines += [f"{k:<26}{before[k]:>10.3f}{after[k]:>10.3f}" for k in keys]
+  return "\n".join(lines)
+
+
+def _trend(log: MetricsLog, key: str = "reward") -> dict:
+  """Mean training reward over the first and the last 20% of steps."""
+  values = [r[key] for r in log.history() if r["split"] == "train" and key in r]
+  if not values:
+    return {}
+  n = max(1, len(values) // 5)
+  return {"first_20pct_reward": float(np.mean(values[:n])), "last_20pct_reward": float(np.mean(values[-n:]))}
+
+
+def run(cfg: Config) -> dict:
+  """Train with GRPO, evaluate before/after, checkpoint; returns the summary (also summary.json)."""
+  from tqdm.auto import tqdm
+
+  tr = build(cfg)
+  out, g = tr.out, cfg.grpo
+  cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, init=tr.init))
+  config.save(cfg, out)
+  runs.write_info(out, "grpo", tr.init)
+  log = MetricsLog(out)
+  ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last, best_metric="reward", best_mode="max")
+  state, meta = sft._initial_state(tr, ckpts)
+  start = int(meta.get("step", 0))
+  print(lora_lib.describe(tr.params, state.lora))
+
+  before_path = out / "before.json"
+  if start == 0 or not before_path.exists():
+    before_path.write_text(json.dumps(tr.evaluate(state.lora)))
+    log.log(start, json.loads(before_path.read_text()), "eval")
+  before = json.loads(before_path.read_text())
+
+  lr_at = train_lib.schedule(optimizer_cfg(cfg))
+  data = tr.batches(start)
+  bar = tqdm(range(start, g.steps), initial=start, total=g.steps, desc="grpo", dynamic_ncols=True)
+  saved_at = start
+  try:
+    with (out / "rollouts.jsonl").open("a") as samples:
+      for step in bar:
+        batch = next(data)
+        state, m, texts = grpo_step(tr, state, batch, step)
+        m["lr"] = float(lr_at(int(state.step) - 1))
+        log.log(step + 1, m)
+        samples.write(json.dumps({"step": step + 1, "ids": batch["id"], "completions": texts}) + "\n")
+        bar.set_postfix(reward=f"{m['reward']:.2f}", kl=f"{m['kl']:.3f}", len=f"{m['completions/mean_length']:.0f}")
+        if int(state.bad_steps) >= cfg.train.max_nonfinite:
+          raise UserError(f"{cfg.train.max_nonfinite} non-finite updates in a row at step {step + 1}: lower grpo.lr")
+        done = step + 1
+        if done % g.eval_every == 0 and done < g.steps:
+          ev = tr.evaluate(state.lora)
+          if ev:
+            log.log(done, ev, "eval")
+            ckpts.save_best(done, state, _meta(cfg, done), ev)
+        if done % g.save_every == 0 or done == g.steps:
+          ckpts.save(done, state, _meta(cfg, done))
+          saved_at = done
+  except BaseException:
+    done, partial = divmod(int(state.step), updates_per_step(g))
+    # a step interrupted between its updates cannot be resumed exactly: keep the last whole one
+    if done > saved_at and not partial and bool(jnp.isfinite(jax.tree.leaves(state.lora)[0]).all()):
+      ckpts.save(done, state, _meta(cfg, done))  # nothing lost on a crash or Ctrl-C
+      print(f"\nsaved step {done} to {out / 'checkpoints'} before exiting", file=sys.stderr)
+    ckpts.close()
+    raise
+  finally:
+    bar.close()
+
+  after = tr.evaluate(state.lora)
+  log.log(g.steps, after, "eval")
+  if after:
+    ckpts.save_best(g.steps, state, _meta(cfg, g.steps), after)
+  ckpts.close()
+  plot = log.plot([("train", "reward"), ("train", "rewards/format/mean"), ("train", "rewards/process/mean"),
+                   ("train", "rewards/outcome/mean"), ("eval", "reward"), ("train", "completions/mean_length"),
+                   ("train", "kl")], "rewards.png", f"GRPO {cfg.model.spec}")
+  log.close()
+  summary = {"trainer": "grpo", "init": tr.init, "before": before, "after": after, **_trend(log),
+             "output_dir": str(out), "plot": str(plot), "best_step": ckpts.best_step(), "last_step": g.steps}
+  (out / "summary.json").write_text(json.dumps(summary, indent=1))
+  print(_table(before, after))
+  if "first_20pct_reward" in summary:
+    print(f"train reward: first 20% of steps {summary['first_20pct_reward']:.3f} -> last 20% "
+          f"{summary['last_20pct_reward']:.3f}")
+  print(f"outputs in {out} (config.yaml, metrics.jsonl, rollouts.jsonl, tb/, checkpoints/, rewards.png)")
+  return summary
+
+
+def _meta(cfg: Config, step: int) -> dict:
+  return {"step": step, "data_position": step, "config": config.to_dict(cfg)}
+
+
+@cli
+def main(argv: list[str] | None = None):
+  cfg, _ = config.parse_args(Config, sys.argv[1:] if argv is None else argv)
+  run(cfg)
+
+
+if __name__ == "__main__":
+  main()
