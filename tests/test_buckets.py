@@ -112,6 +112,23 @@ def test_overlong_rows_are_dropped_and_counted(model):
   assert "over_limit=1" in str(report)
 
 
+def test_prompt_only_examples_need_no_trace_and_drop_long_prompts(model):
+  no_trace = Record("a", "What is 2 + 2?", "", "4", (), "math")
+  long_trace = _record(1, reasoning=" ".join(f"{i} + 1 = {i + 1}." for i in range(300)))
+  long_prompt = _record(2, prompt="Add these numbers: " + " + ".join(["7"] * 300) + ".")
+  schema = tags.get_schema("reasoning")
+  examples, report = buckets.build_prompts([no_trace, long_trace, long_prompt], model, schema, max_prompt_tokens=P)
+  assert [e.id for e in examples] == ["a", "r1"]  # a trace of any length does not matter for RL prompts
+  assert report.dropped == {"prompt_too_long": 1} and report.accounted and "buckets" not in report.summary()
+  full, _ = _build([_record(1)], model)
+  ex = examples[1]
+  np.testing.assert_array_equal(ex.prompt_tokens_P, full[0].prompt_tokens_P)  # same rendering as SFT
+  assert ex.prompt_text.endswith(schema.primer) and ex.bucket == 0 and ex.answer == "4"
+  assert ex.checkpoints == ("2 + 2 = 4",)
+  batch = next(batches(examples, 2, seed=0))
+  assert batch["prompt_tokens_BxP"].shape == (2, P) and batch["completion_tokens_BxC"].shape == (2, 0)
+
+
 def test_row_lands_in_smallest_fitting_bucket(model):
   # Reasoning lengths chosen to span the three buckets.
   records = [_record(k, reasoning=" ".join(f"{i} + 1 = {i + 1}." for i in range(k))) for k in (2, 8, 12, 20, 30)]

@@ -49,3 +49,13 @@ def test_aggregations_by_hand():
   assert float(losses.aggregate(loss, mask, "dr_grpo", max_tokens=5)) == pytest.approx(10.0 / (2 * 5))
   with pytest.raises(ValueError):
     losses.aggregate(loss, mask, "mean")
+
+
+def test_dapo_over_micro_slices_equals_the_whole_batch():
+  # rows [1,2,3] and [4] hold 4 tokens; split in two micro-batches of one row, each divides
+  # its token-sum by half the mini-batch's tokens, and the mean of the two is the batch token-mean
+  loss = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+  mask = jnp.array([[True, True, True], [True, False, False]])
+  parts = [float(losses.aggregate(loss[i:i + 1], mask[i:i + 1], "dapo", num_tokens=4 / 2)) for i in range(2)]
+  assert parts == [pytest.approx(6.0 / 2), pytest.approx(4.0 / 2)]
+  assert sum(parts) / 2 == pytest.approx(float(losses.aggregate(loss, mask, "dapo")))

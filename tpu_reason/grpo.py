@@ -252,18 +252,24 @@ def build(cfg: Config) -> Trainer:
   params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
                         mesh_lib.shardings(param_shapes(model.cfg), mesh))
   model.params = None  # one copy of the weights: the policy and the reference both read `params`
+  optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)
+  return Trainer(cfg, out, model, schema, train, warmup, evals, params, mesh, optimizer, step_fn, logp_fn,
+                 lora_lib.scale(cfg.lora), state_sh, init)
+
+
+def jitted(model_cfg, cfg: Config, mesh):
+  """(optimizer, update step, log-prob function, state shardings) for this config and mesh."""
+  g, dtype, scale = cfg.grpo, jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
   t = optimizer_cfg(cfg)
   optimizer = train_lib.make_optimizer(t)
-  scale = lora_lib.scale(cfg.lora)
-  state_sh = train_lib.state_sharding(model.cfg, cfg, optimizer, mesh)
-  loss_fn = functools.partial(_policy_loss, cfg=model.cfg, g=g, lora_scale=scale, dtype=dtype,
-                              remat=cfg.model.remat, chunk=cfg.train.vocab_chunk, on_policy=updates_per_step(g) == 1)
+  state_sh = train_lib.state_sharding(model_cfg, cfg, optimizer, mesh)
+  loss_fn = functools.partial(_policy_loss, cfg=model_cfg, g=g, lora_scale=scale, dtype=dtype, remat=cfg.model.remat,
+                              chunk=cfg.train.vocab_chunk, on_policy=updates_per_step(g) == 1)
   step_fn = jax.jit(functools.partial(train_lib.step, loss_fn=loss_fn, optimizer=optimizer, accum=t.grad_accum),
                     donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh)))
-  logp_fn = jax.jit(functools.partial(_logprobs, cfg=model.cfg, lora_scale=scale, dtype=dtype,
+  logp_fn = jax.jit(functools.partial(_logprobs, cfg=model_cfg, lora_scale=scale, dtype=dtype,
                                       chunk=cfg.train.vocab_chunk, temperature=g.temperature))
-  return Trainer(cfg, out, model, schema, train, warmup, evals, params, mesh, optimizer, step_fn, logp_fn, scale,
-                 state_sh, init)
+  return optimizer, step_fn, logp_fn, state_sh
 
 
 def grpo_step(tr: Trainer, state, batch: dict, step: int) -> tuple[Any, dict, list[str]]:
