@@ -296,8 +296,10 @@ def fake_sft_run(root, name, spec, lora, trainer_name="sft", finished=True):
   runs.write_info(run, trainer_name)
   if lora is not None:
     state = sft.init_state(lora, sft.make_optimizer(cfg.train), 0)
-    ckpts = checkpoint.Checkpoints(run / "checkpoints", 1)
-    ckpts.save(3, state, {"step": 3})
+    ckpts = checkpoint.Checkpoints(run / "checkpoints", 1, *runs.BEST[trainer_name])
+    ckpts.save_best(2, state, {"step": 2}, {"eval_loss": 0.5, "reward": 0.5})
+    zero = jax.tree.map(jnp.zeros_like, state)  # "last" differs: the best one must be loaded
+    ckpts.save(3, zero, {"step": 3})
     ckpts.close()
   if finished:
     (run / "summary.json").write_text("{}")

@@ -316,7 +316,7 @@ def run(cfg: Config) -> dict:
   config.save(cfg, out)
   runs.write_info(out, "grpo", tr.init)
   log = MetricsLog(out)
-  ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last, best_metric="reward", best_mode="max")
+  ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last, *runs.BEST["grpo"])
   state, meta = sft._initial_state(tr, ckpts)
   start = int(meta.get("step", 0))
   print(lora_lib.describe(tr.params, state.lora))
@@ -339,6 +339,7 @@ def run(cfg: Config) -> dict:
         m["lr"] = float(lr_at(int(state.step) - 1))
         log.log(step + 1, m)
         samples.write(json.dumps({"step": step + 1, "ids": batch["id"], "completions": texts}) + "\n")
+        samples.flush()
         bar.set_postfix(reward=f"{m['reward']:.2f}", kl=f"{m['kl']:.3f}", len=f"{m['completions/mean_length']:.0f}")
         if int(state.bad_steps) >= cfg.train.max_nonfinite:
           raise UserError(f"{cfg.train.max_nonfinite} non-finite updates in a row at step {step + 1}: lower grpo.lr")

@@ -19,6 +19,7 @@ from tpu_reason.config import Config
 from tpu_reason.errors import UserError
 
 RUNS = Path("runs")
+BEST = {"sft": ("eval_loss", "min"), "grpo": ("reward", "max")}  # how each trainer ranks checkpoints/best
 
 
 def write_info(out: Path, trainer: str, init: str = "base"):
@@ -57,7 +58,8 @@ def load_lora(run_dir: Path, model_cfg, which: str = "best") -> tuple[Any, float
   cfg = read_config(run_dir)
   optimizer = make_optimizer(cfg.train)
   abstract = jax.eval_shape(lambda: init_state(lora_lib.init(model_cfg, cfg.lora, jax.random.key(0)), optimizer, 0))
-  ckpts = checkpoint.Checkpoints(Path(run_dir) / "checkpoints", cfg.train.keep_last, best_metric="unused")
+  metric, mode = BEST[info(run_dir)["trainer"]]
+  ckpts = checkpoint.Checkpoints(Path(run_dir) / "checkpoints", cfg.train.keep_last, best_metric=metric, best_mode=mode)
   try:
     step = (ckpts.best_step() if which == "best" else None) or ckpts.latest_step()
     if step is None:

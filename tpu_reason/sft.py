@@ -165,7 +165,7 @@ def run(cfg: Config) -> dict:
   runs.write_info(out, "sft")
   print(config.dump(cfg))
   log = MetricsLog(out)
-  ckpts = checkpoint.Checkpoints(out / "checkpoints", t.keep_last, best_metric="eval_loss")
+  ckpts = checkpoint.Checkpoints(out / "checkpoints", t.keep_last, *runs.BEST["sft"])
   state, meta = _initial_state(tr, ckpts)
   start = int(state.step)
   print(lora_lib.describe(tr.params, state.lora))
