@@ -18,6 +18,7 @@ from tpu_reason.data.prepare import prepare
 # The project-wide fixed shapes (the CPU default recipe trims them; these tests use the spec's).
 SHAPES = dict(max_prompt_tokens=256, max_completion_tokens=512, system_prompt="")
 from tpu_reason.data.sources import Record
+from tpu_reason.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -292,3 +293,19 @@ def test_prepare_merges_source_drops(model):
   assert t.seen == loaded.seen and t.accounted
   for reason, n in loaded.dropped.items():
     assert t.dropped[reason] == n
+
+
+def test_reasoning_gym_task_options(model):
+  from tpu_reason.data.prepare import parse_task, prepare_prompts
+
+  assert parse_task("chain_sum:min_digits=1, max_terms=2") == ("chain_sum", {"min_digits": 1, "max_terms": 2})
+  assert parse_task("gsm_symbolic") == ("gsm_symbolic", {})
+  with pytest.raises(UserError, match="key=value"):
+    parse_task("chain_sum:min_digits")
+  data = DataCfg(task="chain_sum:min_digits=1,max_digits=1,min_terms=2,max_terms=2", size=8, eval_size=4)
+  train, evals, _ = prepare_prompts(data, model)
+  import re
+
+  for e in train + evals:
+    problem = e.prompt_text.split("problem:")[1].split("=")[0]
+    assert len(re.findall(r"\d+", problem)) == 2 and all(len(n) == 1 for n in re.findall(r"\d+", problem)), problem

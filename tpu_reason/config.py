@@ -86,7 +86,7 @@ class DataCfg:
 
   source: str = "reasoning_gym"  # teacher | gsm8k | s1k | dolphin_r1 | reasoning_gym | jsonl | parquet
   path: str = ""  # file, directory or hub id for file-based sources
-  task: str = "gsm_symbolic"  # reasoning-gym task
+  task: str = "gsm_symbolic"  # reasoning-gym task, optionally with options: "chain_sum:min_digits=1,max_terms=2"
   size: int = 512
   seed: int = 0
   eval_size: int = 32
@@ -160,6 +160,9 @@ class GrpoCfg:
   checkpoint settings (eval_generate, eval_max_new_tokens, keep_last, resume) come from `train`.
   """
 
+  # Prompts: this reasoning-gym task ("" = data.task). The CPU default is one-digit arithmetic, where
+  # a 135M model is right some of the time: GRPO needs groups whose rewards differ to learn anything.
+  task: str = "basic_arithmetic:min_terms=2,max_terms=2,min_digits=1,max_digits=1"
   steps: int = 30  # rollout steps (each: generate, score, then num_iterations passes of updates)
   prompts: int = 2  # prompts per step; each is sampled `group` times
   group: int = 4  # completions per prompt (G)

@@ -219,7 +219,8 @@ def resolve_init(cfg: Config) -> str:
 
 def load_prompts(cfg: Config, model) -> tuple[list, list, list]:
   """(train, curriculum, eval) prompt examples; reports printed."""
-  train, evals, reports = prepare_prompts(cfg.data, model)
+  data = dataclasses.replace(cfg.data, task=cfg.grpo.task) if cfg.grpo.task else cfg.data
+  train, evals, reports = prepare_prompts(data, model)
   warmup = []
   for task in cfg.grpo.curriculum:
     data = dataclasses.replace(cfg.data, task=task, source="reasoning_gym", eval_size=0)

@@ -31,7 +31,8 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 def load_records(data: DataCfg, *, seed: int, size: int) -> tuple[list[Record], LoadReport]:
   """Records of the configured source; (seed, size) only matter for generated sources."""
   if data.source in GENERATED_SOURCES:
-    spec = {"kind": data.source, "name": data.task, "seed": seed, "size": size}
+    name, options = parse_task(data.task)
+    spec = {"kind": data.source, "name": name, "seed": seed, "size": size, "config": options or None}
   else:
     if not data.path:
       raise UserError(f"data.source={data.source} reads a file or hub dataset: set data.path")
@@ -48,6 +49,20 @@ def load_records(data: DataCfg, *, seed: int, size: int) -> tuple[list[Record], 
     raise UserError(f"data.path: {e}") from None
   except (ValueError, TypeError) as e:  # unknown source kind or reasoning-gym task
     raise UserError(f"data.source={data.source} task={data.task}: {e}") from None
+
+
+def parse_task(task: str) -> tuple[str, dict[str, Any]]:
+  """"chain_sum:min_digits=1,max_terms=2" -> ("chain_sum", {"min_digits": 1, "max_terms": 2})."""
+  import yaml
+
+  name, _, rest = task.partition(":")
+  options = {}
+  for item in filter(None, (x.strip() for x in rest.split(","))):
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+      raise UserError(f"data.task option {item!r} must look like key=value (in {task!r})")
+    options[key.strip()] = yaml.safe_load(value)
+  return name.strip(), options
 
 
 def split_file_records(
