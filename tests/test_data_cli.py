@@ -23,8 +23,24 @@ def test_cli_prints_report_and_marked_examples():
   assert "eval [reasoning_gym:gsm_symbolic:seed=10000]: kept 4/4" in text
   assert "prompt tokens: n=16" in text and "completion tokens (incl. EOS): n=16" in text
   assert "C=128:" in text and "C=512:" in text
+  assert "reasoning:answer tokens: n=16 " in text and "reasoning:answer tokens: n=4 " in text
+  assert "ROUGE-L" not in text  # generation only on request
   assert text.count("\n--- ") == 3  # three rendered examples
   assert text.count("<reasoning>\n[[") == 3 and text.count("</answer><|im_end|>]]") == 3  # loss span incl. EOS
+
+
+def test_cli_generate_reports_reasoning_rouge_l():
+  out = _run("data.size=4", "data.eval_size=2", "--generate", "2", "train.eval_max_new_tokens=8")
+  assert out.returncode == 0, out.stderr
+  line = next(line for line in out.stdout.splitlines() if "ROUGE-L" in line)
+  assert "reasoning ROUGE-L vs reference (2 eval rows, greedy, 8 new tokens): mean=" in line
+  mean = float(line.split("mean=")[1].split()[0])
+  assert 0.0 <= mean <= 1.0
+
+
+def test_cli_generate_needs_a_count():
+  out = _run("--generate", "many")
+  assert out.returncode == 2 and out.stderr.startswith("error:") and "--generate" in out.stderr
 
 
 def test_cli_bad_override_is_one_line_error():

@@ -211,6 +211,35 @@ class GrpoCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class CurateCfg:
+  """s1-style triage of a candidate pool (`data.*`) into a small set: quality, fit, difficulty, diversity."""
+
+  tasks: tuple[str, ...] = ()  # reasoning-gym tasks pooled, data.size rows each; () = data.task (or data.path)
+  target_size: int = 100  # rows in the curated set (fewer only if fewer survive)
+  require_trace: bool = False  # drop rows without reasoning (False keeps prompt+answer rows for GRPO)
+  near_dup_threshold: float = 0.8  # Jaccard of question word 3-shingles at or above which a row is a near-duplicate
+  baselines: tuple[str, ...] = ("smollm2-135m",)  # model specs; () skips the difficulty stage
+  k: int = 4  # samples per question per baseline
+  max_solved: int = 0  # keep questions no baseline solved in more than this many of its k samples
+  max_new_tokens: int = 256
+  temperature: float = 0.7
+  top_k: int = 50
+  batch_size: int = 8  # prompts per generate call (each sampled k times)
+  strata: str = "auto"  # auto (domain if it varies, else keywords) | domain | keywords
+  seed: int = 0
+
+  def __post_init__(self):
+    _check(self.target_size > 0, f"curate.target_size must be > 0, got {self.target_size}")
+    _check(0 < self.near_dup_threshold <= 1, f"curate.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
+    _check(self.k >= 1 and 0 <= self.max_solved < self.k,
+           f"curate needs k >= 1 and 0 <= max_solved < k, got k={self.k} max_solved={self.max_solved}")
+    _check(self.temperature > 0 or self.k == 1, "curate.k > 1 greedy samples are identical: set curate.temperature > 0")
+    _check(self.max_new_tokens > 0 and self.batch_size > 0 and self.top_k >= 0,
+           "curate.max_new_tokens and curate.batch_size must be > 0, curate.top_k >= 0")
+    _check(self.strata in ("auto", "domain", "keywords"), f"curate.strata must be auto, domain or keywords, got {self.strata!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Top-level run config shared by every entry point."""
 
@@ -224,6 +253,7 @@ class Config:
   train: TrainCfg = TrainCfg()
   grpo: GrpoCfg = GrpoCfg()
   budget: BudgetCfg = BudgetCfg()
+  curate: CurateCfg = CurateCfg()
 
   def resolved_output_dir(self, kind: str = "") -> Path:
     if self.output_dir:

@@ -2,7 +2,9 @@
 
 Prepares train/eval exactly as training would (same model tokenizer, tag schema
 and buckets) and prints where every row went, token-length histograms, bucket
-counts and a few examples with the loss-masked completion marked.
+counts, the reasoning:answer token ratios, and a few examples with the
+loss-masked completion marked. `--generate N` also generates (greedy) for N eval
+prompts and reports ROUGE-L of the generated reasoning against the reference trace.
 """
 
 from __future__ import annotations
@@ -10,11 +12,18 @@ from __future__ import annotations
 import sys
 import time
 
-from tpu_reason import config, errors, models
+from collections.abc import Sequence
+
+import numpy as np
+
+from tpu_reason import config, errors, evaluate, models, tags
+from tpu_reason.data import stats
 from tpu_reason.data.buckets import Example
 from tpu_reason.data.prepare import prepare, split_records
+from tpu_reason.tags import TagSchema
 
 N_EXAMPLES = 3
+FLAGS = {"--generate": "generate"}
 DIM, LOSS, RESET = "\x1b[2m", "\x1b[1;32m", "\x1b[0m"
 
 
@@ -37,20 +46,48 @@ def show_example(ex: Example, tokenizer, color: bool) -> str:
   return f"{head}\n{body}"
 
 
+def trace_summary(examples: Sequence[Example], tokenizer, schema: TagSchema) -> str:
+  """The reasoning:answer token ratio line of one split."""
+  pairs = [stats.completion_parts(schema, ex.completion_text) for ex in examples]
+  return stats.format_ratio_summary(stats.ratio_summary(stats.trace_lengths(tokenizer, pairs)))
+
+
+def rouge_summary(model, examples: Sequence[Example], schema: TagSchema, max_new_tokens: int) -> str:
+  """Greedy generations for `examples`, their reasoning's ROUGE-L against the reference trace."""
+  import jax
+  import jax.numpy as jnp
+
+  params = jax.tree.map(jnp.asarray, model.params)
+  _, texts = evaluate.generate_and_score(model, params, list(examples), schema, max_new_tokens=max_new_tokens)
+  references = [stats.completion_parts(schema, ex.completion_text)[0] for ex in examples]
+  scores = [s for s in stats.reasoning_rouge_l(schema, texts, references) if s is not None]
+  if not scores:
+    return f"  reasoning ROUGE-L: none of {len(examples)} eval rows has a reference trace"
+  return (f"  reasoning ROUGE-L vs reference ({len(scores)} eval rows, greedy, {max_new_tokens} new tokens):"
+          f" mean={np.mean(scores):.3f} median={np.median(scores):.3f} min={min(scores):.3f} max={max(scores):.3f}")
+
+
 @errors.cli
 def main(argv: list[str] | None = None):
-  cfg, _ = config.parse_args(config.Config, sys.argv[1:] if argv is None else argv)
+  cfg, flags = config.parse_args(config.Config, sys.argv[1:] if argv is None else argv, FLAGS)
+  n_generate = flags.get("generate", "0")
+  if not n_generate.isdigit():
+    raise errors.UserError(f"--generate takes a number of eval rows, got {n_generate!r}")
   d = cfg.data
   start = time.time()
   splits = split_records(d)  # before the model: bad paths and tasks fail fast
   model = models.load(cfg.model.spec)
-  train, _, reports = prepare(d, model, splits)
+  train, evals, reports = prepare(d, model, splits)
+  schema = tags.get_schema(d.schema)
   what = f"task={d.task}" if d.source == "reasoning_gym" else f"path={d.path}"
   print(f"model={cfg.model.spec} source={d.source} {what} schema={d.schema}"
         f" size={d.size} eval_size={d.eval_size} P={d.max_prompt_tokens}"
         f" buckets={reports['train'].buckets}  ({time.time() - start:.1f}s)")
-  for name in ("train", "eval"):
+  for name, examples in (("train", train), ("eval", evals)):
     print(reports[name])
+    print(trace_summary(examples, model.tokenizer, schema))
+  if int(n_generate):
+    print(rouge_summary(model, evals[:int(n_generate)], schema, cfg.train.eval_max_new_tokens))
   color = sys.stdout.isatty()
   legend = "dim = prompt, green = loss-masked completion" if color else "[[ ]] = loss-masked completion"
   print(f"\n{min(N_EXAMPLES, len(train))} train examples ({legend}):")

@@ -222,6 +222,50 @@ def histogram(lengths: Sequence[int], limit: int, title: str, bins: int = 8, wid
 # ---------------------------------------------------------------- examples
 
 
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """What fitting one record gave: its Example, or why it was dropped, and its token lengths."""
+
+  record: Record
+  example: Example | None
+  reason: str | None  # one of DROP_REASONS when example is None
+  prompt_len: int | None = None  # None when the row never got tokenized
+  completion_len: int | None = None  # incl. EOS
+
+
+def fit_records(
+  records: Iterable[Record],
+  model: Any,
+  schema: TagSchema,
+  *,
+  system_prompt: str = "",
+  max_prompt_tokens: int = 256,
+  max_completion_tokens: int = 512,
+  buckets: Sequence[int] = (),
+) -> Iterator[Fit]:
+  """One `Fit` per record, in order: rendered, tokenized, padded, or dropped (never truncated)."""
+  sizes = completion_buckets(max_completion_tokens, buckets)
+  pad, eot = pad_id(model), end_of_turn_id(model)
+  for record in records:
+    prompt_text, completion_text = render(record, model, schema, system_prompt)
+    if not round_trips(record, schema, completion_text):
+      yield Fit(record, None, "target_unparseable")
+      continue
+    prompt_ids, completion_ids = tokenize(model, prompt_text, completion_text, eot)
+    lengths = (len(prompt_ids), len(completion_ids))
+    bucket = pick_bucket(len(completion_ids), sizes)
+    if len(prompt_ids) > max_prompt_tokens:
+      yield Fit(record, None, "prompt_too_long", *lengths)
+    elif bucket is None:
+      yield Fit(record, None, "completion_too_long", *lengths)
+    else:
+      p_tokens, p_mask = left_pad(prompt_ids, max_prompt_tokens, pad)
+      c_tokens, c_mask = right_pad(completion_ids, bucket, pad)
+      example = Example(record.id, prompt_text, completion_text, record.answer, tuple(record.checkpoints),
+                        record.domain, p_tokens, p_mask, c_tokens, c_mask)
+      yield Fit(record, example, None, *lengths)
+
+
 def build_examples(
   records: Iterable[Record],
   model: Any,
@@ -236,31 +280,20 @@ def build_examples(
 ) -> tuple[list[Example], DataReport]:
   """Render, tokenize and pad records; overlong rows are dropped and counted."""
   sizes = completion_buckets(max_completion_tokens, buckets)
-  pad, eot = pad_id(model), end_of_turn_id(model)
   report = DataReport(split, source, max_prompt_tokens, sizes)
   examples = []
-  for record in records:
-    prompt_text, completion_text = render(record, model, schema, system_prompt)
-    if not round_trips(record, schema, completion_text):
-      report.drop("target_unparseable")
+  for fit in fit_records(records, model, schema, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
+                         max_completion_tokens=max_completion_tokens, buckets=buckets):
+    if fit.prompt_len is not None:
+      report.prompt_lengths.append(fit.prompt_len)
+      report.completion_lengths.append(fit.completion_len)
+    if fit.example is None:
+      report.drop(fit.reason)
       continue
-    prompt_ids, completion_ids = tokenize(model, prompt_text, completion_text, eot)
-    report.prompt_lengths.append(len(prompt_ids))
-    report.completion_lengths.append(len(completion_ids))
-    bucket = pick_bucket(len(completion_ids), sizes)
-    if len(prompt_ids) > max_prompt_tokens:
-      report.drop("prompt_too_long")
-      continue
-    if bucket is None:
-      report.drop("completion_too_long")
-      continue
-    p_tokens, p_mask = left_pad(prompt_ids, max_prompt_tokens, pad)
-    c_tokens, c_mask = right_pad(completion_ids, bucket, pad)
-    examples.append(Example(record.id, prompt_text, completion_text, record.answer, tuple(record.checkpoints),
-                            record.domain, p_tokens, p_mask, c_tokens, c_mask))
+    examples.append(fit.example)
     report.seen += 1
     report.kept += 1
-    report.per_bucket[bucket] = report.per_bucket.get(bucket, 0) + 1
+    report.per_bucket[fit.example.bucket] = report.per_bucket.get(fit.example.bucket, 0) + 1
   return examples, report
 
 
