@@ -6,7 +6,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from tpu_reason.config import MeshCfg
 from tpu_reason.errors import UserError
@@ -31,14 +31,23 @@ SHARDING_RULES: dict[str, str | None] = {
 }
 
 
+def mesh_shape(cfg: MeshCfg, n_devices: int) -> tuple[int, int]:
+  """(fsdp, tp) sizes covering exactly `n_devices` (fsdp=-1 takes what tp leaves)."""
+  fsdp = n_devices // cfg.tp if cfg.fsdp == -1 else cfg.fsdp
+  if fsdp * cfg.tp != n_devices:
+    raise UserError(f"mesh fsdp={cfg.fsdp} x tp={cfg.tp} does not cover the {n_devices} available devices")
+  return fsdp, cfg.tp
+
+
 def make_mesh(cfg: MeshCfg, devices=None) -> Mesh:
   """An (fsdp, tp) mesh over `devices` (default: all)."""
   devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
-  fsdp = n // cfg.tp if cfg.fsdp == -1 else cfg.fsdp
-  if fsdp * cfg.tp != n:
-    raise UserError(f"mesh fsdp={cfg.fsdp} x tp={cfg.tp} does not cover the {n} available devices")
-  return Mesh(np.array(devices).reshape(fsdp, cfg.tp), MESH_AXES)
+  return Mesh(np.array(devices).reshape(mesh_shape(cfg, len(devices))), MESH_AXES)
+
+
+def abstract_mesh(cfg: MeshCfg, n_devices: int) -> AbstractMesh:
+  """The mesh `make_mesh` would build on `n_devices`, without needing the devices (memory plans)."""
+  return AbstractMesh(mesh_shape(cfg, n_devices), MESH_AXES)
 
 
 def spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> PartitionSpec:
@@ -52,6 +61,11 @@ def spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> Partition
       out.append(mesh_axis)
       used.add(mesh_axis)
   return PartitionSpec(*out)
+
+
+def shard_shape(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh | AbstractMesh) -> tuple[int, ...]:
+  """The block of a `shape` array that one device holds under the table."""
+  return tuple(d // (1 if a is None else mesh.shape[a]) for d, a in zip(shape, spec(shape, axes, mesh)))
 
 
 def shardings(table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], mesh: Mesh):

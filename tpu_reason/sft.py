@@ -23,7 +23,7 @@ import optax
 from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, runs, tags
 from tpu_reason import train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
-from tpu_reason.config import Config
+from tpu_reason.config import Config, TrainCfg
 from tpu_reason.data import buckets
 from tpu_reason.data.prepare import prepare
 from tpu_reason.errors import UserError, cli
@@ -113,25 +113,34 @@ def build(cfg: Config) -> Trainer:
   if len(train) < cfg.train.batch_size:
     raise UserError(f"only {len(train)} training rows survived filtering; need >= train.batch_size={cfg.train.batch_size}")
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  micro = cfg.train.batch_size // cfg.train.grad_accum
-  if micro % mesh.shape["fsdp"]:
-    raise UserError(f"micro-batch train.batch_size/grad_accum={micro} must be a multiple of the "
-                    f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
+  check_micro_batch(cfg.train, mesh.shape["fsdp"])
   dtype = jnp.dtype(cfg.model.dtype)
   shard = mesh_lib.shardings(param_shapes(model.cfg), mesh)
   params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), model.params), shard)
   model.params = None  # the host copy is no longer needed: keep one copy of the weights
   optimizer = make_optimizer(cfg.train)
+  step_fn, state_sh = jit_train_step(cfg, model.cfg, optimizer, mesh)
   scale = lora_lib.scale(cfg.lora)
-  statics = dict(cfg=model.cfg, lora_scale=scale, dtype=dtype, chunk=cfg.train.vocab_chunk)
-  state_sh = state_sharding(model.cfg, cfg, optimizer, mesh)
-  rep = mesh_lib.replicated(mesh)
-  # Pinning the output layout to the input layout keeps one compile per batch shape.
-  step_fn = jax.jit(functools.partial(_train_step, optimizer=optimizer, remat=cfg.model.remat,
-                                      accum=cfg.train.grad_accum, **statics),
-                    donate_argnums=0, out_shardings=(state_sh, rep))
-  eval_fn = jax.jit(functools.partial(_eval_sums, **statics))
+  eval_fn = jax.jit(functools.partial(_eval_sums, cfg=model.cfg, lora_scale=scale, dtype=dtype, chunk=cfg.train.vocab_chunk))
   return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale, state_sh)
+
+
+def check_micro_batch(t: TrainCfg, fsdp: int):
+  """The batch is split over the fsdp axis: each micro-batch must divide evenly."""
+  micro = t.batch_size // t.grad_accum
+  if micro % fsdp:
+    raise UserError(f"micro-batch train.batch_size/grad_accum={micro} must be a multiple of the "
+                    f"fsdp mesh size {fsdp}")
+
+
+def jit_train_step(cfg: Config, model_cfg, optimizer, mesh):
+  """(jitted `_train_step`, TrainState of shardings) for `mesh`; also what `plan` compiles."""
+  state_sh = state_sharding(model_cfg, cfg, optimizer, mesh)
+  step = functools.partial(_train_step, cfg=model_cfg, optimizer=optimizer, lora_scale=lora_lib.scale(cfg.lora),
+                           dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, chunk=cfg.train.vocab_chunk,
+                           accum=cfg.train.grad_accum)
+  # Pinning the output layout to the input layout keeps one compile per batch shape.
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh))), state_sh
 
 
 def _initial_state(tr: Trainer, ckpts: checkpoint.Checkpoints) -> tuple[TrainState, dict]:

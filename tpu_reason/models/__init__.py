@@ -175,8 +175,12 @@ def _tiny(spec: str) -> Model:
   return Model(spec, cfg, params, real.tokenizer, real.eos_ids)
 
 
-def load(spec: str, dtype=np.float32) -> Model:
-  """Load `spec` (see module docstring) as a `Model` with numpy params of `dtype`."""
+def load(spec: str, dtype=np.float32, weights: bool = True) -> Model:
+  """Load `spec` (see module docstring) as a `Model` with numpy params of `dtype`.
+
+  `weights=False` is for tokenizer-only users (teacher distillation): a Hugging Face
+  model then skips its safetensors and the Model's params are None.
+  """
   if spec in TINY:
     model = _tiny(spec)
   elif spec in EMBEDDED:
@@ -188,9 +192,20 @@ def load(spec: str, dtype=np.float32) -> Model:
   else:
     from tpu_reason.models import hf
 
-    model = hf.load(spec)
-  model.params = unflatten({k: np.asarray(v, dtype) for k, v in flatten(model.params).items()})
+    model = hf.load(spec, weights)
+  if not weights:
+    model.params = None
+  else:
+    model.params = unflatten({k: np.asarray(v, dtype) for k, v in flatten(model.params).items()})
   return model
+
+
+def config_of(spec: str) -> ModelConfig:
+  """A spec's architecture, without loading weights for hub ids in hf.KNOWN_CONFIGS and HF directories."""
+  from tpu_reason.models import hf
+
+  known = hf.known_config(spec)
+  return known if known is not None else load(spec).cfg
 
 
 def known_specs() -> list[str]:

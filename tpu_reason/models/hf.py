@@ -8,6 +8,29 @@ from pathlib import Path
 from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import ModelConfig
 
+# The fields `config_from_hf` reads, copied from each model's public config.json, so memory
+# plans and dry runs know the real shapes offline (the weights still come from the hub).
+KNOWN_CONFIGS = {
+    "google/gemma-3-1b-it": dict(
+        model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        sliding_window=512, sliding_window_pattern=6, attn_logit_softcapping=None, final_logit_softcapping=None),
+    "google/gemma-2-2b-it": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-6, rope_theta=10_000.0, sliding_window=4096,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+        num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, tie_word_embeddings=True),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0, tie_word_embeddings=False),
+}
+
 _FAMILY = {
     "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
     "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3",
@@ -54,6 +77,15 @@ def config_from_hf(c: dict) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+def known_config(spec: str) -> ModelConfig | None:
+  """The architecture of a hub id in KNOWN_CONFIGS or of a local HF directory, without weights."""
+  if spec in KNOWN_CONFIGS:
+    return config_from_hf(KNOWN_CONFIGS[spec])
+  if (Path(spec) / "config.json").is_file():
+    return config_from_hf(json.loads((Path(spec) / "config.json").read_text()))
+  return None
+
+
 def _rope_theta(c: dict, layer_type: str, default: float = 10_000.0) -> float:
   """rope_theta from old-style configs or transformers 5 `rope_parameters` (maybe per layer type)."""
   if c.get("rope_theta") is not None:
@@ -72,7 +104,7 @@ def _global_every(c: dict) -> int:
   return c.get("sliding_window_pattern", 6)
 
 
-def _resolve(spec: str) -> Path:
+def _resolve(spec: str, weights: bool = True) -> Path:
   path = Path(spec)
   if path.is_dir():
     return path
@@ -83,23 +115,25 @@ def _resolve(spec: str) -> Path:
   try:
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    patterns = ["*.json", "tokenizer*"] + (["*.safetensors"] if weights else [])
+    return Path(snapshot_download(spec, allow_patterns=patterns))
   except Exception as e:  # offline, gated, or missing: one clear line
     reason = " ".join(str(e).split())  # hub messages span lines; errors are one line
     raise UserError(f"cannot fetch {spec!r} from the Hugging Face hub: {type(e).__name__}: {reason}") from None
 
 
-def load(spec: str):
-  """Load a Hugging Face checkpoint directory (or hub id) into a `Model`."""
+def load(spec: str, weights: bool = True):
+  """Load a Hugging Face checkpoint directory (or hub id) into a `Model` (params None without weights)."""
   from safetensors import safe_open
-  from transformers import AutoTokenizer
 
   from tpu_reason.models import Model, convert
 
-  path = _resolve(spec)
+  path = _resolve(spec, weights)
   if not (path / "config.json").exists():
     raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
   cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+  if not weights:
+    return Model(path.name, cfg, None, *_tokenizer(path, cfg))
   files = sorted(path.glob("*.safetensors"))
   if not files:
     raise UserError(f"{path} has no *.safetensors weights")
@@ -113,6 +147,13 @@ def load(spec: str):
     raise UserError(f"{path}: tensor {name!r} not found in the safetensors files")
 
   params = convert.params_from_hf(cfg, get, norm_plus_one=cfg.family.startswith("gemma"))
+  return Model(path.name, cfg, params, *_tokenizer(path, cfg))
+
+
+def _tokenizer(path: Path, cfg: ModelConfig):
+  """(tokenizer, stop ids) of a Hugging Face model directory."""
+  from transformers import AutoTokenizer
+
   tok = AutoTokenizer.from_pretrained(str(path))
   eos = {tok.eos_token_id}
   gen = path / "generation_config.json"
@@ -121,4 +162,4 @@ def load(spec: str):
     eos |= set(e if isinstance(e, list) else [e] if e is not None else [])
   if cfg.family == "gemma3":
     eos |= {1, 106}  # <eos> and <end_of_turn>: instruction-tuned Gemma ends turns with 106
-  return Model(path.name, cfg, params, tok, tuple(sorted(i for i in eos if i is not None)))
+  return tok, tuple(sorted(i for i in eos if i is not None))

@@ -1,0 +1,156 @@
+"""Tests for tpu_reason.plan: per-device byte counts against hand arithmetic on a tiny config,
+the residual tracer, the v5e-8 recipes' verdicts, and the CLI (with a fake-device compile)."""
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tests.conftest import TINY_LLAMA, tiny_params
+from tpu_reason import config, lora as lora_lib, mesh as mesh_lib, plan
+from tpu_reason.config import Config
+from tpu_reason.errors import UserError
+from tpu_reason.models.transformer import param_shapes
+
+BF16 = 2
+V5E8 = ["gemma3-1b-it-v5e8.yaml", "gemma2-2b-think.yaml", "qwen2.5-1.5b-gsm8k.yaml"]
+
+
+def tiny_cfg(*overrides) -> Config:
+  """TINY_LLAMA's numbers in a recipe: bf16, LoRA r4 on all 7 projections, mesh fsdp=4 x tp=2."""
+  return config.load(Config, None, ["model.dtype=bfloat16", "lora.rank=4", "mesh.fsdp=4", "mesh.tp=2",
+                                    "train.batch_size=8", "data.max_prompt_tokens=8", "data.max_completion_tokens=16",
+                                    "data.completion_buckets=[16]", "grpo.group=4", "grpo.max_new_tokens=8",
+                                    *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+  return plan.plan(tiny_cfg(), TINY_LLAMA, 8, 16 * plan.GIB)
+
+
+# TINY_LLAMA: V=128, D=32, F=64, L=2, N=4, K=2, H=8, tied embeddings; fsdp=4 splits the model
+# dim D (32 -> 8), tp=2 splits vocab (128 -> 64), heads (4 -> 2), kv heads (2 -> 1) and mlp (64 -> 32).
+PARAMS = (64 * 8  # embed [V/tp, D/fsdp]
+          + 32 + 2 * 32 + 2 * 32  # final_norm, attn_norm, ffn_norm: replicated
+          + 2 * 8 * 2 * 8  # q [L, D/fsdp, N/tp, H]
+          + 2 * (2 * 8 * 1 * 8)  # k, v [L, D/fsdp, K/tp, H]
+          + 2 * 2 * 8 * 8  # o [L, N/tp, H, D/fsdp]
+          + 3 * (2 * 8 * 32)) * BF16  # gate, up, down [L, D/fsdp, F/tp] (down transposed)
+LORA = (2 * 8 * 4 + 2 * 4 * 2 * 8  # q: A [L, D/fsdp, r], B [L, r, N/tp, H]
+        + 2 * (2 * 8 * 4 + 2 * 4 * 1 * 8)  # k, v: B [L, r, K/tp, H]
+        + 2 * 2 * 8 * 4 + 2 * 4 * 8  # o: A [L, N/tp, H, r], B [L, r, D/fsdp]
+        + 2 * (2 * 8 * 4 + 2 * 4 * 32)  # gate, up: B [L, r, F/tp]
+        + 2 * 32 * 4 + 2 * 4 * 8) * BF16  # down: A [L, F/tp, r], B [L, r, D/fsdp]
+ADAM = 2 * LORA + 4 + 4  # mu and nu like the adapters; int32 step counts of adam and the lr schedule
+LAYER = (32 * 2 * 8 + 2 * 32 * 1 * 8 + 2 * 8 * 32 + 3 * 32 * 32 + 2 * 32) * BF16  # one layer, D whole, tp split
+
+
+def kv(rows, slots):
+  """k and v [L, rows, K/tp, slots, H] in bf16, valid (bool) and pos (int32) [rows, slots]."""
+  return 2 * (2 * rows * 1 * slots * 8) * BF16 + rows * slots * (1 + 4)
+
+
+def test_resident_bytes_match_hand_counts(tiny_plan):
+  sft_step, rollout, train = tiny_plan.phases
+  for phase in tiny_plan.phases:
+    assert phase.items["base params"] == PARAMS
+    assert phase.items["LoRA adapters"] == LORA
+    assert phase.items["optimizer state"] == ADAM
+    assert phase.items["gathered layer (FSDP)"] == LAYER
+  assert sft_step.items["LoRA gradients"] == LORA  # grad_accum=1
+  assert train.items["LoRA gradients"] == 2 * LORA  # micro_batch 1 of 8 prompts: accumulated
+  assert "LoRA gradients" not in rollout.items and "activations" not in rollout.items
+
+
+def test_rollout_bytes_match_hand_counts(tiny_plan):
+  rollout = tiny_plan.phases[1]
+  prompts = 8 // 4  # train.batch_size over fsdp
+  assert rollout.items["KV cache"] == kv(prompts, 8) + kv(prompts * 4, 8)  # prefix P=8; G=4 samples of 8 tokens
+  assert rollout.items["sampling logits"] == prompts * 4 * 128 * 4
+  assert rollout.total == PARAMS + LORA + ADAM + LAYER + kv(2, 8) + kv(8, 8) + 8 * 128 * 4
+
+
+def test_abstract_bytes_equal_real_placement():
+  """shard_shape's arithmetic is what device_put really puts on each of 8 devices."""
+  cfg = tiny_cfg()
+  m = mesh_lib.make_mesh(cfg.mesh)
+  placed = mesh_lib.put(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny_params(TINY_LLAMA)),
+                        mesh_lib.shardings(param_shapes(TINY_LLAMA), m))
+  assert mesh_lib.bytes_per_device(placed) == PARAMS
+  table = lora_lib.shapes(TINY_LLAMA, cfg.lora)
+  adapters = mesh_lib.put(lora_lib.init(TINY_LLAMA, cfg.lora, jax.random.key(0), jnp.bfloat16), mesh_lib.shardings(table, m))
+  assert mesh_lib.bytes_per_device(adapters) == LORA == plan.nbytes(plan.local_tree(table, jnp.bfloat16, m))
+
+
+def test_residual_bytes_counts_new_buffers_not_inputs():
+  # d/dx sum(sin(x @ w)) needs cos(x @ w) [3, 5] f32 and w, which is an input: only the cosine is new
+  x, w = jax.ShapeDtypeStruct((3, 4), jnp.float32), jax.ShapeDtypeStruct((4, 5), jnp.float32)
+  assert plan.residual_bytes(lambda x, w: jnp.sum(jnp.sin(x @ w)), x, w) == 3 * 5 * 4
+  # linear in x: the backward needs nothing new
+  assert plan.residual_bytes(lambda x, w: jnp.sum(x @ w), x, w) == 0
+
+
+def test_activations_grow_linearly_with_rows_and_remat_saves_memory():
+  cfg = tiny_cfg()
+  act = {(rows, remat): plan.activation_bytes(TINY_LLAMA, dataclasses.replace(cfg, model=dataclasses.replace(
+      cfg.model, remat=remat)), rows, 8, 16) for rows in (1, 2, 3) for remat in (False, True)}
+  for remat in (False, True):
+    assert act[(2, remat)] - act[(1, remat)] == act[(3, remat)] - act[(2, remat)] > 0
+  per_row_remat = act[(2, True)] - act[(1, True)]
+  assert per_row_remat >= 2 * 24 * 32 * BF16  # at least every layer's input [L, T=8+16, D] is kept
+  assert per_row_remat < act[(2, False)] - act[(1, False)]
+
+
+def test_rows_that_do_not_split_over_fsdp_are_noted():
+  p = plan.plan(tiny_cfg("grpo.micro_batch=1", "grpo.group=2"), TINY_LLAMA, 8, plan.GIB)
+  assert any("GRPO train: 2 rows do not split over fsdp=4" in n for n in p.notes)
+  assert "2 rows/device" in p.phases[2].shapes
+  with pytest.raises(UserError, match="must be a multiple of the fsdp mesh size 4"):
+    plan.plan(tiny_cfg("train.batch_size=6"), TINY_LLAMA, 8, plan.GIB)
+
+
+def test_verdict_follows_the_hbm_size(tiny_plan):
+  assert tiny_plan.fits and "FIT: peak" in plan.table(tiny_plan)
+  small = dataclasses.replace(tiny_plan, hbm=tiny_plan.peak.total - 1)
+  assert not small.fits
+  text = plan.table(small)
+  assert text.splitlines()[-1].startswith("NO FIT") and "NO FIT" in next(ln for ln in text.splitlines()
+                                                                          if ln.startswith("fits"))
+
+
+@pytest.mark.parametrize("recipe", V5E8)
+def test_v5e8_recipes_fit(recipe):
+  cfg = config.load(Config, recipe)
+  p = plan.run(cfg, hbm_gib=plan.V5E_HBM_GIB, out=io.StringIO())
+  assert p.fits, plan.table(p)
+  assert {ph.name for ph in p.phases} == {"SFT step", "GRPO rollout", "GRPO train"}
+  assert all(ph.items["activations"] > 0 for ph in p.phases if ph.name != "GRPO rollout")
+
+
+def _cli(*args, **env):
+  return subprocess.run([sys.executable, "-m", "tpu_reason.plan", *args], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+
+
+def test_cli_exit_status_and_errors():
+  proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "--hbm-gib", "0.5")
+  assert proc.returncode == 1 and "NO FIT: peak" in proc.stdout, proc.stderr
+  proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "--devices", "zero")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: --devices must be a positive int, got 'zero'"]
+
+
+def test_cli_compiles_on_fake_devices():
+  """The whole --devices path in a fresh process: 8 fake devices, stand-in compile, XLA's opinion."""
+  proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "model.spec=tiny-llama", "--devices", "8",
+              XLA_FLAGS="")
+  assert proc.returncode == 0, proc.stderr
+  out = proc.stdout
+  assert "compile check: SFT train step on 8 CPU devices, tiny llama stand-in, batch 16 x (256+512) tokens: OK" in out
+  assert "XLA (CPU) buffers of the real SFT step per device" in out and out.rstrip().endswith(")")
