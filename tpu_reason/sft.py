@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, runs, tags
-from tpu_reason import train as train_lib
+from tpu_reason import distributed, train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
 from tpu_reason.config import Config, TrainCfg
 from tpu_reason.data import buckets
@@ -80,8 +80,7 @@ class Trainer:
     return jnp.dtype(self.cfg.model.dtype)
 
   def place_batch(self, batch: dict) -> dict:
-    arrays = device_batch(batch)
-    return {k: jax.device_put(v, mesh_lib.batch_sharding(self.mesh, v.ndim)) for k, v in arrays.items()}
+    return distributed.global_batch(device_batch(batch), self.mesh)
 
   def eval_loss(self, lora) -> float:
     total, count = 0.0, 0.0
@@ -168,6 +167,7 @@ def run(cfg: Config) -> dict:
   """Train, evaluate before/after, checkpoint; returns the summary (also saved as summary.json)."""
   from tqdm.auto import tqdm
 
+  distributed.initialize()  # before anything touches a device
   tr = build(cfg)
   out, t = tr.out, cfg.train
   config.save(cfg, out)
