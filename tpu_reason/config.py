@@ -240,6 +240,29 @@ class CurateCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillCfg:
+  """Teacher distillation from an OpenAI-compatible chat-completions server (DeepSeek, vLLM, llama.cpp)."""
+
+  base_url: str = "http://127.0.0.1:8000/v1"  # POSTs go to {base_url}/chat/completions
+  model: str = ""  # the teacher's name on that server
+  api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable only (unset: no key sent)
+  output: str = "data/teacher.jsonl"  # appended to; ids already in it are skipped
+  concurrency: int = 8  # requests in flight
+  timeout: float = 120.0  # seconds per request
+  retries: int = 5  # extra attempts after a 429, a 5xx, a timeout or a dropped connection
+  backoff: float = 1.0  # seconds before the first retry; doubles each time (or the server's Retry-After)
+  temperature: float = 0.6
+  max_tokens: int = 2048  # the teacher's reply budget (its JSON, not the student's 512 tokens)
+  limit: int = 0  # questions to distil this run (0 = all)
+
+  def __post_init__(self):
+    _check(self.concurrency >= 1 and self.retries >= 0 and self.limit >= 0,
+           "distill.concurrency must be >= 1, distill.retries and distill.limit >= 0")
+    _check(self.timeout > 0 and self.backoff >= 0 and self.max_tokens > 0 and self.temperature >= 0,
+           "distill.timeout and distill.max_tokens must be > 0, distill.backoff and distill.temperature >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Top-level run config shared by every entry point."""
 
@@ -254,6 +277,7 @@ class Config:
   grpo: GrpoCfg = GrpoCfg()
   budget: BudgetCfg = BudgetCfg()
   curate: CurateCfg = CurateCfg()
+  distill: DistillCfg = DistillCfg()
 
   def resolved_output_dir(self, kind: str = "") -> Path:
     if self.output_dir:

@@ -289,6 +289,20 @@ def render_chosen(record: Record) -> str:
   return f"<reasoning>{record.reasoning}</reasoning><answer>{record.answer}</answer>"
 
 
+def teacher_row(r: Record, **metadata: Any) -> dict[str, Any]:
+  """One record as a canonical teacher JSONL row; extra `metadata` (e.g. the teacher's name) is kept."""
+  # A closing tag inside the text would not survive a reload.
+  if "</reasoning>" in r.reasoning or "</answer>" in r.answer:
+    raise ValueError(f"record {r.id}: reasoning/answer contains a closing tag")
+  return {
+    "id": r.id,
+    "domain": r.domain,
+    "prompt": r.prompt,
+    "chosen": render_chosen(r),
+    "metadata": {"checkpoints": list(r.checkpoints), "final_answer": r.answer, **metadata},
+  }
+
+
 def records_to_teacher_jsonl(records: Iterable[Record], path: str | pathlib.Path) -> int:
   """Writes records in the canonical teacher format; returns the count."""
   path = pathlib.Path(path)
@@ -296,17 +310,7 @@ def records_to_teacher_jsonl(records: Iterable[Record], path: str | pathlib.Path
   n = 0
   with open(path, "w", encoding="utf-8") as f:
     for r in records:
-      # A closing tag inside the text would not survive a reload.
-      if "</reasoning>" in r.reasoning or "</answer>" in r.answer:
-        raise ValueError(f"record {r.id}: reasoning/answer contains a closing tag")
-      row = {
-        "id": r.id,
-        "domain": r.domain,
-        "prompt": r.prompt,
-        "chosen": render_chosen(r),
-        "metadata": {"checkpoints": list(r.checkpoints), "final_answer": r.answer},
-      }
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+      f.write(json.dumps(teacher_row(r), ensure_ascii=False) + "\n")
       n += 1
   return n
 
