@@ -8,7 +8,10 @@ from abstract shapes only: no weights are loaded or allocated.
   gathered layer                 FSDP all-gathers one layer's weights at a time
   activations                    what autodiff saves for the backward pass, traced with `jax.vjp`
                                  on the rows one device holds, plus one layer's worth of working
-                                 memory while that layer is recomputed and differentiated
+                                 memory while that layer is recomputed and differentiated. GRPO's
+                                 policy loss is costed as the SFT loss on its G * micro_batch rows
+                                 (its extra per-token terms are tiny; the reference and old-policy
+                                 log-probs are forward-only)
   KV cache                       prompt prefix (B rows) + G samples per prompt (B*G rows)
   sampling logits                f32 logits of every rollout row
 
@@ -174,9 +177,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
     remat = "remat" if cfg.model.remat else "no remat"
     return Phase(name, items, f"{per_dev} rows/device x ({d.max_prompt_tokens}+{completion}) tokens, {remat}")
 
-  completion = max(d.completion_buckets or (d.max_completion_tokens,))
-  micro = t.batch_size // t.grad_accum
-  sft_phase = train_phase("SFT step", micro, completion, t.grad_accum > 1)
+  # the largest completion bucket is always max_completion_tokens (data.buckets.completion_buckets)
+  sft_phase = train_phase("SFT step", t.batch_size // t.grad_accum, d.max_completion_tokens, t.grad_accum > 1)
 
   prompts = rows_per_device(t.batch_size, mesh)
   kv = (kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype)
@@ -233,8 +235,8 @@ def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowe
   state = jax.eval_shape(functools.partial(sft.init_state, optimizer=optimizer, seed=cfg.train.seed), lora)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
   params = full_tree(param_shapes(model_cfg), dtype, mesh)
-  completion = max(cfg.data.completion_buckets or (cfg.data.max_completion_tokens,))
-  batch = abstract_batch(cfg.train.batch_size, cfg.data.max_prompt_tokens, completion, mesh_lib.batch_sharding(mesh, 2))
+  batch = abstract_batch(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
+                         mesh_lib.batch_sharding(mesh, 2))
   return step.lower(state, params, batch)
 
 
@@ -250,8 +252,7 @@ def xla_bytes(compiled) -> dict[str, int]:
 def compile_checks(cfg: Config, model_cfg: ModelConfig, hbm_bytes: int) -> list[str]:
   """Compile the SFT step on this process's devices: tiny stand-in, then the real shapes."""
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  shapes = (f"batch {cfg.train.batch_size} x ({cfg.data.max_prompt_tokens}+"
-            f"{max(cfg.data.completion_buckets or (cfg.data.max_completion_tokens,))}) tokens")
+  shapes = f"batch {cfg.train.batch_size} x ({cfg.data.max_prompt_tokens}+{cfg.data.max_completion_tokens}) tokens"
   lines = []
   t0 = time.perf_counter()
   lower_sft_step(cfg, stand_in(model_cfg), mesh).compile(QUICK)
