@@ -14,7 +14,6 @@ import pytest
 from tests.conftest import TINY_LLAMA, tiny_params
 from tpu_reason import config, lora as lora_lib, mesh as mesh_lib, plan
 from tpu_reason.config import Config
-from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import param_shapes
 
 BF16 = 2
@@ -64,16 +63,17 @@ def test_resident_bytes_match_hand_counts(tiny_plan):
     assert phase.items["optimizer state"] == ADAM
     assert phase.items["gathered layer (FSDP)"] == LAYER
   assert sft_step.items["LoRA gradients"] == LORA  # grad_accum=1
-  assert train.items["LoRA gradients"] == 2 * LORA  # micro_batch 1 of 8 prompts: accumulated
+  assert train.items["LoRA gradients"] == 2 * LORA  # micro_batch 1 of grpo.prompts=2: accumulated
   assert "LoRA gradients" not in rollout.items and "activations" not in rollout.items
 
 
 def test_rollout_bytes_match_hand_counts(tiny_plan):
   rollout = tiny_plan.phases[1]
-  prompts = 8 // 4  # train.batch_size over fsdp
+  prompts = 2  # grpo.prompts, all on every device: the sampler does not split rollouts
   assert rollout.items["KV cache"] == kv(prompts, 8) + kv(prompts * 4, 8)  # prefix P=8; G=4 samples of 8 tokens
   assert rollout.items["sampling logits"] == prompts * 4 * 128 * 4
   assert rollout.total == PARAMS + LORA + ADAM + LAYER + kv(2, 8) + kv(8, 8) + 8 * 128 * 4
+  assert any("decodes all 8 rows" in n for n in tiny_plan.notes)
 
 
 def test_abstract_bytes_equal_real_placement():
@@ -97,22 +97,27 @@ def test_residual_bytes_counts_new_buffers_not_inputs():
 
 
 def test_activations_grow_linearly_with_rows_and_remat_saves_memory():
-  cfg = tiny_cfg()
-  act = {(rows, remat): plan.activation_bytes(TINY_LLAMA, dataclasses.replace(cfg, model=dataclasses.replace(
-      cfg.model, remat=remat)), rows, 8, 16) for rows in (1, 2, 3) for remat in (False, True)}
+  act = {}
   for remat in (False, True):
+    cfg = tiny_cfg(f"model.remat={remat}")
+    for rows in (1, 2, 3):
+      act[(rows, remat)] = plan.activation_bytes(plan.sft_loss(TINY_LLAMA, cfg), TINY_LLAMA, cfg,
+                                                 plan.abstract_batch(rows, 8, 16))
     assert act[(2, remat)] - act[(1, remat)] == act[(3, remat)] - act[(2, remat)] > 0
+    # GRPO's loss on the same tokens keeps at least as much (its clipping and KL add per-token terms)
+    assert plan.activation_bytes(plan.grpo_loss(TINY_LLAMA, cfg), TINY_LLAMA, cfg,
+                                 plan.grpo_batch(2, 8, 16)) >= act[(2, remat)]
   per_row_remat = act[(2, True)] - act[(1, True)]
   assert per_row_remat >= 2 * 24 * 32 * BF16  # at least every layer's input [L, T=8+16, D] is kept
   assert per_row_remat < act[(2, False)] - act[(1, False)]
 
 
-def test_rows_that_do_not_split_over_fsdp_are_noted():
-  p = plan.plan(tiny_cfg("grpo.micro_batch=1", "grpo.group=2"), TINY_LLAMA, 8, plan.GIB)
-  assert any("GRPO train: 2 rows do not split over fsdp=4" in n for n in p.notes)
-  assert "2 rows/device" in p.phases[2].shapes
-  with pytest.raises(UserError, match="must be a multiple of the fsdp mesh size 4"):
-    plan.plan(tiny_cfg("train.batch_size=6"), TINY_LLAMA, 8, plan.GIB)
+def test_batches_the_trainers_would_refuse_are_errors():
+  p = plan.plan(tiny_cfg("grpo.group=2", "train.batch_size=6"), TINY_LLAMA, 8, plan.GIB)
+  assert p.errors == ("SFT: micro-batch train.batch_size/grad_accum=6 must be a multiple of the fsdp mesh size 4",
+                      "GRPO: grpo.micro_batch * grpo.group = 2 rows must be a multiple of the fsdp mesh size 4")
+  assert not p.fits and all(ph.total < p.hbm for ph in p.phases)
+  assert plan.table(p).splitlines()[-1].startswith("NO FIT")
 
 
 def test_verdict_follows_the_hbm_size(tiny_plan):

@@ -6,14 +6,16 @@ from abstract shapes only: no weights are loaded or allocated.
   base params, LoRA, Adam state  the sharding table applied to their shapes (`mesh.shard_shape`)
   LoRA gradients                 one adapter-sized tree (two when micro-batches accumulate)
   gathered layer                 FSDP all-gathers one layer's weights at a time
-  activations                    what autodiff saves for the backward pass, traced with `jax.vjp`
-                                 on the rows one device holds, plus one layer's worth of working
-                                 memory while that layer is recomputed and differentiated. GRPO's
-                                 policy loss is costed as the SFT loss on its G * micro_batch rows
-                                 (its extra per-token terms are tiny; the reference and old-policy
-                                 log-probs are forward-only)
-  KV cache                       prompt prefix (B rows) + G samples per prompt (B*G rows)
+  activations                    what autodiff saves for the backward pass of the trainer's own
+                                 loss (`sft._loss`, `grpo._policy_loss`), traced with `jax.vjp` on
+                                 the rows one device holds, plus one layer's worth of working memory
+                                 while that layer is recomputed and differentiated (the reference
+                                 and old-policy log-probs are forward-only)
+  KV cache                       grpo.prompts prefixes + G samples each; the sampler does not split
+                                 rollouts over the mesh, so every device holds all of them
   sampling logits                f32 logits of every rollout row
+
+A setting a trainer would refuse on this mesh (a batch fsdp does not divide) is an error: NO FIT.
 
 With `--devices N`, jax gets N fake CPU devices and the SFT train step is lowered and compiled
 on the recipe's mesh twice: with a tiny stand-in of the model family at the recipe's batch and
@@ -33,7 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from tpu_reason import config, lora as lora_lib, mesh as mesh_lib, models, sft
+from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sft, train as train_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models.transformer import ModelConfig, flatten, init_cache, param_shapes, unflatten
@@ -66,10 +68,11 @@ class Plan:
   phases: tuple[Phase, ...]
   hbm: int
   notes: tuple[str, ...] = ()
+  errors: tuple[str, ...] = ()  # settings a trainer would refuse on this mesh
 
   @property
   def fits(self) -> bool:
-    return all(p.total <= self.hbm for p in self.phases)
+    return not self.errors and all(p.total <= self.hbm for p in self.phases)
 
   @property
   def peak(self) -> Phase:
@@ -115,6 +118,13 @@ def abstract_batch(rows: int, prompt: int, completion: int, sharding=None) -> di
           "completion_tokens_BxC": spec(completion, jnp.int32), "completion_mask_BxC": spec(completion, bool)}
 
 
+def grpo_batch(rows: int, prompt: int, completion: int) -> dict:
+  """A GRPO update's micro-batch: rollout tokens plus advantages and stored log-probs."""
+  per_row, per_token = jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows, completion), jnp.float32)
+  return {**abstract_batch(rows, prompt, completion), "advantages_B": per_row, "num_tokens_B": per_row,
+          "old_logp_BxC": per_token, "ref_logp_BxC": per_token}
+
+
 # --------------------------------------------------------------------------- activations
 
 
@@ -126,14 +136,24 @@ def residual_bytes(fn, primal, *rest) -> int:
   return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in saved)
 
 
-def activation_bytes(model_cfg: ModelConfig, cfg: Config, rows: int, prompt: int, completion: int) -> int:
-  """Backward-pass memory of the loss on `rows` rows: saved residuals + one layer being differentiated."""
+def sft_loss(model_cfg: ModelConfig, cfg: Config):
+  """SFT's loss(lora, params, batch, remat=...) for these shapes."""
+  return functools.partial(sft._loss, cfg=model_cfg, lora_scale=lora_lib.scale(cfg.lora),
+                           dtype=jnp.dtype(cfg.model.dtype), chunk=cfg.train.vocab_chunk)
+
+
+def grpo_loss(model_cfg: ModelConfig, cfg: Config):
+  """GRPO's policy loss(lora, params, micro_batch, remat=...) for these shapes."""
+  return functools.partial(grpo._policy_loss, cfg=model_cfg, g=cfg.grpo, lora_scale=lora_lib.scale(cfg.lora),
+                           dtype=jnp.dtype(cfg.model.dtype), chunk=cfg.train.vocab_chunk,
+                           on_policy=grpo.updates_per_step(cfg.grpo) == 1)
+
+
+def activation_bytes(loss, model_cfg: ModelConfig, cfg: Config, batch: dict) -> int:
+  """Backward-pass memory of `loss` on `batch`: saved residuals + one layer being differentiated."""
   dtype = jnp.dtype(cfg.model.dtype)
   params = full_tree(param_shapes(model_cfg), dtype)
   lora = full_tree(lora_lib.shapes(model_cfg, cfg.lora), dtype)
-  batch = abstract_batch(rows, prompt, completion)
-  loss = functools.partial(sft._loss, cfg=model_cfg, lora_scale=lora_lib.scale(cfg.lora), dtype=dtype,
-                           chunk=cfg.train.vocab_chunk)
   kept = {remat: residual_bytes(functools.partial(loss, remat=remat), lora, params, batch) for remat in (False, True)}
   one_layer = (kept[False] - kept[True]) // model_cfg.num_layers
   return kept[cfg.model.remat] + one_layer
@@ -150,50 +170,57 @@ def kv_cache_bytes(model_cfg: ModelConfig, rows: int, slots: int, dtype) -> int:
 def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) -> Plan:
   """Per-device memory of SFT and GRPO for `cfg` on `n_devices`, from shapes alone."""
   mesh = mesh_lib.abstract_mesh(cfg.mesh, n_devices)
-  sft.check_micro_batch(cfg.train, mesh.shape["fsdp"])
   dtype = jnp.dtype(cfg.model.dtype)
   t, d, g = cfg.train, cfg.data, cfg.grpo
+  fsdp = mesh.shape["fsdp"]
+  errors, notes = [], []
+  try:
+    sft.check_micro_batch(t, fsdp)
+  except UserError as e:
+    errors.append(f"SFT: {e}")
+  if (g.micro_batch * g.group) % fsdp:  # grpo.build's check
+    errors.append(f"GRPO: grpo.micro_batch * grpo.group = {g.micro_batch * g.group} rows must be a multiple of "
+                  f"the fsdp mesh size {fsdp}")
   local = per_device_model(model_cfg, mesh)
   lora_local = local_tree(lora_lib.shapes(model_cfg, cfg.lora), dtype, mesh)
   resident = {
       "base params": nbytes(local_tree(param_shapes(model_cfg), dtype, mesh)),
       "LoRA adapters": nbytes(lora_local),
-      "optimizer state": nbytes(jax.eval_shape(sft.make_optimizer(t).init, lora_local)),
+      "optimizer state": nbytes(jax.eval_shape(train_lib.make_optimizer(t).init, lora_local)),
   }
   gathered = {}
   if mesh.shape["fsdp"] > 1:  # the whole of one layer (tp still splits it), all-gathered for its matmuls
     unsplit = mesh_lib.abstract_mesh(config.MeshCfg(fsdp=1, tp=mesh.shape["tp"]), mesh.shape["tp"])
     layers = {k: v for k, v in param_shapes(model_cfg).items() if k.startswith("layers/")}
     gathered = {"gathered layer (FSDP)": nbytes(local_tree(layers, dtype, unsplit)) // model_cfg.num_layers}
-  notes = []
 
-  def train_phase(name: str, rows: int, completion: int, accumulating: bool) -> Phase:
+  def train_phase(name: str, loss, batch_of, rows: int, completion: int, accumulating: bool) -> Phase:
     per_dev = rows_per_device(rows, mesh)
-    if per_dev == rows and mesh.shape["fsdp"] > 1:
-      notes.append(f"{name}: {rows} rows do not split over fsdp={mesh.shape['fsdp']}; every device computes all of them")
     grads = nbytes(lora_local) * (2 if accumulating else 1)
-    act = activation_bytes(local, cfg, per_dev, d.max_prompt_tokens, completion)
+    act = activation_bytes(loss, local, cfg, batch_of(per_dev, d.max_prompt_tokens, completion))
     items = {**resident, "LoRA gradients": grads, **gathered, "activations": act}
     remat = "remat" if cfg.model.remat else "no remat"
     return Phase(name, items, f"{per_dev} rows/device x ({d.max_prompt_tokens}+{completion}) tokens, {remat}")
 
   # the largest completion bucket is always max_completion_tokens (data.buckets.completion_buckets)
-  sft_phase = train_phase("SFT step", t.batch_size // t.grad_accum, d.max_completion_tokens, t.grad_accum > 1)
-
-  prompts = rows_per_device(t.batch_size, mesh)
-  kv = (kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype)
-        + kv_cache_bytes(local, prompts * g.group, g.max_new_tokens, dtype))
+  sft_phase = train_phase("SFT step", sft_loss(local, cfg), abstract_batch, t.batch_size // t.grad_accum,
+                          d.max_completion_tokens, t.grad_accum > 1)
+  kv = (kv_cache_bytes(local, g.prompts, d.max_prompt_tokens, dtype)
+        + kv_cache_bytes(local, g.prompts * g.group, g.max_new_tokens, dtype))
   rollout = Phase("GRPO rollout", {**resident, **gathered, "KV cache": kv,
-                                   "sampling logits": prompts * g.group * model_cfg.vocab_size * 4},
-                  f"{prompts} prompts/device x G={g.group}, {d.max_prompt_tokens}+{g.max_new_tokens} tokens")
-  mini = g.mini_batch or t.batch_size
-  grpo_train = train_phase("GRPO train", g.micro_batch * g.group, g.max_new_tokens, mini > g.micro_batch)
+                                   "sampling logits": g.prompts * g.group * model_cfg.vocab_size * 4},
+                  f"{g.prompts} prompts x G={g.group} on every device, {d.max_prompt_tokens}+{g.max_new_tokens} tokens")
+  if fsdp > 1:
+    notes.append(f"GRPO rollout: the sampler does not split rollouts over the mesh, so each of the {fsdp} fsdp "
+                 f"devices decodes all {g.prompts * g.group} rows")
+  grpo_train = train_phase("GRPO train", grpo_loss(local, cfg), grpo_batch, g.micro_batch * g.group,
+                           g.max_new_tokens, g.mini > g.micro_batch)
 
   lora_n = sum(math.prod(s) for s, _ in lora_lib.shapes(model_cfg, cfg.lora).values())
   title = (f"{cfg.name}: {cfg.model.spec} ({model_cfg.family}, {model_cfg.num_params / 1e9:.2f}B params, "
            f"{cfg.model.dtype}), LoRA r{cfg.lora.rank} on {cfg.lora.targets} ({lora_n / 1e6:.1f}M), "
            f"mesh fsdp={mesh.shape['fsdp']} x tp={mesh.shape['tp']}")
-  return Plan(title, (sft_phase, rollout, grpo_train), hbm_bytes, tuple(notes))
+  return Plan(title, (sft_phase, rollout, grpo_train), hbm_bytes, tuple(notes), tuple(errors))
 
 
 def table(p: Plan) -> str:
@@ -209,6 +236,7 @@ def table(p: Plan) -> str:
   lines.append(f"{'fits':<24}" + "".join(f"{'FIT' if ph.total <= p.hbm else 'NO FIT':>14}" for ph in p.phases))
   lines += [f"  {ph.name}: {ph.shapes}" for ph in p.phases]
   lines += [f"  note: {n}" for n in p.notes]
+  lines += [f"  error: {e}" for e in p.errors]
   verdict = "FIT" if p.fits else "NO FIT"
   lines.append(f"{verdict}: peak {p.peak.total / GIB:.2f} GiB ({p.peak.name}) of {p.hbm / GIB:.2f} GiB HBM per device")
   return "\n".join(lines)
@@ -229,10 +257,10 @@ def stand_in(model_cfg: ModelConfig) -> ModelConfig:
 def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowered:
   """`sft`'s jitted train step lowered on `mesh` for the recipe's batch shapes (abstract inputs)."""
   dtype = jnp.dtype(cfg.model.dtype)
-  optimizer = sft.make_optimizer(cfg.train)
+  optimizer = train_lib.make_optimizer(cfg.train)
   step, state_sh = sft.jit_train_step(cfg, model_cfg, optimizer, mesh)
   lora = full_tree(lora_lib.shapes(model_cfg, cfg.lora), dtype, mesh)
-  state = jax.eval_shape(functools.partial(sft.init_state, optimizer=optimizer, seed=cfg.train.seed), lora)
+  state = jax.eval_shape(functools.partial(train_lib.init_state, optimizer=optimizer, seed=cfg.train.seed), lora)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
   params = full_tree(param_shapes(model_cfg), dtype, mesh)
   batch = abstract_batch(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
