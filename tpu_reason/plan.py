@@ -210,8 +210,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   rollout = Phase("GRPO rollout", {**resident, **gathered, "KV cache": kv,
                                    "sampling logits": g.prompts * g.group * model_cfg.vocab_size * 4},
                   f"{g.prompts} prompts x G={g.group} on every device, {d.max_prompt_tokens}+{g.max_new_tokens} tokens")
-  if fsdp > 1:
-    notes.append(f"GRPO rollout: the sampler does not split rollouts over the mesh, so each of the {fsdp} fsdp "
+  if mesh.size > 1:
+    notes.append(f"GRPO rollout: the sampler does not split rollouts over the mesh, so each of the {mesh.size} "
                  f"devices decodes all {g.prompts * g.group} rows")
   grpo_train = train_phase("GRPO train", grpo_loss(local, cfg), grpo_batch, g.micro_batch * g.group,
                            g.max_new_tokens, g.mini > g.micro_batch)
