@@ -137,6 +137,38 @@ def test_get_schema_unknown_lists_valid_names():
     get_schema("xml")
 
 
+# ------------------------------------------------------------ redaction
+
+
+@pytest.mark.parametrize(
+    "schema, text, expected",
+    [
+        (REASONING, "<reasoning>\nsecret plan\n</reasoning>\n<answer>\n42\n</answer>",
+         "<reasoning>[11 chars of reasoning redacted]</reasoning>\n<answer>\n42\n</answer>"),
+        (REASONING, "secret</reasoning><answer>4</answer>",  # primer in the prompt
+         "[6 chars of reasoning redacted]</reasoning><answer>4</answer>"),
+        (REASONING, "<reasoning>never closed", "<reasoning>[12 chars of reasoning redacted]"),
+        (REASONING, "no tags at all <answer>4</answer>", "[14 chars of reasoning redacted]<answer>4</answer>"),
+        (THINK, "<think>abc</think>\n\n**Final Answer:** 5", "<think>[3 chars of reasoning redacted]</think>\n\n**Final Answer:** 5"),
+        (S1, "<|think|>\nab\n<|answer|>\nAnswer: 7", "<|think|>[2 chars of reasoning redacted]<|answer|>\nAnswer: 7"),
+        (THINK, "untagged musing", "[15 chars of reasoning redacted]"),
+    ],
+)
+def test_redact_replaces_reasoning_by_its_length(schema, text, expected):
+  assert schema.redact(text) == expected
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(), tag_soup))
+def test_redact_keeps_answer_and_closure(name, text):
+  schema = get_schema(name)
+  before, after = schema.parse(text), schema.parse(schema.redact(text))
+  assert (after.answer, after.closed_reasoning) == (before.answer, before.closed_reasoning)
+  expected = None if before.reasoning is None else f"[{len(before.reasoning)} chars of reasoning redacted]"
+  assert after.reasoning == expected
+
+
 # ------------------------------------------------------------ hostile input
 
 

@@ -141,26 +141,31 @@ class TagSchema:
   def _has_marker(self, s: str) -> bool:
     return any(m in s for m in self.markers)
 
-  def parse(self, text: str) -> Parsed:
-    """Reads reasoning and answer from assistant text, with or without the primer."""
+  def _block(self, text: str) -> tuple[int, int, int, bool] | None:
+    """(start, body start, body end, closed) of the reasoning block; None without one."""
     start = text.find(self.reasoning_open)
     if start >= 0:
       body = start + len(self.reasoning_open)
     elif self.reasoning_close in text:
       start = body = 0
     else:
+      return None
+    end = text.find(self.reasoning_close, body)
+    if end >= 0:
+      return start, body, end, True
+    stop = text.find(self.answer_open, body) if self.answer_open else -1
+    return start, body, stop if stop >= 0 else len(text), False
+
+  def parse(self, text: str) -> Parsed:
+    """Reads reasoning and answer from assistant text, with or without the primer."""
+    block = self._block(text)
+    if block is None:
       # No reasoning block; a tagged answer can still be read for grading.
       answer = self._tagged_answer(text, 0)[0] if self.answer_open else None
       return Parsed(None, answer, False, False)
-
-    end = text.find(self.reasoning_close, body)
-    closed = end >= 0
-    if closed:
-      reasoning, after = text[body:end], end + len(self.reasoning_close)
-    else:
-      stop = text.find(self.answer_open, body) if self.answer_open else -1
-      after = stop if stop >= 0 else len(text)
-      reasoning = text[body:after]
+    start, body, end, closed = block
+    reasoning = text[body:end]
+    after = end + len(self.reasoning_close) if closed else end
 
     clean_start = closed and not text[:start].strip() and not self._has_marker(reasoning)
     if self.answer_open is not None:
@@ -178,6 +183,19 @@ class TagSchema:
       answer = self.tail_answer(tail) if closed and self.tail_answer else None
       well_formed = clean_start and answer is not None and not self._has_marker(tail)
     return Parsed(reasoning.strip(), answer, well_formed, closed)
+
+  def redact(self, text: str) -> str:
+    """`text` with its reasoning replaced by the reasoning's length; tags and answer kept.
+
+    Without a reasoning block, everything before a tagged answer counts as reasoning.
+    """
+    block = self._block(text)
+    if block is None:
+      answer = text.find(self.answer_open) if self.answer_open else -1
+      body, end = 0, answer if answer >= 0 else len(text)
+    else:
+      _, body, end, _ = block
+    return f"{text[:body]}[{len(text[body:end].strip())} chars of reasoning redacted]{text[end:]}"
 
   def _tagged_answer(self, text: str, pos: int) -> tuple[str | None, int, int]:
     """(answer, index of answer_open, index just past answer_close or -1) from `pos` on."""
