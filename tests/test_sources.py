@@ -279,6 +279,16 @@ def test_table_jsonl_glob_goes_through_datasets(tmp_path):
   assert report.kept == 2
 
 
+def test_table_rows_may_name_the_prompt_question_or_prompt(tmp_path):
+  path = _write_jsonl(tmp_path / "t.jsonl", [{"question": "q1", "answer": 1}, {"prompt": "q2", "answer": "2"},
+                                             {"answer": "3"}])
+  records, report = sources.load_table(path, strict=False)
+  assert [(r.prompt, r.answer) for r in records] == [("q1", "1"), ("q2", "2")]
+  assert report.dropped == {"missing_field": 1}
+  with pytest.raises(DataError, match=re.escape(f"{path}:3: missing field 'question'")):
+    sources.load_table(path)
+
+
 def test_table_rejects_unknown_field():
   with pytest.raises(ValueError, match="unknown Record field 'solution'"):
     sources.load_table(FIXTURES / "gsm8k.jsonl", columns={"answer": "solution"})

@@ -153,6 +153,20 @@ class BudgetCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalCfg:
+  """`python -m tpu_reason.eval`: samples per prompt, batching, rows, printed examples."""
+
+  k: int = 1  # samples per prompt (pass@k, maj@k); k > 1 needs sampling.temperature > 0
+  batch_size: int = 16  # prompts per generation call, each decoded k times
+  limit: int = 0  # file sources: first N rows (0 = all); reasoning-gym: data.eval_size rows at data.eval_seed
+  show: int = 2  # completions printed per model and setting
+
+  def __post_init__(self):
+    _check(self.k >= 1 and self.batch_size >= 1, "eval.k and eval.batch_size must be >= 1")
+    _check(self.limit >= 0 and self.show >= 0, "eval.limit and eval.show must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class GrpoCfg:
   """GRPO: rollouts, rewards, the clipped objective and its own cadence.
 
@@ -268,6 +282,7 @@ class Config:
 
   name: str = "smollm2-135m-cpu"
   output_dir: str = ""  # default runs/<name>-<time>
+  redact_thoughts: bool = False  # logs and sample files keep answers and the reasoning's length only
   model: ModelCfg = ModelCfg()
   lora: LoraCfg = LoraCfg()
   mesh: MeshCfg = MeshCfg()
@@ -278,6 +293,7 @@ class Config:
   budget: BudgetCfg = BudgetCfg()
   curate: CurateCfg = CurateCfg()
   distill: DistillCfg = DistillCfg()
+  eval: EvalCfg = EvalCfg()
 
   def resolved_output_dir(self, kind: str = "") -> Path:
     if self.output_dir:

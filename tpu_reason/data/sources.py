@@ -500,7 +500,8 @@ def column_map(columns: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _table_record(row: Row, fields: Mapping[str, str], domain: str) -> Record:
-  prompt = _prompt(_field(row, fields["prompt"]), fields["prompt"])
+  # A row may name its prompt after the field itself ("prompt") instead of the mapped column.
+  prompt = _prompt(_first_field(row, (fields["prompt"], "prompt")), fields["prompt"])
   answer = _answer(_field(row, fields["answer"], (str, int, float)), fields["answer"])
 
   def optional(name: str, default: Any, kind: type = str) -> Any:
