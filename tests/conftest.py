@@ -10,6 +10,7 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -68,3 +69,37 @@ def smollm2():
   from tpu_reason import models
 
   return models.load("smollm2-135m")
+
+
+def write_run(out, spec: str = "tiny-llama", *overrides):
+  """A training run directory as sft writes it (config.yaml, checkpoints/{last,best}) for `spec`.
+
+  Step 1 is the best checkpoint and step 2 only the latest, with different random non-zero
+  LoRAs (B != 0, so each changes the model). Returns (run dir, {1: lora, 2: lora}).
+  """
+  from tpu_reason import checkpoint, config, lora as lora_lib, models, sft
+  from tpu_reason.config import Config
+
+  cfg = config.load(Config, None, [f"output_dir={out}", f"model.spec={spec}", "lora.rank=4", "lora.alpha=8",
+                                   "data.system_prompt=", *overrides])
+  config.save(cfg, out)
+  model_cfg = models.load(spec).cfg
+  ckpts = checkpoint.Checkpoints(out / "checkpoints", keep_last=2, best_metric="eval_loss")
+  loras = {}
+  for step, loss in ((1, 0.5), (2, 0.9)):
+    rng = np.random.default_rng(step)
+    zero = lora_lib.init(model_cfg, cfg.lora, jax.random.key(step))
+    loras[step] = {"layers": {n: {m: jnp.asarray(0.05 * rng.standard_normal(x.shape), jnp.float32) for m, x in ab.items()}
+                              for n, ab in zero["layers"].items()}}
+    state = sft.init_state(loras[step], sft.make_optimizer(cfg.train), 0)
+    meta = {"step": step, "data_position": step, "config": config.to_dict(cfg)}
+    ckpts.save(step, state, meta)
+    ckpts.save_best(step, state, meta, {"eval_loss": loss})
+  ckpts.close()
+  return out, loras
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """`write_run` for tiny-llama, once per session."""
+  return write_run(tmp_path_factory.mktemp("run") / "tiny-run")

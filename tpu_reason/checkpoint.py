@@ -59,3 +59,46 @@ class Checkpoints:
       if m is not None:
         m.wait_until_finished()
         m.close()
+
+
+def _steps(manager_dir: Path) -> list[int]:
+  """Completed steps in a `last/` or `best/` directory (Orbax renames a step dir when done)."""
+  if not manager_dir.is_dir():
+    return []
+  return sorted(int(p.name) for p in manager_dir.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def find_step(path: Path) -> Path | None:
+  """The step directory `path` names: a run dir, its checkpoints/, best/ or last/ (best wins), or a step.
+
+  None if `path` is none of these (e.g. a model directory).
+  """
+  path = Path(path)
+  if path.name.isdigit() and (path / "state").is_dir():
+    return path
+  if path.name in ("best", "last"):
+    steps = _steps(path)
+    return path / str(steps[-1]) if steps else None
+  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  for which in ("best", "last"):
+    steps = _steps(root / which)
+    if steps:
+      return root / which / str(steps[-1])
+  return None
+
+
+def restore_lora(step_dir: Path) -> tuple[Any, dict]:
+  """The LoRA pytree (host numpy) and JSON meta of one saved step, whatever else the state holds."""
+  import numpy as np
+
+  step_dir = Path(step_dir).absolute()
+  saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
+  if "lora" not in saved:
+    raise ValueError(f"{step_dir}: the saved state has no 'lora' entry")
+  # Only the adapters, as numpy: no optimizer state, and no saved device layout to match.
+  item = {"lora": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["lora"])}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  state = ocp.PyTreeCheckpointer().restore(
+      step_dir / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+  return state["lora"], meta

@@ -1,0 +1,89 @@
+"""A model plus its LoRA from one spec: a model spec, a training run directory, or a checkpoint.
+
+Run directories (the `output_dir` of sft / grpo) hold `config.yaml` and
+`checkpoints/{best,last}/<step>`; the LoRA comes from the best checkpoint, else the
+latest, unless the spec names `best/`, `last/` or a step directory itself. The base model
+and LoRA settings come from the config saved with that checkpoint. Eval, chat, export and
+GRPO's init all load through `load`, so "which weights are these?" has one answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, models
+from tpu_reason.config import Config
+from tpu_reason.errors import UserError
+from tpu_reason.models.transformer import param_shapes
+
+
+@dataclasses.dataclass
+class Policy:
+  """Base model (host weights), its LoRA (None for a plain model) and where they came from."""
+
+  model: models.Model
+  lora: Any
+  lora_scale: float
+  run_config: Config | None  # the config saved with the checkpoint
+  source: str  # for logs: "runs/x/checkpoints/best/40 on smollm2-135m"
+
+  @property
+  def lora_cfg(self):
+    return None if self.run_config is None else self.run_config.lora
+
+
+def run_dir(spec: str) -> Path | None:
+  """The training run directory `spec` is or lies in (it holds config.yaml), else None."""
+  path = Path(spec)
+  if not path.is_dir() or checkpoint.find_step(path) is None:
+    return None
+  return next((p for p in (path, *path.parents) if (p / "config.yaml").is_file()), None)
+
+
+def with_run_config(argv: list[str], specs: list[str]) -> list[str]:
+  """argv with the first run's config.yaml as the recipe (output_dir reset), unless --config is given.
+
+  So eval and chat render prompts with the tag schema and system prompt the run trained on.
+  """
+  if any(a.split("=", 1)[0] == "--config" for a in argv):
+    return argv
+  run = next((r for r in map(run_dir, specs) if r is not None), None)
+  return argv if run is None else ["--config", str(run / "config.yaml"), "output_dir=", *argv]
+
+
+def load(spec: str, dtype: str = "float32") -> Policy:
+  """Base model + LoRA for `spec` (a model spec, run dir, checkpoints dir or step dir)."""
+  path = Path(spec)
+  step = checkpoint.find_step(path) if path.is_dir() else None
+  if step is None:
+    if path.is_dir() and (path / "checkpoints").is_dir():
+      raise UserError(f"{spec}: no completed checkpoint under {path / 'checkpoints'}")
+    return Policy(models.load(spec, jnp.dtype(dtype)), None, 1.0, None, spec)
+  try:
+    lora, meta = checkpoint.restore_lora(step)
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(f"{step}: cannot restore its LoRA: {e}") from None
+  if "config" not in meta:
+    raise UserError(f"{step}: the checkpoint's meta has no config (not saved by tpu_reason)")
+  run_cfg = config.build(Config, meta["config"])
+  model = models.load(run_cfg.model.spec, jnp.dtype(dtype))
+  lora = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), lora)
+  return Policy(model, lora, lora_lib.scale(run_cfg.lora), run_cfg, f"{step} on {run_cfg.model.spec}")
+
+
+def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:
+  """(params, lora) as device arrays of `dtype`, sharded by the one table in mesh.py."""
+  dt = jnp.dtype(dtype)
+  cfg = policy.model.cfg
+  params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dt), policy.model.params),
+                        mesh_lib.shardings(param_shapes(cfg), mesh))
+  if policy.lora is None:
+    return params, None
+  lora = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dt), policy.lora),
+                      mesh_lib.shardings(lora_lib.shapes(cfg, policy.lora_cfg), mesh))
+  return params, lora
