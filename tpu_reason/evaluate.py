@@ -1,46 +1,220 @@
-"""Generate on held-out prompts and score with the training rewards (one implementation)."""
+"""Generate on held-out prompts and score with the training rewards (one implementation).
+
+`generate` decodes k samples per prompt (each prompt prefilled once: the sampler's
+`group=k`), optionally with s1 budget forcing; `score_rows` applies every training reward
+(`rewards.REWARDS`, the same parsers GRPO uses) to each completion; `summarize` turns those
+into accuracy, format accuracy, pass@k, maj@k, mean rewards, token counts and the rate of
+reasoning never closed. SFT's before/after table, GRPO and `python -m tpu_reason.eval` all
+score through here.
+"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import inspect
+import time
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tpu_reason import rewards, sampler
-from tpu_reason.config import SamplingCfg
+from tpu_reason.config import BudgetCfg, SamplingCfg
+from tpu_reason.data.buckets import Example, left_pad, pad_id, render
+from tpu_reason.errors import UserError
 from tpu_reason.tags import TagSchema
+
+# Per-row counters a budget-forcing sampler adds to its Generation.
+BUDGET_FIELDS = ("thinking_tokens", "unclosed", "forced_closes", "extensions")
+
+
+@dataclasses.dataclass
+class Completions:
+  """k completions per prompt, prompt-major: row i*k + j is sample j of prompt i."""
+
+  texts: list[str]  # full assistant texts (primer included), as the rewards expect
+  lengths: np.ndarray  # generated tokens per row
+  k: int
+  seconds: float
+  budget: dict[str, np.ndarray]  # the BUDGET_FIELDS the sampler reported (empty without forcing)
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def prompt_examples(records, model, schema: TagSchema, system_prompt: str = "", multiple: int = 32) -> list[Example]:
+  """Records as prompt-only examples, left-padded to one length (the longest, rounded up).
+
+  Unlike training data nothing is dropped: an eval row needs no target that fits a bucket.
+  """
+  texts = [render(r, model, schema, system_prompt)[0] for r in records]
+  ids = [model.encode(t) for t in texts]
+  length = -(-max(map(len, ids), default=1) // multiple) * multiple
+  pad = pad_id(model)
+  empty_tokens, empty_mask = np.zeros(0, np.int32), np.zeros(0, bool)
+  examples = []
+  for r, text, row in zip(records, texts, ids):
+    tokens, mask = left_pad(row, length, pad)
+    examples.append(Example(r.id, text, "", r.answer, tuple(r.checkpoints), r.domain, tokens, mask,
+                            empty_tokens, empty_mask))
+  return examples
+
+
+# ------------------------------------------------------------------ generation
+
+
+def forcing(budget: BudgetCfg | None) -> bool:
+  """Whether `budget` changes generation at all (a cap or extensions)."""
+  return budget is not None and (budget.max_thinking_tokens > 0 or budget.extend > 0)
+
+
+def budget_kwargs(budget: BudgetCfg | None, schema: TagSchema) -> dict:
+  """The sampler arguments for budget forcing (none without a cap or extensions)."""
+  if not forcing(budget):
+    return {}
+  if "budget" not in inspect.signature(sampler.generate).parameters:
+    raise UserError("budget forcing needs a sampler with budget support; this build has none")
+  return {"budget": budget, "schema": schema}
+
+
+def generate(model, params, examples, schema: TagSchema, *, sampling: SamplingCfg, k: int = 1, lora=None,
+             lora_scale: float = 1.0, budget: BudgetCfg | None = None, batch_size: int = 16,
+             dtype=jnp.float32, desc: str | None = None) -> Completions:
+  """k samples for each example's prompt, in equal batches (one compiled shape)."""
+  from tqdm.auto import tqdm
+
+  t0 = time.perf_counter()
+  n = len(examples)
+  if n == 0:
+    return Completions([], np.zeros(0, np.int32), k, 0.0, {})
+  n_batches = -(-n // batch_size)
+  size = -(-n // n_batches)
+  extra = budget_kwargs(budget, schema)
+  root = jax.random.key(sampling.seed)
+  texts, lengths, counters = [], [], collections.defaultdict(list)
+  for b in tqdm(range(n_batches), desc=desc, disable=desc is None, leave=False):
+    rows = list(examples[b * size:(b + 1) * size])
+    keep = len(rows) * k
+    rows += [rows[0]] * (size - len(rows))  # filler rows keep the batch shape fixed
+    gen = sampler.generate(params, model.cfg, model.tokenizer, np.stack([e.prompt_tokens_P for e in rows]),
+                           np.stack([e.prompt_mask_P for e in rows]), eos_ids=model.eos_ids, sampling=sampling,
+                           key=jax.random.fold_in(root, b), lora=lora, lora_scale=lora_scale, group=k,
+                           stop_strings=schema.stop_strings, dtype=dtype, **extra)
+    texts += [schema.primer + t for t in gen.texts[:keep]]
+    lengths.append(np.asarray(gen.lengths[:keep]))
+    for name in BUDGET_FIELDS:
+      if getattr(gen, name, None) is not None:
+        counters[name].append(np.asarray(getattr(gen, name))[:keep])
+  budget_rows = {name: np.concatenate(v) for name, v in counters.items() if len(v) == n_batches}
+  return Completions(texts, np.concatenate(lengths), k, time.perf_counter() - t0, budget_rows)
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def score_rows(schema: TagSchema, texts: list[str], answers: list[str], checkpoints: list) -> dict[str, np.ndarray]:
+  """Every training reward (`rewards.REWARDS`) of each full assistant text, as {name: [R]}."""
+  kw = dict(answer=list(answers), checkpoints=list(checkpoints), schema=schema)
+  blank = [""] * len(texts)
+  return {name: np.asarray(fn(blank, texts, **kw), np.float64) for name, fn in rewards.REWARDS.items()}
+
+
+def _reward_means(scores: dict[str, np.ndarray]) -> dict[str, float]:
+  """format_accuracy (strict format reward == 1) and the mean of every reward."""
+  return {"format_accuracy": float(np.mean(scores["format"] == 1.0)),
+          **{f"reward/{name}": float(np.mean(v)) for name, v in scores.items()}}
+
+
+def majority(answers: list[str | None]) -> str | None:
+  """The most common answer after `normalize_answer` (ties: first seen); None if none parsed."""
+  votes = collections.Counter()
+  first = {}
+  for a in answers:
+    key = rewards.normalize_answer(a)
+    if key:
+      votes[key] += 1
+      first.setdefault(key, a)
+  if not votes:
+    return None
+  top = max(votes.values())
+  return next(first[key] for key in first if votes[key] == top)
+
+
+def pass_at_k(correct_NxK: np.ndarray) -> float:
+  """Fraction of prompts with at least one correct sample among their k."""
+  return float(np.mean(np.any(correct_NxK, axis=1)))
+
+
+def maj_at_k(answers_NxK: list[list[str | None]], golds: list[str]) -> float:
+  """Fraction of prompts whose majority answer matches the gold one."""
+  return float(np.mean([rewards.answers_match(majority(a), g) for a, g in zip(answers_NxK, golds)]))
+
+
+def summarize(scores: dict[str, np.ndarray], answers: list[str | None], golds: list[str], k: int,
+              lengths: np.ndarray, unclosed: np.ndarray) -> dict[str, float]:
+  """Eval metrics of n*k prompt-major rows: `answers` parsed per row, `golds` per prompt."""
+  n = len(golds)
+  outcome_NxK = scores["outcome"].reshape(n, k)
+  return {
+      "n": n,
+      "k": k,
+      "accuracy": float(np.mean(outcome_NxK)),
+      **_reward_means(scores),
+      "pass@k": pass_at_k(outcome_NxK == 1.0),
+      "maj@k": maj_at_k([answers[i * k:(i + 1) * k] for i in range(n)], golds),
+      "mean_completion_tokens": float(np.mean(lengths)),
+      "unclosed_rate": float(np.mean(unclosed)),
+  }
+
+
+def evaluate(model, params, examples, schema: TagSchema, *, sampling: SamplingCfg, k: int = 1, lora=None,
+             lora_scale: float = 1.0, budget: BudgetCfg | None = None, batch_size: int = 16, dtype=jnp.float32,
+             redact: bool = False, desc: str | None = None) -> tuple[dict, list[dict]]:
+  """(metrics, one record per sample) for k samples per example; `redact` hides the reasoning text."""
+  comps = generate(model, params, examples, schema, sampling=sampling, k=k, lora=lora, lora_scale=lora_scale,
+                   budget=budget, batch_size=batch_size, dtype=dtype, desc=desc)
+  rows = [e for e in examples for _ in range(k)]
+  scores = score_rows(schema, comps.texts, [e.answer for e in rows], [list(e.checkpoints) for e in rows])
+  parsed = [schema.parse(t) for t in comps.texts]
+  # The sampler knows when forcing kept a block open; without forcing the text tells.
+  unclosed = comps.budget.get("unclosed", np.array([not p.closed_reasoning for p in parsed]))
+  metrics = summarize(scores, [p.answer for p in parsed], [e.answer for e in examples], k, comps.lengths, unclosed)
+  for name in ("thinking_tokens", "forced_closes", "extensions"):
+    if name in comps.budget:
+      metrics[f"mean_{name}"] = float(np.mean(comps.budget[name]))
+  metrics["seconds"] = comps.seconds
+  metrics["tokens_per_second"] = float(comps.lengths.sum()) / max(comps.seconds, 1e-9)
+  samples = []
+  for r, (e, text, p) in enumerate(zip(rows, comps.texts, parsed)):
+    sample = {"id": e.id, "sample": r % k, "prompt": e.prompt_text,
+              "completion": schema.redact(text) if redact else text, "answer": p.answer, "gold": e.answer,
+              "scores": {name: float(v[r]) for name, v in scores.items()}, "tokens": int(comps.lengths[r]),
+              "unclosed": bool(unclosed[r])}
+    sample.update({name: np.asarray(v[r]).item() for name, v in comps.budget.items() if name != "unclosed"})
+    samples.append(sample)
+  return metrics, samples
+
+
+# ------------------------------------------------------------------ training-time helpers
 
 
 def score_texts(schema: TagSchema, texts: list[str], answers: list[str], checkpoints: list) -> dict[str, float]:
   """Format / answer accuracy and mean reward of full assistant texts (primer included)."""
-  kw = dict(answer=answers, checkpoints=checkpoints, schema=schema)
-  prompts = [""] * len(texts)
-  fmt = rewards.format_reward(prompts, texts, **kw)
-  out = rewards.outcome_reward(prompts, texts, **kw)
-  proc = rewards.process_reward(prompts, texts, **kw)
-  return {
-      "format_accuracy": float(np.mean([f == 1.0 for f in fmt])),
-      "answer_accuracy": float(np.mean(out)),
-      "reward/format": float(np.mean(fmt)),
-      "reward/process": float(np.mean(proc)),
-      "reward/outcome": float(np.mean(out)),
-  }
+  scores = score_rows(schema, texts, answers, checkpoints)
+  unclosed = [not schema.parse(t).closed_reasoning for t in texts]
+  return {**_reward_means(scores), "answer_accuracy": float(np.mean(scores["outcome"])),
+          "unclosed_rate": float(np.mean(unclosed))}
 
 
 def generate_and_score(model, params, examples, schema: TagSchema, *, lora=None, lora_scale=1.0,
-                       max_new_tokens=256, batch_size=16, dtype=None) -> tuple[dict, list[str]]:
-  """Greedy generation for `examples` (their padded prompts), scored with the rewards."""
-  import jax.numpy as jnp
-
-  texts, lengths = [], []
-  sampling = SamplingCfg(max_new_tokens=max_new_tokens, temperature=0.0)
-  for i in range(0, len(examples), batch_size):
-    rows = examples[i:i + batch_size]
-    tokens = np.stack([e.prompt_tokens_P for e in rows])
-    mask = np.stack([e.prompt_mask_P for e in rows])
-    gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
-                           sampling=sampling, lora=lora, lora_scale=lora_scale,
-                           stop_strings=schema.stop_strings, dtype=dtype or jnp.float32)
-    texts += [schema.primer + t for t in gen.texts]
-    lengths += gen.lengths.tolist()
-  scores = score_texts(schema, texts, [e.answer for e in examples], [list(e.checkpoints) for e in examples])
-  scores["mean_completion_tokens"] = float(np.mean(lengths)) if lengths else 0.0
-  return scores, texts
+                       max_new_tokens=256, batch_size=16, dtype=None, sampling: SamplingCfg | None = None,
+                       k: int = 1, budget: BudgetCfg | None = None) -> tuple[dict, list[str]]:
+  """Generation for `examples` (greedy unless `sampling` says otherwise), scored with the rewards."""
+  sampling = sampling or SamplingCfg(max_new_tokens=max_new_tokens, temperature=0.0)
+  comps = generate(model, params, examples, schema, sampling=sampling, k=k, lora=lora, lora_scale=lora_scale,
+                   budget=budget, batch_size=batch_size, dtype=dtype or jnp.float32)
+  rows = [e for e in examples for _ in range(k)]
+  scores = score_texts(schema, comps.texts, [e.answer for e in rows], [list(e.checkpoints) for e in rows])
+  scores["mean_completion_tokens"] = float(np.mean(comps.lengths)) if len(comps.lengths) else 0.0
+  return scores, comps.texts

@@ -1,0 +1,297 @@
+"""Evaluation: scores of fixed completions against hand-computed values, k samples per prompt
+(one prefill), eval.json / samples.jsonl, --compare, budget settings, redaction, the real model.
+
+The score tests need no model. The CLI tests run the tiny random `tiny-llama` (real SmolLM2
+tokenizer) on 4 rows with a few new tokens; one test runs the embedded SmolLM2-135M.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from tpu_reason import eval as eval_cli, evaluate, sampler, tags
+from tpu_reason.config import BudgetCfg, SamplingCfg
+
+REASONING = tags.get_schema("reasoning")
+
+# Two prompts, three samples each (prompt-major), with every reward worked out by hand.
+GOLDS = ["5", "17"]
+CHECKPOINTS = [["2 + 3 = 5"], ["10 + 7 = 17"]]
+TEXTS = [
+    "<reasoning>\n2 + 3 = 5\n</reasoning>\n<answer>\n5\n</answer>",  # all right
+    "<reasoning>\nhmm\n</reasoning>\n<answer>\n6\n</answer>",  # well formed, wrong
+    "<reasoning>\n2 + 3 = 6\n</reasoning>\n<answer>\n6.0\n</answer>",  # wrong; votes with the one above
+    "<reasoning>\n10 + 7 = 17",  # never closed: opened only, checkpoint present
+    "<reasoning>\nx\n</reasoning>\n<answer>17</answer> extra",  # right, text after the answer
+    "<reasoning>\nfine\n</reasoning>\n<answer>\nseventeen\n</answer>",  # well formed, not a number match
+]
+HAND = {
+    "format": [1, 1, 1, 0.25, 0.75, 1],
+    "format_soft": [1, 1, 1, 0, 1, 1],
+    "process": [1, 0, 0, 1, 0, 0],
+    "outcome": [1, 0, 0, 0, 1, 0],
+}
+
+
+def _rows():
+  return [g for g in GOLDS for _ in range(3)], [c for c in CHECKPOINTS for _ in range(3)]
+
+
+def test_score_rows_match_hand_checks():
+  golds, ckpts = _rows()
+  scores = evaluate.score_rows(REASONING, TEXTS, golds, ckpts)
+  assert set(scores) == set(HAND)
+  for name, want in HAND.items():
+    np.testing.assert_array_equal(scores[name], want, err_msg=name)
+
+
+def test_summarize_matches_hand_checks():
+  golds, ckpts = _rows()
+  scores = evaluate.score_rows(REASONING, TEXTS, golds, ckpts)
+  answers = [REASONING.parse(t).answer for t in TEXTS]
+  assert answers == ["5", "6", "6.0", None, "17", "seventeen"]
+  unclosed = np.array([not REASONING.parse(t).closed_reasoning for t in TEXTS])
+  m = evaluate.summarize(scores, answers, GOLDS, 3, np.array([10, 20, 30, 40, 50, 60]), unclosed)
+  assert m == pytest.approx({
+      "n": 2, "k": 3,
+      "accuracy": 2 / 6,
+      "format_accuracy": 4 / 6,
+      "pass@k": 1.0,  # each prompt has one right sample
+      "maj@k": 0.5,  # prompt 0 votes 6 (twice, as "6" and "6.0"); prompt 1 ties 17 / seventeen -> first, 17
+      "reward/format": 5 / 6, "reward/format_soft": 5 / 6, "reward/process": 2 / 6, "reward/outcome": 2 / 6,
+      "mean_completion_tokens": 35.0,
+      "unclosed_rate": 1 / 6,
+  })
+
+
+def test_score_texts_keeps_the_sft_keys():
+  golds, ckpts = _rows()
+  s = evaluate.score_texts(REASONING, TEXTS, golds, ckpts)
+  assert s["answer_accuracy"] == pytest.approx(2 / 6) and s["format_accuracy"] == pytest.approx(4 / 6)
+  assert s["reward/process"] == pytest.approx(2 / 6) and s["unclosed_rate"] == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("answers, want", [
+    (["6", "6.0", "5"], "6"),
+    (["5", None, "6"], "5"),  # tie: first seen
+    ([None, " ", None], None),
+    (["1,000", "1000", "999"], "1,000"),  # votes compare normalised answers
+])
+def test_majority(answers, want):
+  assert evaluate.majority(answers) == want
+
+
+def test_pass_and_maj_at_k():
+  assert evaluate.pass_at_k(np.array([[0, 1], [0, 0], [1, 1]], bool)) == pytest.approx(2 / 3)
+  assert evaluate.maj_at_k([["4", "4", "5"], ["x", "7", "7"]], ["4", "8"]) == 0.5
+
+
+# --------------------------------------------------------------------------- running models
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
+  rows = [{"question": "What is 2 plus 3?", "answer": "5", "checkpoints": ["2 + 3 = 5"]},
+          {"prompt": "What is 10 plus 7?", "answer": 17},
+          {"question": "What is 4 times 4?", "answer": "16"},
+          {"question": "What is 9 minus 1?", "answer": "8", "checkpoints": []}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+TINY_ARGS = ["sampling.max_new_tokens=6", "eval.batch_size=3", "eval.show=0", "data.system_prompt="]
+
+
+def _run(tmp_path, rows_file, *args, model=("--model", "tiny-llama")):
+  out = tmp_path / "out"
+  eval_cli.main([*model, "--data", str(rows_file), "--out", str(out), *TINY_ARGS, *args])
+  return out
+
+
+def _samples(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_writes_metrics_and_samples(tmp_path, rows_file, capsys):
+  out = _run(tmp_path, rows_file)
+  result = json.loads((out / "eval.json").read_text())
+  for key in ("accuracy", "format_accuracy", "pass@k", "maj@k", "reward/format", "reward/format_soft",
+              "reward/process", "reward/outcome", "mean_completion_tokens", "unclosed_rate"):
+    assert 0 <= result[key] <= (6 if key == "mean_completion_tokens" else 1), key
+  assert (result["n"], result["k"], result["model"]) == (4, 1, "tiny-llama")
+  samples = _samples(out / "samples.jsonl")
+  assert [s["gold"] for s in samples] == ["5", "17", "16", "8"]
+  assert all(s["completion"].startswith("<reasoning>\n") and s["setting"] == "plain" for s in samples)
+  assert "What is 10 plus 7?" in samples[1]["prompt"]  # `prompt` rows load like `question` rows
+  golds, texts = [s["gold"] for s in samples], [s["completion"] for s in samples]
+  scores = evaluate.score_rows(REASONING, texts, golds, [["2 + 3 = 5"], [], [], []])
+  for i, s in enumerate(samples):
+    assert s["scores"] == {n: float(v[i]) for n, v in scores.items()}
+    assert s["answer"] == REASONING.parse(s["completion"]).answer
+  assert result["mean_completion_tokens"] == pytest.approx(np.mean([s["tokens"] for s in samples]))
+  assert result["accuracy"] == pytest.approx(np.mean(scores["outcome"]))
+  table = capsys.readouterr().out
+  assert "format_accuracy" in table and "pass@1" in table and "tiny-llama" in table
+
+
+def test_k_samples_share_one_prefill_per_prompt(tmp_path, rows_file, monkeypatch):
+  calls = []
+  real = sampler.generate
+
+  def spy(params, cfg, tok, tokens, mask, **kw):
+    calls.append((tokens.shape[0], kw["group"]))
+    return real(params, cfg, tok, tokens, mask, **kw)
+
+  monkeypatch.setattr(sampler, "generate", spy)
+  out = _run(tmp_path, rows_file, "eval.k=3", "sampling.temperature=1.0", "eval.batch_size=4")
+  assert calls == [(4, 3)]  # 4 prompts prefilled once, decoded 3 times each
+  samples = _samples(out / "samples.jsonl")
+  assert [s["sample"] for s in samples] == [0, 1, 2] * 4
+  assert [s["gold"] for s in samples] == [g for g in ["5", "17", "16", "8"] for _ in range(3)]
+  result = json.loads((out / "eval.json").read_text())
+  correct = np.array([s["scores"]["outcome"] for s in samples]).reshape(4, 3)
+  assert result["pass@k"] == pytest.approx(np.mean(correct.any(1)))
+  assert len({s["completion"] for s in samples[:3]}) > 1  # sampled, not copies
+
+
+def test_equal_batches_cover_every_row_once(tmp_path, rows_file, monkeypatch):
+  sizes = []
+  real = sampler.generate
+  monkeypatch.setattr(sampler, "generate", lambda *a, **kw: sizes.append(a[3].shape[0]) or real(*a, **kw))
+  out = _run(tmp_path, rows_file, "eval.batch_size=3")
+  assert sizes == [2, 2]  # 4 rows, at most 3 per call: two calls of 2, not 3 + 1
+  assert len(_samples(out / "samples.jsonl")) == 4
+
+
+def test_redact_thoughts_keeps_answers_and_lengths_only(tmp_path, rows_file):
+  plain = _samples(_run(tmp_path / "a", rows_file) / "samples.jsonl")
+  redacted = _samples(_run(tmp_path / "b", rows_file, "redact_thoughts=true") / "samples.jsonl")
+  assert [s["completion"] for s in redacted] == [REASONING.redact(s["completion"]) for s in plain]
+  assert [(s["answer"], s["scores"]) for s in redacted] == [(s["answer"], s["scores"]) for s in plain]
+  for p, r in zip(plain, redacted):
+    reasoning = REASONING.parse(p["completion"]).reasoning
+    assert f"[{len(reasoning)} chars of reasoning redacted]" in r["completion"]
+    assert not reasoning or reasoning not in r["completion"]
+
+
+@dataclasses.dataclass
+class BudgetGeneration(sampler.Generation):
+  """A Generation with the per-row counters the budget-forcing sampler adds."""
+
+  thinking_tokens: np.ndarray = None
+  unclosed: np.ndarray = None
+  forced_closes: np.ndarray = None
+  extensions: np.ndarray = None
+
+
+def _budget_sampler(monkeypatch):
+  """The budget-forcing sampler interface: plain generation plus the per-row counters."""
+  real = sampler.generate
+  seen = []
+
+  def generate(*args, budget=None, schema=None, **kw):
+    seen.append((budget, schema))
+    gen = real(*args, **kw)
+    if budget is None:
+      return gen
+    n = len(gen.lengths)
+    return BudgetGeneration(**vars(gen), thinking_tokens=np.minimum(gen.lengths, budget.max_thinking_tokens),
+                            unclosed=np.zeros(n, bool), forced_closes=np.ones(n, np.int32),
+                            extensions=np.full(n, budget.extend))
+
+  monkeypatch.setattr(sampler, "generate", generate)
+  return seen
+
+
+def test_budget_runs_plain_and_forced_side_by_side(tmp_path, rows_file, monkeypatch, capsys):
+  seen = _budget_sampler(monkeypatch)
+  out = _run(tmp_path, rows_file, "budget.max_thinking_tokens=3", "budget.extend=1", "eval.batch_size=4")
+  assert [b for b, _ in seen] == [None, BudgetCfg(max_thinking_tokens=3, extend=1)]
+  assert seen[1][1] == REASONING
+  result = json.loads((out / "eval.json").read_text())
+  forced = result["forced"]
+  assert forced["budget"] == {"max_thinking_tokens": 3, "extend": 1, "wait": "Wait"}
+  assert forced["unclosed_rate"] == 0.0 and forced["mean_extensions"] == 1.0 and forced["mean_forced_closes"] == 1.0
+  assert forced["mean_thinking_tokens"] <= 3 and "mean_thinking_tokens" not in result
+  samples = _samples(out / "samples.jsonl")
+  assert [s["setting"] for s in samples] == ["plain"] * 4 + ["forced"] * 4
+  assert all(s["extensions"] == 1 for s in samples[4:])
+  lines = capsys.readouterr().out.splitlines()
+  assert ["tiny-llama", "tiny-llama+budget"] in [line.split() for line in lines]
+
+
+def test_budget_without_sampler_support_is_one_error_line(tmp_path, rows_file, monkeypatch, capsys):
+  real = sampler.generate
+  monkeypatch.setattr(sampler, "generate", lambda *a, **kw: real(*a, **kw))  # takes no `budget`
+  with pytest.raises(SystemExit):
+    _run(tmp_path, rows_file, "budget.max_thinking_tokens=3")
+  assert capsys.readouterr().err.strip() == "error: budget forcing needs a sampler with budget support; this build has none"
+
+
+def test_compare_base_and_run_in_one_table(tmp_path, rows_file, tiny_run, capsys):
+  run, _ = tiny_run
+  out = _run(tmp_path, rows_file, model=("--compare", "tiny-llama", str(run)))
+  both = json.loads((out / "compare.json").read_text())
+  assert list(both["models"]) == ["tiny-llama", "tiny-run"]
+  assert both["models"]["tiny-run"]["source"].endswith("checkpoints/best/1 on tiny-llama")
+  base = _samples(out / "tiny-llama" / "samples.jsonl")
+  tuned = _samples(out / "tiny-run" / "samples.jsonl")
+  assert [s["prompt"] for s in base] == [s["prompt"] for s in tuned]
+  assert [s["completion"] for s in base] != [s["completion"] for s in tuned]  # the LoRA is applied
+  assert "lora:\n  rank: 4" in (out / "config.yaml").read_text()  # the run's config is the recipe
+  lines = capsys.readouterr().out.splitlines()
+  header = next(line for line in lines if "tiny-run" in line and "tiny-llama" in line)
+  assert header.split() == ["tiny-llama", "tiny-run"]
+  assert sum(line.startswith("accuracy") for line in lines) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval.k=2"], "samples of greedy decoding are identical"),
+    (["--compare", "tiny-llama"], "--compare needs two models"),
+    (["--model", "tiny-llama", "--compare", "a", "b"], "give one model"),
+    (["data.path=/nope.jsonl"], "data.path not found"),
+])
+def test_bad_input_is_one_error_line(tmp_path, rows_file, args, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    eval_cli.main(["--data", str(rows_file), "--out", str(tmp_path), *args])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_generate_and_score_keeps_sft_contract(smollm2_tiny_batch):
+  model, params, examples = smollm2_tiny_batch
+  scores, texts = evaluate.generate_and_score(model, params, examples, REASONING, max_new_tokens=4)
+  assert len(texts) == len(examples) and all(t.startswith(REASONING.primer) for t in texts)
+  assert {"format_accuracy", "answer_accuracy", "mean_completion_tokens"} <= set(scores)
+  assert scores["mean_completion_tokens"] <= 4
+
+
+@pytest.fixture(scope="module")
+def smollm2_tiny_batch(smollm2, rows_file):
+  import jax
+
+  from tpu_reason.data.sources import load_table
+
+  records, _ = load_table(rows_file)
+  examples = evaluate.prompt_examples(records, smollm2, REASONING, "")
+  return smollm2, jax.tree.map(np.asarray, smollm2.params), examples
+
+
+def test_embedded_model_eval_greedy_matches_direct_generation(smollm2_tiny_batch, tmp_path, rows_file):
+  """The real SmolLM2: the CLI's greedy completions are the sampler's, scored by the rewards."""
+  model, params, examples = smollm2_tiny_batch
+  out = _run(tmp_path, rows_file, "sampling.max_new_tokens=24", "eval.batch_size=4",
+             model=("--model", "smollm2-135m"))
+  samples = _samples(out / "samples.jsonl")
+  tokens = np.stack([e.prompt_tokens_P for e in examples])
+  mask = np.stack([e.prompt_mask_P for e in examples])
+  gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
+                         sampling=SamplingCfg(max_new_tokens=24), stop_strings=REASONING.stop_strings)
+  assert [s["completion"] for s in samples] == [REASONING.primer + t for t in gen.texts]
+  assert [s["tokens"] for s in samples] == gen.lengths.tolist()
+  result = json.loads((out / "eval.json").read_text())
+  assert result["unclosed_rate"] == np.mean([not REASONING.parse(s["completion"]).closed_reasoning for s in samples])

@@ -1,0 +1,188 @@
+"""`python -m tpu_reason.eval --model SPEC_OR_RUN_DIR --data FILE.jsonl [key=value ...]`: score a model.
+
+The model is a spec (`smollm2-135m`, a GGUF, a Hugging Face dir) or a training run /
+checkpoint directory (base model from its config, LoRA from its best, else latest,
+checkpoint; the run's config.yaml is then the recipe, so prompts use the schema and system
+prompt it trained on). Rows come from `--data FILE.jsonl` (`question` or `prompt`, `answer`,
+optional `checkpoints`; `eval.limit` caps them) or, without it, from reasoning-gym
+`data.task` at `data.eval_seed` (`data.eval_size` rows: the held-out split SFT uses).
+
+Greedy by default; `eval.k=4 sampling.temperature=0.7` draws 4 samples per prompt (the
+prompt is prefilled once) for pass@k and maj@k. With `budget.max_thinking_tokens` or
+`budget.extend` set, every model runs twice, plain and budget-forced, so the cost and gain
+of forcing show side by side. `--compare A B` evaluates two models on the same rows in one
+run and prints one table. `redact_thoughts=true` writes reasoning as its length only.
+
+Writes to `output_dir` (default runs/eval-<time>): config.yaml, eval.json (metrics; the
+forced run under "forced") and samples.jsonl (every prompt, completion, parsed answer and
+reward); with --compare, one such pair per model in <output_dir>/<label>/ and compare.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import sys
+from pathlib import Path
+
+from tpu_reason import config, mesh as mesh_lib, policy, tags
+from tpu_reason import evaluate
+from tpu_reason.config import Config, DataCfg
+from tpu_reason.data.prepare import GENERATED_SOURCES, load_records
+from tpu_reason.errors import UserError, cli
+
+FLAGS = {"--model": "model", "--compare": "compare", "--data": "data", "--out": "output_dir", "--k": "eval.k",
+         "--limit": "eval.limit", "--max-new-tokens": "sampling.max_new_tokens",
+         "--temperature": "sampling.temperature", "--seed": "sampling.seed"}
+# Table rows, in order; anything else a run reports (budget counters) follows.
+ROWS = ("n", "k", "accuracy", "format_accuracy", "pass@k", "maj@k", "reward/format", "reward/format_soft",
+        "reward/process", "reward/outcome", "mean_completion_tokens", "unclosed_rate")
+
+
+def _flag_value(argv: list[str], i: int) -> tuple[str, int]:
+  """Value of the flag at argv[i] (`--f=v` or `--f v`) and the index after it."""
+  if "=" in argv[i]:
+    return argv[i].split("=", 1)[1], i + 1
+  if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+    raise UserError(f"{argv[i]} needs a value")
+  return argv[i + 1], i + 2
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(config argv, model specs): pulls out --model X and --compare A B; --data and --out become keys."""
+  rest, specs, i = [], [], 0
+  while i < len(argv):
+    name = argv[i].split("=", 1)[0]
+    if name == "--compare":
+      if i + 2 >= len(argv) or any(a.startswith("--") for a in argv[i + 1:i + 3]):
+        raise UserError("--compare needs two models: --compare A B")
+      specs += argv[i + 1:i + 3]
+      i += 3
+    elif name == "--model":
+      spec, i = _flag_value(argv, i)
+      specs.append(spec)
+    elif name == "--out":
+      path, i = _flag_value(argv, i)
+      rest.append(f"output_dir={path}")
+    elif name == "--data":
+      path, i = _flag_value(argv, i)
+      rest += [f"data.source={'parquet' if path.endswith('.parquet') else 'jsonl'}", f"data.path={path}"]
+    else:
+      rest.append(argv[i])
+      i += 1
+  if len(specs) > 2:
+    raise UserError("give one model (--model X) or two (--compare A B), not both")
+  return rest, specs
+
+
+def eval_records(data: DataCfg, limit: int = 0) -> list:
+  """The rows to evaluate: a whole file (first `limit`), or reasoning-gym's held-out seed."""
+  if data.source in GENERATED_SOURCES:
+    records, report = load_records(data, seed=data.eval_seed, size=data.eval_size)
+  else:
+    records, report = load_records(data, seed=data.seed, size=data.size)
+    records = records[:limit] if limit else records
+  print(report)
+  if not records:
+    raise UserError(f"no rows to evaluate: {report}")
+  return records
+
+
+def labels(specs: list[str]) -> list[str]:
+  """Short distinct names for the models (run or file name), usable as directory names."""
+  out = []
+  for spec in specs:
+    run = policy.run_dir(spec)
+    name = (run or Path(spec.rstrip("/"))).name or spec
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    out.append(name if name not in out else f"{name}-{len(out) + 1}")
+  return out
+
+
+def table(columns: dict[str, dict]) -> str:
+  """One text table: a column per (model, setting), a row per metric."""
+  keys = [k for k in ROWS if any(k in m for m in columns.values())]
+  keys += sorted({k for m in columns.values() for k in m} - set(keys) - {"seconds", "tokens_per_second"})
+  width = max(12, *(len(c) + 2 for c in columns))
+  k = next(iter(columns.values())).get("k", 1)
+  lines = [f"{'':<24}" + "".join(f"{c:>{width}}" for c in columns)]
+  for key in keys:
+    cells = []
+    for m in columns.values():
+      v = m.get(key)
+      cells.append("-" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.1f}" if "tokens" in key else f"{v:.3f}")
+    lines.append(f"{key.replace('@k', f'@{k}'):<24}" + "".join(f"{c:>{width}}" for c in cells))
+  return "\n".join(lines)
+
+
+def _show(samples: list[dict], n: int, title: str):
+  for s in samples[:n]:
+    print(f"--- {title} | {s['id']} gold={s['gold']!r} parsed={s['answer']!r} scores={s['scores']}")
+    print(s["completion"])
+
+
+def _write(out: Path, result: dict, samples: list[dict]):
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "eval.json").write_text(json.dumps(result, indent=1))
+  with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+    for s in samples:
+      f.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+
+def output_dir(cfg: Config) -> Path:
+  return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run(cfg: Config, specs: list[str]) -> dict[str, dict]:
+  """Evaluate each model on the same rows; write eval.json + samples.jsonl per model; print one table."""
+  import jax.numpy as jnp
+
+  if cfg.eval.k > 1 and cfg.sampling.temperature == 0:
+    raise UserError(f"eval.k={cfg.eval.k} samples of greedy decoding are identical: set sampling.temperature > 0")
+  schema = tags.get_schema(cfg.data.schema)
+  evaluate.budget_kwargs(cfg.budget, schema)  # no sampler support for forcing: say so before any work
+  records = eval_records(cfg.data, cfg.eval.limit)  # before any model loads: bad data fails fast
+  out = output_dir(cfg)
+  config.save(cfg, out)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  settings = {"": None, "+budget": cfg.budget} if evaluate.forcing(cfg.budget) else {"": None}
+  results, columns = {}, {}
+  names = labels(specs)
+  for name, spec in zip(names, specs):
+    pol = policy.load(spec, cfg.model.dtype)
+    params, lora = policy.place(pol, mesh, cfg.model.dtype)
+    examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
+    result, all_samples = {"model": spec, "source": pol.source}, []
+    for suffix, budget in settings.items():
+      metrics, samples = evaluate.evaluate(
+          pol.model, params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=lora,
+          lora_scale=pol.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
+          dtype=jnp.dtype(cfg.model.dtype), redact=cfg.redact_thoughts, desc=name + suffix)
+      setting = "forced" if budget else "plain"
+      all_samples += [{"setting": setting, **s} for s in samples]
+      columns[name + suffix] = metrics
+      if budget:
+        result["forced"] = {**metrics, "budget": dataclasses.asdict(budget)}
+      else:
+        result.update(metrics)
+      _show(samples, cfg.eval.show, f"{name} {setting}")
+    _write(out / name if len(specs) > 1 else out, result, all_samples)
+    results[name] = result
+  text = table(columns)
+  if len(specs) > 1:
+    (out / "compare.json").write_text(json.dumps({"models": results, "table": text}, indent=1))
+  print(text)
+  print(f"outputs in {out}")
+  return results
+
+
+@cli
+def main(argv: list[str] | None = None):
+  argv, specs = split_args(sys.argv[1:] if argv is None else argv)
+  cfg, _ = config.parse_args(Config, policy.with_run_config(argv, specs), FLAGS)
+  run(cfg, specs or [cfg.model.spec])
+
+
+if __name__ == "__main__":
+  main()
