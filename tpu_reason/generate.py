@@ -27,24 +27,35 @@ def _parse(argv: list[str]):
   return cfg, flags["prompt"], flags.get("raw", "false").lower() in ("1", "true", "yes")
 
 
+class Streamer:
+  """A sampler `on_chunk` callback writing row 0's new text to `out` as it grows."""
+
+  def __init__(self, tokenizer, out):
+    self.tokenizer, self.out, self.printed = tokenizer, out, 0
+
+  def __call__(self, tokens_BxN, lengths_B):
+    text = self.tokenizer.decode(tokens_BxN[0, : lengths_B[0]], skip_special_tokens=True)
+    if len(text) > self.printed and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+      self.write(text)
+
+  def write(self, text: str):
+    """Write what of `text` is not on screen yet."""
+    self.out.write(text[self.printed:])
+    self.out.flush()
+    self.printed = max(self.printed, len(text))
+
+
 def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> sampler.Generation:
   """Load the model, generate for one prompt, stream text to `out`."""
   model = models.load(cfg.model.spec)
   params = jax.tree.map(jnp.asarray, model.params)
   text = prompt if raw or not model.tokenizer.chat_template else model.chat_prompt(prompt)
   tokens, mask = sampler.left_pad([model.encode(text)], None, model.tokenizer.pad_token_id or 0)
-  printed = [0]
-
-  def stream(tokens_BxN, lengths_B):
-    new = model.tokenizer.decode(tokens_BxN[0, : lengths_B[0]], skip_special_tokens=True)
-    if len(new) > printed[0] and not new.endswith("\ufffd"):  # wait for whole UTF-8 characters
-      out.write(new[printed[0]:])
-      out.flush()
-      printed[0] = len(new)
-
+  stream = Streamer(model.tokenizer, out)
   gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
                          sampling=cfg.sampling, chunk=8, on_chunk=stream)
-  out.write(gen.texts[0][printed[0]:] + "\n")
+  stream.write(gen.texts[0])
+  out.write("\n")
   reason = "eos" if gen.finished[0] else "length cap"
   print(f"[{gen.lengths[0]} tokens, {gen.tokens_per_second:.1f} tok/s incl. compile, stopped by {reason}]",
         file=sys.stderr)
