@@ -339,6 +339,24 @@ def test_hf_config_gemma3_as_saved_by_installed_transformers():
   assert cfg.rope_theta == 1_000_000.0 and cfg.rope_local_theta == 10_000.0
 
 
+@pytest.mark.parametrize("cfg", [
+    TINY_LLAMA, *HF_CASES.values(),
+    dataclasses.replace(TINY_LLAMA, family="qwen3", qk_norm=True, rope_theta=1e6),
+    dataclasses.replace(TINY_GEMMA3, family="gemma2", qk_norm=False, rope_local_theta=None, attn_softcap=50.0,
+                        final_softcap=30.0, query_scale=256**-0.5),
+    dataclasses.replace(TINY_GEMMA3, num_layers=12, global_every=6, query_scale=None),
+], ids=lambda c: c.family)
+def test_hf_config_written_for_export_reads_back(cfg):
+  written = hf.config_to_hf(cfg)
+  back = hf.config_from_hf(json.loads(json.dumps(written)))
+  if cfg.family.startswith("gemma") and cfg.query_scale is None:  # HF configs state the default scale
+    cfg = dataclasses.replace(cfg, query_scale=cfg.head_dim**-0.5)
+  assert back == cfg
+  if cfg.family.startswith("gemma"):
+    assert isinstance(written["query_pre_attn_scalar"], int)  # transformers rejects a float
+    assert written["layer_types"].count("full_attention") == cfg.num_layers // cfg.global_every
+
+
 def test_hf_unsupported_model_type(tmp_path):
   c = _hf_config(TINY_LLAMA)
   c["model_type"] = "gpt2"

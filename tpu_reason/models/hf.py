@@ -86,6 +86,48 @@ def known_config(spec: str) -> ModelConfig | None:
   return None
 
 
+# family -> (model_type, architecture) that transformers instantiates
+_HF_CLASS = {
+    "llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+}
+# ModelConfig does not record the trained context length; RoPE models only use this as a
+# generation default, so a common value is written.
+MAX_POSITIONS = 8192
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+  """transformers config.json dict for `cfg` (inverse of `config_from_hf`), float32 weights.
+
+  RoPE is written both as transformers 5 `rope_parameters` and as the legacy keys older
+  versions read.
+  """
+  model_type, arch = _HF_CLASS[cfg.family]
+  gemma = cfg.family.startswith("gemma")
+  c = dict(
+      architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim,
+      intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+      tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=MAX_POSITIONS, dtype="float32",
+      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+  )
+  c["hidden_activation" if gemma else "hidden_act"] = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else cfg.act
+  if cfg.family == "llama":
+    c.update(attention_bias=False, mlp_bias=False)
+  if gemma:
+    scalar = round((cfg.query_scale if cfg.query_scale is not None else cfg.head_dim**-0.5) ** -2, 6)
+    c.update(query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,  # transformers wants an int
+             attn_logit_softcapping=cfg.attn_softcap,
+             final_logit_softcapping=cfg.final_softcap, sliding_window=cfg.sliding_window,
+             layer_types=["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.num_layers)])
+  if cfg.family == "gemma3":
+    local = cfg.rope_local_theta if cfg.rope_local_theta is not None else 10_000.0
+    c.update(sliding_window_pattern=cfg.global_every, rope_local_base_freq=local, rope_parameters={
+        "full_attention": c["rope_parameters"], "sliding_attention": {"rope_type": "default", "rope_theta": local}})
+  return c
+
+
 def _rope_theta(c: dict, layer_type: str, default: float = 10_000.0) -> float:
   """rope_theta from old-style configs or transformers 5 `rope_parameters` (maybe per layer type)."""
   if c.get("rope_theta") is not None:
