@@ -71,27 +71,27 @@ def smollm2():
   return models.load("smollm2-135m")
 
 
-def write_run(out, spec: str = "tiny-llama", *overrides):
-  """A training run directory as sft writes it (config.yaml, checkpoints/{last,best}) for `spec`.
+def write_run(out, spec: str = "tiny-llama", *overrides, trainer: str = "sft", init: str = "base", seed: int = 0):
+  """A training run directory as the trainers write it (run.json, config.yaml, checkpoints/{last,best}).
 
   Step 1 is the best checkpoint and step 2 only the latest, with different random non-zero
   LoRAs (B != 0, so each changes the model). Returns (run dir, {1: lora, 2: lora}).
   """
-  from tpu_reason import checkpoint, config, lora as lora_lib, models, sft
+  from tpu_reason import checkpoint, config, lora as lora_lib, models, runs, train
   from tpu_reason.config import Config
 
   cfg = config.load(Config, None, [f"output_dir={out}", f"model.spec={spec}", "lora.rank=4", "lora.alpha=8",
                                    "data.system_prompt=", *overrides])
+  runs.write_info(out, trainer, init)
   config.save(cfg, out)
   model_cfg = models.load(spec).cfg
   ckpts = checkpoint.Checkpoints(out / "checkpoints", keep_last=2, best_metric="eval_loss")
   loras = {}
   for step, loss in ((1, 0.5), (2, 0.9)):
-    rng = np.random.default_rng(step)
-    zero = lora_lib.init(model_cfg, cfg.lora, jax.random.key(step))
-    loras[step] = {"layers": {n: {m: jnp.asarray(0.05 * rng.standard_normal(x.shape), jnp.float32) for m, x in ab.items()}
-                              for n, ab in zero["layers"].items()}}
-    state = sft.init_state(loras[step], sft.make_optimizer(cfg.train), 0)
+    rng = np.random.default_rng([seed, step])
+    shapes = lora_lib.shapes(model_cfg, cfg.lora)
+    loras[step] = unflatten({n: jnp.asarray(0.05 * rng.standard_normal(s), jnp.float32) for n, (s, _) in shapes.items()})
+    state = train.init_state(loras[step], train.make_optimizer(cfg.train), 0)
     meta = {"step": step, "data_position": step, "config": config.to_dict(cfg)}
     ckpts.save(step, state, meta)
     ckpts.save_best(step, state, meta, {"eval_loss": loss})

@@ -331,7 +331,7 @@ def test_init_merges_the_sft_adapter(tmp_path):
   key = jax.random.key(3)
   lora = jax.tree.map(lambda x: 0.1 * jax.random.normal(key, x.shape), lora_lib.init(cfg, lcfg, key))
   run = fake_sft_run(tmp_path, "sft", "tiny-llama", lora)
-  merged = runs.apply_init(str(run), params, cfg)
+  merged = runs.apply_init(str(run), params)
   tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % cfg.vocab_size
   pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
   want = transformer.forward(params, cfg, tokens, pos, lora=lora, lora_scale=lora_lib.scale(lcfg))
@@ -340,7 +340,7 @@ def test_init_merges_the_sft_adapter(tmp_path):
   # a GRPO run on top chains: its base is the merged SFT weights
   grpo_run = tmp_path / "grpo"
   runs.write_info(grpo_run, "grpo", str(run))
-  chained = runs.base_params(grpo_run, params, cfg)
+  chained = runs.base_params(grpo_run, params)
   for x, y in zip(jax.tree.leaves(chained), jax.tree.leaves(merged)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

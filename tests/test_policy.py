@@ -65,3 +65,18 @@ def test_place_shards_params_and_lora_by_the_table(tiny_run):
   embed = params["embed"]
   assert embed.sharding.mesh.shape == mesh.shape and embed.sharding.spec != jax.sharding.PartitionSpec()
   _same(lora, pol.lora)
+
+
+def test_grpo_run_loads_on_top_of_its_init_run(tiny_run, tmp_path):
+  """A GRPO run's adapter applies to the base with its init (SFT) run's best adapter merged in."""
+  from tests.conftest import write_run
+  from tpu_reason import lora as lora_lib, models
+
+  sft_run, sft_loras = tiny_run
+  grpo_run, grpo_loras = write_run(tmp_path / "grpo", trainer="grpo", init=str(sft_run), seed=7)
+  pol = policy.load(str(grpo_run))
+  _same(pol.lora, grpo_loras[1])
+  merged = lora_lib.merge(models.load("tiny-llama").params, sft_loras[1], 2.0)
+  _same(pol.model.params, jax.tree.map(np.asarray, merged))
+  assert pol.base == str(sft_run) and pol.source.endswith(f"on tiny-llama + {sft_run}")
+  assert policy.load(str(sft_run)).base == "tiny-llama"

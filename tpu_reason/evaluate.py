@@ -21,7 +21,7 @@ import numpy as np
 
 from tpu_reason import rewards, sampler
 from tpu_reason.config import BudgetCfg, SamplingCfg
-from tpu_reason.data.buckets import Example, left_pad, pad_id, render
+from tpu_reason.data.buckets import Example, build_prompts, render
 from tpu_reason.errors import UserError
 from tpu_reason.tags import TagSchema
 
@@ -48,16 +48,9 @@ def prompt_examples(records, model, schema: TagSchema, system_prompt: str = "", 
 
   Unlike training data nothing is dropped: an eval row needs no target that fits a bucket.
   """
-  texts = [render(r, model, schema, system_prompt)[0] for r in records]
-  ids = [model.encode(t) for t in texts]
-  length = -(-max(map(len, ids), default=1) // multiple) * multiple
-  pad = pad_id(model)
-  empty_tokens, empty_mask = np.zeros(0, np.int32), np.zeros(0, bool)
-  examples = []
-  for r, text, row in zip(records, texts, ids):
-    tokens, mask = left_pad(row, length, pad)
-    examples.append(Example(r.id, text, "", r.answer, tuple(r.checkpoints), r.domain, tokens, mask,
-                            empty_tokens, empty_mask))
+  longest = max((len(model.encode(render(r, model, schema, system_prompt)[0])) for r in records), default=1)
+  examples, _ = build_prompts(records, model, schema, system_prompt=system_prompt,
+                              max_prompt_tokens=-(-longest // multiple) * multiple, split="eval")
   return examples
 
 

@@ -60,7 +60,7 @@ def adapter_tensors(pol: policy.Policy) -> dict[str, np.ndarray]:
 def adapter_config(pol: policy.Policy) -> dict:
   """adapter_config.json for PEFT's LoraConfig."""
   lc = pol.lora_cfg
-  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": pol.run_config.model.spec,
+  return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": pol.base,
           "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
           "use_rslora": False, "inference_mode": True,
           "target_modules": sorted(PEFT_MODULES[n].split(".")[-1] for n in pol.lora["layers"])}
@@ -86,6 +86,8 @@ def export(pol: policy.Policy, out: Path, adapter_only: bool = False) -> Path:
   if adapter_only:
     if pol.lora is None:
       raise UserError(f"{pol.source} has no LoRA to export: give a training run or checkpoint directory")
+    if pol.base != pol.run_config.model.spec:
+      print(f"note: this adapter applies to {pol.base} merged (export that run first), not to the bare base model")
     _save_tensors(adapter_tensors(pol), out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps(adapter_config(pol), indent=1))
   else:

@@ -249,7 +249,7 @@ def build(cfg: Config) -> Trainer:
     raise UserError(f"grpo.micro_batch * grpo.group = {g.micro_batch * g.group} rows must be a multiple of the "
                     f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
   dtype = jnp.dtype(cfg.model.dtype)
-  params = runs.apply_init(init, model.params, model.cfg)
+  params = runs.apply_init(init, model.params)
   params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
                         mesh_lib.shardings(param_shapes(model.cfg), mesh))
   model.params = None  # one copy of the weights: the policy and the reference both read `params`

@@ -3,8 +3,9 @@
 Run directories (the `output_dir` of sft / grpo) hold `config.yaml` and
 `checkpoints/{best,last}/<step>`; the LoRA comes from the best checkpoint, else the
 latest, unless the spec names `best/`, `last/` or a step directory itself. The base model
-and LoRA settings come from the config saved with that checkpoint. Eval, chat, export and
-GRPO's init all load through `load`, so "which weights are these?" has one answer.
+and LoRA settings come from the config saved with that checkpoint; a GRPO run's adapter
+applies to the base with its init run's adapters merged in (`runs.base_params`), so those
+are merged into the loaded weights. Eval, chat and export load through `load`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, models
+from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, models, runs
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import param_shapes
@@ -31,6 +33,7 @@ class Policy:
   lora_scale: float
   run_config: Config | None  # the config saved with the checkpoint
   source: str  # for logs: "runs/x/checkpoints/best/40 on smollm2-135m"
+  base: str  # what the LoRA applies to: the model spec, or the init run merged into `model.params`
 
   @property
   def lora_cfg(self):
@@ -56,6 +59,14 @@ def with_run_config(argv: list[str], specs: list[str]) -> list[str]:
   return argv if run is None else ["--config", str(run / "config.yaml"), "output_dir=", *argv]
 
 
+def _init_run(spec: str) -> str:
+  """The run whose adapters the run at `spec` trained on top of ("base": none)."""
+  run = run_dir(spec)
+  if run is None or not (run / "run.json").exists():
+    return "base"
+  return runs.info(run).get("init", "base")
+
+
 def load(spec: str, dtype: str = "float32") -> Policy:
   """Base model + LoRA for `spec` (a model spec, run dir, checkpoints dir or step dir)."""
   path = Path(spec)
@@ -63,7 +74,7 @@ def load(spec: str, dtype: str = "float32") -> Policy:
   if step is None:
     if path.is_dir() and (path / "checkpoints").is_dir():
       raise UserError(f"{spec}: no completed checkpoint under {path / 'checkpoints'}")
-    return Policy(models.load(spec, jnp.dtype(dtype)), None, 1.0, None, spec)
+    return Policy(models.load(spec, jnp.dtype(dtype)), None, 1.0, None, spec, spec)
   try:
     lora, meta = checkpoint.restore_lora(step)
   except (ValueError, FileNotFoundError) as e:
@@ -72,8 +83,13 @@ def load(spec: str, dtype: str = "float32") -> Policy:
     raise UserError(f"{step}: the checkpoint's meta has no config (not saved by tpu_reason)")
   run_cfg = config.build(Config, meta["config"])
   model = models.load(run_cfg.model.spec, jnp.dtype(dtype))
+  base, source = run_cfg.model.spec, f"{step} on {run_cfg.model.spec}"
+  init = _init_run(spec)
+  if init != "base":
+    model.params = jax.tree.map(np.asarray, runs.apply_init(init, model.params))
+    base, source = init, f"{source} + {init}"
   lora = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), lora)
-  return Policy(model, lora, lora_lib.scale(run_cfg.lora), run_cfg, f"{step} on {run_cfg.model.spec}")
+  return Policy(model, lora, lora_lib.scale(run_cfg.lora), run_cfg, source, base)
 
 
 def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:

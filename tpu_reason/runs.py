@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from tpu_reason import checkpoint, config, lora as lora_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
@@ -51,36 +49,26 @@ def latest_finished(spec: str, trainer: str = "sft", root: Path = RUNS) -> Path 
   return max(found)[1] if found else None
 
 
-def load_lora(run_dir: Path, model_cfg, which: str = "best") -> tuple[Any, float, int]:
-  """(adapters, their scale, step) from a run's best checkpoint (else its latest)."""
-  from tpu_reason.train import init_state, make_optimizer
-
-  cfg = read_config(run_dir)
-  optimizer = make_optimizer(cfg.train)
-  abstract = jax.eval_shape(lambda: init_state(lora_lib.init(model_cfg, cfg.lora, jax.random.key(0)), optimizer, 0))
-  metric, mode = BEST[info(run_dir)["trainer"]]
-  ckpts = checkpoint.Checkpoints(Path(run_dir) / "checkpoints", cfg.train.keep_last, best_metric=metric, best_mode=mode)
-  try:
-    step = (ckpts.best_step() if which == "best" else None) or ckpts.latest_step()
-    if step is None:
-      raise UserError(f"{run_dir} has no checkpoint yet")
-    source = "best" if which == "best" and ckpts.best_step() == step else "last"
-    state, _ = ckpts.restore(step, abstract, which=source)
-  finally:
-    ckpts.close()
-  return state.lora, lora_lib.scale(cfg.lora), step
+def load_lora(run_dir: Path, which: str = "best") -> tuple[Any, float, int]:
+  """(adapters, their scale, step) from a run's best checkpoint (else its latest), or its latest."""
+  root = Path(run_dir) / "checkpoints"
+  step_dir = checkpoint.find_step(root if which == "best" else root / "last")
+  if step_dir is None:
+    raise UserError(f"{run_dir} has no checkpoint yet")
+  lora, _ = checkpoint.restore_lora(step_dir)
+  return lora, lora_lib.scale(read_config(run_dir).lora), int(step_dir.name)
 
 
-def apply_init(init: str, params, model_cfg):
+def apply_init(init: str, params):
   """Weights with the adapter chain of run `init` merged in ("base": unchanged)."""
   if init == "base":
     return params
   run = Path(init)
-  params = apply_init(info(run).get("init", "base"), params, model_cfg)
-  lora, scale, _ = load_lora(run, model_cfg)
+  params = apply_init(info(run).get("init", "base"), params)
+  lora, scale, _ = load_lora(run)
   return lora_lib.merge(params, lora, scale)
 
 
-def base_params(run_dir: Path, params, model_cfg):
+def base_params(run_dir: Path, params):
   """The weights a run's own adapter applies to: base, plus its init run's merged adapter(s)."""
-  return apply_init(info(run_dir).get("init", "base"), params, model_cfg)
+  return apply_init(info(run_dir).get("init", "base"), params)
