@@ -108,12 +108,17 @@ def table(columns: dict[str, dict]) -> str:
   k = next(iter(columns.values())).get("k", 1)
   lines = [f"{'':<24}" + "".join(f"{c:>{width}}" for c in columns)]
   for key in keys:
-    cells = []
-    for m in columns.values():
-      v = m.get(key)
-      cells.append("-" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.1f}" if "tokens" in key else f"{v:.3f}")
+    cells = (_cell(key, m.get(key)) for m in columns.values())
     lines.append(f"{key.replace('@k', f'@{k}'):<24}" + "".join(f"{c:>{width}}" for c in cells))
   return "\n".join(lines)
+
+
+def _cell(key: str, v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, int):
+    return f"{v:d}"
+  return f"{v:.1f}" if "tokens" in key else f"{v:.3f}"
 
 
 def _show(samples: list[dict], n: int, title: str):
@@ -134,41 +139,47 @@ def output_dir(cfg: Config) -> Path:
   return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def run(cfg: Config, specs: list[str]) -> dict[str, dict]:
-  """Evaluate each model on the same rows; write eval.json + samples.jsonl per model; print one table."""
+def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tuple[dict, list[dict], dict]:
+  """(eval.json content, samples, {column: metrics}) of one model, plain and (if set) budget-forced."""
   import jax.numpy as jnp
 
+  schema = tags.get_schema(cfg.data.schema)
+  pol = policy.load(spec, cfg.model.dtype)
+  params, lora = policy.place(pol, mesh, cfg.model.dtype)
+  examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
+  result, all_samples, columns = {"model": spec, "source": pol.source}, [], {}
+  settings = {"": None, "+budget": cfg.budget} if evaluate.forcing(cfg.budget) else {"": None}
+  for suffix, budget in settings.items():
+    metrics, samples = evaluate.evaluate(
+        pol.model, params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=lora,
+        lora_scale=pol.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
+        dtype=jnp.dtype(cfg.model.dtype), redact=cfg.redact_thoughts, desc=name + suffix)
+    setting = "forced" if budget else "plain"
+    all_samples += [{"setting": setting, **s} for s in samples]
+    columns[name + suffix] = metrics
+    if budget:
+      result["forced"] = {**metrics, "budget": dataclasses.asdict(budget)}
+    else:
+      result.update(metrics)
+    _show(samples, cfg.eval.show, f"{name} {setting}")
+  return result, all_samples, columns
+
+
+def run(cfg: Config, specs: list[str]) -> dict[str, dict]:
+  """Evaluate each model on the same rows; write eval.json + samples.jsonl per model; print one table."""
   if cfg.eval.k > 1 and cfg.sampling.temperature == 0:
     raise UserError(f"eval.k={cfg.eval.k} samples of greedy decoding are identical: set sampling.temperature > 0")
-  schema = tags.get_schema(cfg.data.schema)
-  evaluate.budget_kwargs(cfg.budget, schema)  # no sampler support for forcing: say so before any work
+  evaluate.budget_kwargs(cfg.budget, tags.get_schema(cfg.data.schema))  # unsupported forcing fails before any work
   records = eval_records(cfg.data, cfg.eval.limit)  # before any model loads: bad data fails fast
   out = output_dir(cfg)
   config.save(cfg, out)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  settings = {"": None, "+budget": cfg.budget} if evaluate.forcing(cfg.budget) else {"": None}
   results, columns = {}, {}
-  names = labels(specs)
-  for name, spec in zip(names, specs):
-    pol = policy.load(spec, cfg.model.dtype)
-    params, lora = policy.place(pol, mesh, cfg.model.dtype)
-    examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
-    result, all_samples = {"model": spec, "source": pol.source}, []
-    for suffix, budget in settings.items():
-      metrics, samples = evaluate.evaluate(
-          pol.model, params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=lora,
-          lora_scale=pol.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
-          dtype=jnp.dtype(cfg.model.dtype), redact=cfg.redact_thoughts, desc=name + suffix)
-      setting = "forced" if budget else "plain"
-      all_samples += [{"setting": setting, **s} for s in samples]
-      columns[name + suffix] = metrics
-      if budget:
-        result["forced"] = {**metrics, "budget": dataclasses.asdict(budget)}
-      else:
-        result.update(metrics)
-      _show(samples, cfg.eval.show, f"{name} {setting}")
-    _write(out / name if len(specs) > 1 else out, result, all_samples)
+  for name, spec in zip(labels(specs), specs):
+    result, samples, cols = evaluate_model(cfg, spec, name, records, mesh)
+    _write(out / name if len(specs) > 1 else out, result, samples)
     results[name] = result
+    columns.update(cols)
   text = table(columns)
   if len(specs) > 1:
     (out / "compare.json").write_text(json.dumps({"models": results, "table": text}, indent=1))
