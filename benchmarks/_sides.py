@@ -80,8 +80,8 @@ def run_side(script: str, side: str, argv: list[str]) -> dict | None:
 def throwaway_compile_cache():
   """A persistent XLA compilation cache in a temp dir for the duration of the block.
 
-  A memory estimate AOT-compiles a step once; with this cache the trainer's own jit of the
-  same step loads that executable instead of compiling it again.
+  A memory estimate AOT-compiles a step once; when the trainer's own jit lowers to the same
+  program, this cache lets it load that executable instead of compiling it again.
   """
   import jax
 

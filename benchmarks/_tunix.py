@@ -350,7 +350,7 @@ class GrpoClock:
     setattr(obj, method, timed)
 
 
-def tunix_rollout_info(learner: grpo_learner.GRPOLearner) -> dict:
+def grpo_setup(learner: grpo_learner.GRPOLearner) -> dict:
   """What the comparison should say about this learner's setup."""
   cluster = learner.rl_cluster
   return {"shares_backbone": bool(rl_utils.is_sharing_backbone(cluster.actor_trainer.model,

@@ -220,7 +220,7 @@ def run_tunix(a) -> dict:
   actor = _tunix.apply_lora(base, rank=cfg.lora.rank, alpha=cfg.lora.alpha)
   learner = _tunix.grpo(actor, base, tok, mesh, g, prompt_len=plen, steps=a.steps + 1, eos_ids=[no_eos],
                         reward_fn=reward)
-  info = _tunix.tunix_rollout_info(learner)
+  info = _tunix.grpo_setup(learner)
   print(f"[tunix] actor / reference share the base arrays: {info['shares_backbone']}; "
         f"rollout seed {info['rollout_seed']} (None: PRNGKey(0) on every step)")
   dataset = [{"prompts": [_prompt_text(tok, t, k) for t, k in zip(b["prompt_tokens_BxP"], b["prompt_mask_BxP"])],
@@ -306,7 +306,7 @@ def _table(ours: dict, tunix: dict | None, a) -> None:
     print(f"{label:14s}{fmt.format(ours[key]):>16s}{fmt.format(tunix[key]) if tunix else '-':>16s}")
   s = ours["total_s"]
   if tunix:
-    print(f"ours is {tunix['total_s'] / s:.2f}x faster than Tunix's GRPOLearner per step")
+    print(f"ours vs Tunix's GRPOLearner: {tunix['total_s'] / s:.2f}x its speed per step (Tunix s/step / ours)")
   if a.new_tokens == 512 and a.group == 4:
     print(f"vs TRL GRPOTrainer (~{TRL_S_STEP:.0f} s/step on this machine): {TRL_S_STEP / s:.2f}x "
           f"(target >= {TARGET_VS_TRL:.0f}x, i.e. <= {TRL_S_STEP / TARGET_VS_TRL:.0f} s/step)")
