@@ -1,15 +1,18 @@
-"""The Tunix side of benchmarks/sft_throughput.py: the same SFT step through Tunix's own stack.
+"""The Tunix side of benchmarks/sft_throughput.py and grpo_throughput.py, through Tunix's own stack.
 
 SmolLM2-135M is built as Tunix's llama3 nnx model (`tunix.models.llama3.model.Llama3`), its
 weights copied from our loaded checkpoint, LoRA added with qwix (`qwix.LoraProvider` +
-`qwix.apply_lora_to_model`) and trained with `tunix.sft.peft_trainer.PeftTrainer` and its
-default loss. Nothing of Tunix is re-implemented here: we only build inputs and call it.
+`qwix.apply_lora_to_model`). SFT: trained with `tunix.sft.peft_trainer.PeftTrainer` and its
+default loss. GRPO: sampled with `tunix.generate.sampler.Sampler`, trained with
+`tunix.rl.grpo.grpo_learner.GRPOLearner` on an `RLCluster` whose roles share one mesh.
+Nothing of Tunix is re-implemented here: we only build inputs, configure it and time it.
 
 Used only by the benchmark; imports Tunix, qwix and flax, which the package itself does not need.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import jax
@@ -18,8 +21,13 @@ import numpy as np
 import optax
 import qwix
 from flax import nnx
+from tunix.generate import sampler as tunix_sampler
 from tunix.models.llama3 import model as llama3
-from tunix.sft import hooks, peft_trainer
+from tunix.rl import rl_cluster as rl_cluster_lib
+from tunix.rl import utils as rl_utils
+from tunix.rl.grpo import grpo_learner
+from tunix.rl.rollout import base_rollout
+from tunix.sft import hooks, peft_trainer, sharding_utils
 from tunix.sft import utils as sft_utils
 
 # qwix matches rules with re.fullmatch against nnx paths such as "layers/3/attn/q_proj".
@@ -218,3 +226,133 @@ def run(model, batch: peft_trainer.TrainingInput, steps: int, before_train=None)
     raise RuntimeError(f"expected {steps + 2} step stamps from PeftTrainer, got {len(s)}")
   return {"first_step_s": s[1] - s[0], "times": [b - a for a, b in zip(s[1:-1], s[2:])],
           "losses": [float(x) for x in np.ravel(losses)]}
+
+
+# --------------------------------------------------------------------------- GRPO
+
+# our grpo.loss -> Tunix's loss_agg_mode
+LOSS_AGG = {"grpo": "sequence-mean-token-mean", "dapo": "token-mean"}
+
+
+def tokenizer_with_pad(tokenizer, pad_token: str):
+  """A copy of `tokenizer` padding with `pad_token`.
+
+  Tunix treats every token equal to pad_id as padding, in prompts and completions alike;
+  SmolLM2 pads with its EOS <|im_end|>, which also closes each turn of a chat prompt.
+  """
+  tok = copy.deepcopy(tokenizer)
+  tok.pad_token = pad_token
+  return tok
+
+
+def place_replicated(model: nnx.Module, sharding) -> nnx.Module:
+  """Put every variable of `model` on `sharding` (in place; returns `model`).
+
+  RLCluster reshards, i.e. copies, a model that is not already on its role's mesh: placing
+  the base model once, before LoRA is added, keeps one copy shared by actor and reference.
+  """
+  nnx.update(model, jax.device_put(nnx.state(model), sharding))
+  return model
+
+
+def sampler(model: nnx.Module, tokenizer, cache_size: int) -> tunix_sampler.Sampler:
+  c = model.config
+  return tunix_sampler.Sampler(model, tokenizer, tunix_sampler.CacheConfig(
+      cache_size=cache_size, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim))
+
+
+def grpo(actor: nnx.Module, reference: nnx.Module, tokenizer, mesh, g, *, prompt_len: int, steps: int,
+         eos_ids: list[int], reward_fn) -> grpo_learner.GRPOLearner:
+  """GRPOLearner for our GrpoCfg `g`: every role on `mesh`, the vanilla rollout, no checkpoints.
+
+  `actor` must be `reference` with qwix LoRA on top (same base arrays): RLCluster then shares
+  the backbone between the actor, its rollout and the reference instead of copying it.
+  """
+  if not rl_utils.is_sharing_backbone(actor, reference):
+    raise ValueError("actor and reference must share their base arrays")
+  if g.num_iterations != 1 or g.epsilon_low != g.epsilon_high or g.loss not in LOSS_AGG:
+    raise ValueError("the Tunix comparison supports num_iterations=1, epsilon_low == epsilon_high and "
+                     f"grpo.loss in {sorted(LOSS_AGG)}")
+  training = rl_cluster_lib.RLTrainingConfig(
+      actor_optimizer=make_optimizer(g.lr),
+      eval_every_n_steps=10**9,
+      max_steps=steps,  # optimizer updates: one per step when mini_batch = all prompts
+      mini_batch_size=g.mini,
+      train_micro_batch_size=g.micro_batch,
+      rollout_micro_batch_size=g.prompts,  # one rollout of prompts x G rows, like ours
+      compute_logps_micro_batch_size=g.micro_batch,
+      checkpoint_root_directory=None,
+      metrics_logging_options=None,
+      pbar_description=None,
+  )
+  rollout = base_rollout.RolloutConfig(
+      max_tokens_to_generate=g.max_new_tokens, max_prompt_length=prompt_len,
+      kv_cache_size=prompt_len + g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+      top_k=g.top_k or None, eos_tokens=list(eos_ids))
+  roles = rl_cluster_lib.Role
+  cluster = rl_cluster_lib.RLCluster(
+      actor=actor, reference=reference, tokenizer=tokenizer,
+      cluster_config=rl_cluster_lib.ClusterConfig(
+          role_to_mesh={roles.ACTOR: mesh, roles.REFERENCE: mesh, roles.ROLLOUT: mesh},
+          rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout))
+  algo = grpo_learner.GRPOConfig(num_generations=g.group, num_iterations=g.num_iterations, beta=g.beta,
+                                 epsilon=g.epsilon_low, loss_agg_mode=LOSS_AGG[g.loss])
+  return grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=algo, reward_fns=[reward_fn])
+
+
+def grpo_xla_memory(learner: grpo_learner.GRPOLearner, rows: int, prompt_len: int, new_tokens: int) -> dict[str, int]:
+  """XLA's buffer sizes (bytes) for the actor's train step on one micro-batch of `rows` sequences."""
+  example = grpo_learner.TrainExample(
+      prompt_ids=jnp.zeros((rows, prompt_len), jnp.int32), prompt_mask=jnp.ones((rows, prompt_len), bool),
+      completion_ids=jnp.zeros((rows, new_tokens), jnp.int32),
+      completion_mask=jnp.ones((rows, new_tokens), bool), advantages=jnp.zeros((rows,), jnp.float32),
+      ref_per_token_logps=jnp.zeros((rows, new_tokens), jnp.float32), old_per_token_logps=None)
+  trainer = learner.rl_cluster.actor_trainer
+  with learner.rl_cluster.cluster_config.role_to_mesh[rl_cluster_lib.Role.ACTOR]:
+    # builds the trainer's jitted step as train() will, which first puts the optimizer state
+    # on the mesh: the estimate then compiles the very program training runs (a cache hit)
+    trainer.jit_train_and_eval_step()
+    example = sharding_utils.shard_input(example, trainer.config.data_sharding_axis)
+    return xla_memory(trainer, example)
+
+
+class GrpoClock:
+  """Wall-clock split of every GRPOLearner step into rollout, reference, train and total.
+
+  Instance attributes shadow the RLCluster / learner methods one step calls, so Tunix's code
+  runs unchanged. Rollout and reference run in the learner's data thread while the trainer
+  waits for them (actor and rollout share a mesh, so Tunix does not overlap them); the
+  reference log-probs are blocked on so their time is not billed to training.
+  """
+
+  def __init__(self, learner: grpo_learner.GRPOLearner):
+    self.steps: list[dict[str, float]] = []
+    cluster = learner.rl_cluster
+    self._wrap(learner, "_run_global_step", "total", starts_step=True)
+    self._wrap(cluster, "generate", "rollout")
+    self._wrap(cluster, "get_ref_per_token_logps", "reference", block=True)
+    self._wrap(cluster, "update_actor", "train")
+
+  def _wrap(self, obj, method: str, part: str, starts_step: bool = False, block: bool = False):
+    fn = getattr(obj, method)
+
+    def timed(*args, **kwargs):
+      if starts_step:
+        self.steps.append({})
+      t = time.perf_counter()
+      out = fn(*args, **kwargs)
+      if block:
+        jax.block_until_ready(out)
+      step = self.steps[-1]
+      step[part] = step.get(part, 0.0) + time.perf_counter() - t
+      return out
+
+    setattr(obj, method, timed)
+
+
+def grpo_setup(learner: grpo_learner.GRPOLearner) -> dict:
+  """What the comparison should say about this learner's setup."""
+  cluster = learner.rl_cluster
+  return {"shares_backbone": bool(rl_utils.is_sharing_backbone(cluster.actor_trainer.model,
+                                                               cluster.inference_worker.get_model("reference"))),
+          "rollout_seed": repr(cluster.get_rollout_config(rl_cluster_lib.Mode.TRAIN).seed)}

@@ -20,16 +20,13 @@ Usage: python benchmarks/sft_throughput.py [--steps 3] [--remat] [--only ours|tu
 """
 
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
+from _sides import emit, mem_guard, peak_rss_gib, run_side, throwaway_compile_cache
 
-RESULT = "RESULT "  # prefix of the machine-readable line each child prints
 TRL_TOK_S, TRL_RSS_GIB = 127, 11.3
 
 
@@ -59,39 +56,6 @@ def _tokens(a, vocab):
   prompt = rng.integers(0, vocab, (a.batch, a.prompt), dtype=np.int32)
   completion = rng.integers(0, vocab, (a.batch, a.completion), dtype=np.int32)
   return prompt, completion
-
-
-def _peak_rss_gib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _meminfo_gib(key: str, path: str = "/proc/meminfo") -> float:
-  with open(path) as f:
-    for line in f:
-      if line.startswith(key + ":"):
-        return int(line.split()[1]) / 2**20
-  return float("nan")
-
-
-NO_MEMORY = 3  # exit code of a side that refused to start a step it has no memory for
-
-
-def _mem_guard(side: str, est: dict, a) -> None:
-  """Print XLA's buffer estimate for one step; refuse (exit 3) if it exceeds MemAvailable.
-
-  The machine is shared: starting a step that cannot fit gets this process, or a neighbour's,
-  OOM-killed. The step's new allocations are its temp buffers plus its outputs (+1 GiB slack:
-  the Tunix run peaked at 0.7 GiB above RSS-before + temp + outputs).
-  """
-  need = (est["temp"] + est["out"]) / 2**30 + 1.0
-  avail = _meminfo_gib("MemAvailable")
-  print(f"[{side}] XLA buffers per step: temp {est['temp'] / 2**30:.2f} GiB, args {est['args'] / 2**30:.2f} GiB, "
-        f"outputs {est['out'] / 2**30:.2f} GiB (RSS now {_meminfo_gib('VmRSS', '/proc/self/status'):.2f} GiB, "
-        f"MemAvailable {avail:.2f} GiB)", flush=True)
-  if need > avail and not a.no_mem_guard:
-    print(f"[{side}] NOT RUN: a step needs ~{need:.1f} GiB more, only {avail:.1f} GiB available "
-          f"(--no-mem-guard to try anyway, or a smaller --batch / --completion)", flush=True)
-    sys.exit(NO_MEMORY)
 
 
 def run_ours(a) -> dict:
@@ -124,7 +88,7 @@ def run_ours(a) -> dict:
   step = step.lower(state, params, batch).compile()
   ma = step.memory_analysis()
   est = {"temp": ma.temp_size_in_bytes, "args": ma.argument_size_in_bytes, "out": ma.output_size_in_bytes}
-  _mem_guard("ours", est, a)
+  mem_guard("ours", est, not a.no_mem_guard)
   state, metrics = step(state, params, batch)
   jax.block_until_ready(state)
   first_s = time.perf_counter() - t
@@ -140,19 +104,9 @@ def run_ours(a) -> dict:
 
 
 def run_tunix(a) -> dict:
-  import tempfile
-
-  import jax
-
   import _tunix  # benchmarks/_tunix.py; imported here so the `ours` process never loads Tunix
-  from tpu_reason import models
 
-  # The memory estimate AOT-compiles the step once; a throwaway persistent compilation cache
-  # lets PeftTrainer's own jit of the same step reuse that executable instead of compiling again.
-  cache_dir = tempfile.mkdtemp(prefix="tunix_bench_xla_cache_")
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  from tpu_reason import models
 
   m = models.load("smollm2-135m")
   num_params = m.cfg.num_params
@@ -170,13 +124,10 @@ def run_tunix(a) -> dict:
     t = time.perf_counter()
     est.update(_tunix.xla_memory(trainer, batch))
     print(f"[tunix] AOT compile for the memory estimate {time.perf_counter() - t:.1f} s", flush=True)
-    _mem_guard("tunix", est, a)
+    mem_guard("tunix", est, not a.no_mem_guard)
 
-  try:
+  with throwaway_compile_cache():
     r = _tunix.run(model, batch, a.steps, before_train=guard)
-  finally:
-    import shutil
-    shutil.rmtree(cache_dir, ignore_errors=True)
   return {**r, "num_params": num_params, "lora_params": _tunix.lora_param_count(model), "xla": est}
 
 
@@ -195,7 +146,7 @@ def run_check(a) -> dict:
 def report(side: str, r: dict, a) -> dict:
   dt = float(np.median(r["times"]))
   tokens = a.batch * (a.prompt + a.completion)
-  out = {"side": side, "ms_step": dt * 1000, "tok_s": tokens / dt, "rss_gib": _peak_rss_gib(),
+  out = {"side": side, "ms_step": dt * 1000, "tok_s": tokens / dt, "rss_gib": peak_rss_gib(),
          "mfu": 6 * r["num_params"] * tokens / dt / a.peak_flops, "first_step_s": r["first_step_s"],
          "times_ms": [t * 1000 for t in r["times"]], "losses": r["losses"], "lora_params": r["lora_params"],
          "xla_temp_gib": r["xla"]["temp"] / 2**30}
@@ -212,38 +163,21 @@ def report(side: str, r: dict, a) -> dict:
   return out
 
 
-def _child(side: str, a) -> dict:
-  """Run one side in a fresh interpreter, echo its stdout, return its RESULT line."""
-  cmd = [sys.executable, os.path.abspath(__file__), "--only", side, "--steps", str(a.steps),
-         "--batch", str(a.batch), "--prompt", str(a.prompt), "--completion", str(a.completion),
-         "--peak-flops", str(a.peak_flops)] + (["--remat"] if a.remat else []) + (
-             ["--no-mem-guard"] if a.no_mem_guard else [])
-  print(f"--- {side}: {' '.join(cmd[1:])}", flush=True)
-  result = None
-  with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
-    for line in p.stdout:
-      if line.startswith(RESULT):
-        result = json.loads(line[len(RESULT):])
-      else:
-        print(line, end="", flush=True)
-  if p.returncode == NO_MEMORY:
-    return None
-  if p.returncode < 0:
-    print(f"[{side}] killed by signal {-p.returncode}" + (" (likely the OOM killer)" if p.returncode == -9 else ""))
-    return None
-  if p.returncode != 0 or result is None:
-    raise SystemExit(f"{side} run failed (exit {p.returncode})")
-  return result
+def _child(side: str, a) -> dict | None:
+  argv = ["--steps", str(a.steps), "--batch", str(a.batch), "--prompt", str(a.prompt), "--completion",
+          str(a.completion), "--peak-flops", str(a.peak_flops)] + (["--remat"] if a.remat else []) + (
+              ["--no-mem-guard"] if a.no_mem_guard else [])
+  return run_side(os.path.abspath(__file__), side, argv)
 
 
 def main(argv=None):
   a = _args(argv)
   if a.only == "check":
-    print(RESULT + json.dumps(run_check(a)), flush=True)
+    emit(run_check(a))
     return
   if a.only in ("ours", "tunix"):
     r = (run_ours if a.only == "ours" else run_tunix)(a)
-    print(RESULT + json.dumps(report(a.only, r, a)), flush=True)
+    emit(report(a.only, r, a))
     return
   ours, tunix = _child("ours", a), _child("tunix", a)
   if ours is None or tunix is None:
