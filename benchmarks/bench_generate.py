@@ -10,7 +10,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tpu_reason import models, sampler
 from tpu_reason.config import SamplingCfg
