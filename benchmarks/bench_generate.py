@@ -45,7 +45,9 @@ def main():
   t = time.perf_counter()
   run(0)
   compile_s = time.perf_counter() - t
+  cpu = time.process_time()
   gen = run(1)
+  cpu = time.process_time() - cpu
   n = int(gen.lengths.sum())
   rows = a.prompts * a.group
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -55,6 +57,7 @@ def main():
   print(f"first call (compile + run): {compile_s:.1f} s")
   print(f"decode: {n} tokens in {gen.seconds:.1f} s = {n / gen.seconds:.0f} tok/s "
         f"({1000 * gen.seconds / a.new:.0f} ms/step); HF generate reference 114 tok/s -> {n / gen.seconds / 114:.2f}x")
+  print(f"process CPU time {cpu:.1f} s ({cpu / gen.seconds:.2f} cores busy; below 2 means the machine was shared)")
   print(f"bandwidth floor: {weight_bytes / 1e9:.2f} GB weights/step at {bw:.0f} GB/s copy -> {floor:.0f} tok/s")
   print(f"compute floor: {2 * m.cfg.num_params * rows / 1e9:.1f} GFLOP/step")
 

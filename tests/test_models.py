@@ -91,7 +91,8 @@ def _prefill(params, cfg, tokens, pos, valid, slots=SLOTS):
   hidden, (k, v) = run(params, cfg, tokens, pos, valid, return_kv=True)
   cache = init_cache(cfg, tokens.shape[0], slots)
   # returned keys/values use the cache layout (whatever it is), with T slots
-  assert k.shape == v.shape == init_cache(cfg, tokens.shape[0], tokens.shape[1]).k.shape
+  fresh = init_cache(cfg, tokens.shape[0], tokens.shape[1])
+  assert (k.shape, v.shape) == (fresh.k.shape, fresh.v.shape)
   return hidden, write(cache, k, v, pos, valid, 0)
 
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpu_reason import models, sampler
-from tpu_reason.config import SamplingCfg
+from tpu_reason import mesh, models, sampler
+from tpu_reason.config import MeshCfg, SamplingCfg
 from tpu_reason.models import transformer as T
 
 TINY = T.ModelConfig(family="llama", vocab_size=97, embed_dim=32, hidden_dim=64, num_layers=2,
@@ -45,6 +45,36 @@ def test_greedy_matches_full_forward_with_left_padding(tiny):
   for i, p in enumerate(prompts):
     assert gen.tokens[i].tolist() == _greedy_reference(tiny, TINY, p, 12)
   assert gen.lengths.tolist() == [12, 12] and not gen.finished.any()
+
+
+def _teacher_forced_argmax(params, cfg, prompt, completion):
+  """Argmax of one full forward over prompt + completion, at the positions that predicted it."""
+  seq = jnp.array([list(prompt) + list(completion)])
+  h = T.forward(params, cfg, seq, jnp.arange(seq.shape[1])[None])
+  return np.asarray(jnp.argmax(T.logits(params, cfg, h)[0], -1))[len(prompt) - 1:-1]
+
+
+def test_greedy_across_span_buckets_matches_teacher_forcing(tiny):
+  """80 steps cross the 64-slot attention span bucket; the cache must stay exact across it."""
+  prompts = [[5, 6, 7, 8, 9], [11, 12]]
+  tokens, mask = sampler.left_pad(prompts, 8, 0)
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),
+                         sampling=SamplingCfg(max_new_tokens=80), chunk=24)
+  assert gen.lengths.tolist() == [80, 80]
+  for i, p in enumerate(prompts):
+    np.testing.assert_array_equal(gen.tokens[i], _teacher_forced_argmax(tiny, TINY, p, gen.tokens[i]))
+
+
+def test_sharded_generate_matches_single_device(tiny):
+  """Params split over a 2x4 mesh of fake devices: the same greedy tokens as on one device."""
+  m = mesh.make_mesh(MeshCfg(fsdp=2, tp=4))
+  placed = mesh.put(tiny, mesh.shardings(T.param_shapes(TINY), m))
+  assert len(placed["layers"]["gate"].sharding.device_set) == 8
+  tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9], [1, 2, 3], [4]], 4, 0)
+  s = SamplingCfg(max_new_tokens=10)
+  one = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
+  many = sampler.generate(placed, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
+  np.testing.assert_array_equal(one.tokens, many.tokens)
 
 
 def test_group_samples_share_prompt_but_differ(tiny):
@@ -97,6 +127,16 @@ def test_top_k_one_is_greedy(tiny):
   topk = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),
                           sampling=SamplingCfg(max_new_tokens=10, temperature=1.5, top_k=1, seed=3))
   np.testing.assert_array_equal(greedy.tokens, topk.tokens)
+
+
+def test_top_k_samples_the_k_best_in_proportion():
+  logits = jnp.log(jnp.array([[0.1, 0.4, 0.3, 0.2], [0.6, 0.1, 0.25, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 2000)
+  draws = np.asarray(jax.vmap(lambda k: sampler.sample_token(logits, k, 1.0, 2, 1.0))(keys))
+  for row, (best, second) in enumerate([(1, 2), (0, 2)]):
+    assert set(np.unique(draws[:, row]).tolist()) == {best, second}
+    p = np.exp(logits[row, best]) / (np.exp(logits[row, best]) + np.exp(logits[row, second]))
+    assert abs(float((draws[:, row] == best).mean()) - p) < 0.05
 
 
 def test_top_p_keeps_the_nucleus():

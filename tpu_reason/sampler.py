@@ -71,17 +71,18 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int, top_p: float):
   if temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   x = logits_BxV.astype(jnp.float32) / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(x, top_k)[0][:, -1:]
-    x = jnp.where(x < kth, -jnp.inf, x)
+  if top_k == 0 and top_p == 1.0:
+    return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+  # sample among the k best only: a [B, k] draw instead of a full-vocabulary one
+  x, ids = jax.lax.top_k(x, top_k or x.shape[-1])
   if top_p < 1.0:
-    sorted_x = jnp.sort(x, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(x, axis=-1), axis=-1)
     # keep the smallest prefix whose mass reaches top_p (always at least one token)
-    cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(sorted_x, cutoff_idx, axis=-1)
+    last = jnp.minimum(jnp.sum(cum < top_p, axis=-1, keepdims=True), x.shape[-1] - 1)
+    cutoff = jnp.take_along_axis(x, last, axis=-1)
     x = jnp.where(x < cutoff, -jnp.inf, x)
-  return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+  choice = jax.random.categorical(key, x, axis=-1)
+  return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
@@ -108,10 +109,10 @@ def start(prefix: KVCache, first_logits_BxV, next_pos_B, key, *, cfg: ModelConfi
                      jnp.array(1, jnp.int32), done, jnp.ones((b,), jnp.int32), key)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mode", "dtype"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "mode", "span", "dtype"), donate_argnames=("state",))
 def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until, eos_ids, pad_id,
-           *, cfg: ModelConfig, mode: tuple, dtype=jnp.float32) -> DecodeState:
-  """Generate until step == `until` or every row is done."""
+           *, cfg: ModelConfig, mode: tuple, span: int | None = None, dtype=jnp.float32) -> DecodeState:
+  """Generate until step == `until` or every row is done, attending over `span` >= `until` suffix slots."""
   max_new = state.tokens.shape[1]
 
   def cond(s):
@@ -121,8 +122,9 @@ def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until,
     # the last token goes into slot step-1 of the suffix cache while being processed
     tok, pos = s.last[:, None], s.pos[:, None]
     alive = ~s.done
+    caches = (prefix, dataclasses.replace(s.suffix, span=span))
     hidden, (k, v) = forward(params, cfg, tok, pos, valid_BxT=alive[:, None], lora=lora,
-                             lora_scale=lora_scale, caches=(prefix, s.suffix), dtype=dtype, return_kv=True)
+                             lora_scale=lora_scale, caches=caches, dtype=dtype, return_kv=True)
     suffix = write(s.suffix, k, v, pos, alive[:, None], s.step - 1)
     key, sub = jax.random.split(s.key)
     nxt = sample_token(logits(params, cfg, hidden)[:, 0], sub, *mode)
@@ -132,6 +134,17 @@ def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until,
     return DecodeState(suffix, tokens, nxt, s.pos + 1, s.step + 1, done, s.lengths + alive, key)
 
   return jax.lax.while_loop(cond, body, state)
+
+
+def _span(step: int, slots: int) -> int:
+  """Suffix slots a decode call from `step` attends over: the next power-of-two bucket from 64.
+
+  Early steps then skip the empty tail of the cache, at the cost of one compile per bucket.
+  """
+  span = 64
+  while span <= step:
+    span *= 2
+  return min(span, slots)
 
 
 def _stop_length(tokenizer, ids: np.ndarray, stops: tuple[str, ...], start: int) -> int | None:
@@ -189,8 +202,10 @@ def generate(
         on_chunk(tokens, np.where(stopped, stop_len, lengths))
     if step >= max_new or bool(jnp.all(state.done)):
       break
-    step = min(step + chunk, max_new)
-    state = decode(params, lora, lora_scale, prefix, state, step, eos, pad, cfg=cfg, mode=_mode(sampling), dtype=dtype)
+    span = _span(step, max_new)
+    step = min(step + chunk, span)
+    state = decode(params, lora, lora_scale, prefix, state, step, eos, pad, cfg=cfg, mode=_mode(sampling),
+                   span=span, dtype=dtype)
   tokens, done, lengths = jax.device_get((state.tokens, state.done, state.lengths))
   lengths = np.where(stopped, np.minimum(stop_len, lengths), lengths)
   tokens = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, pad).astype(np.int32)

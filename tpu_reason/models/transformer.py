@@ -192,33 +192,45 @@ def project(name, x, layer, lora_layer, lora_scale):
   return y
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "valid", "pos"], meta_fields=["group"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "valid", "pos"],
+                   meta_fields=["group", "span"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
   """Keys/values for S slots of every layer; `valid` marks slots holding real tokens.
 
   `group` > 1 means each cache row is shared by `group` consecutive query rows: the
   prompt of a GRPO group is prefilled once and read by all its G samples.
+  `span` < S makes attention read only the first `span` slots (the filled part of a
+  decode cache), so early decode steps don't stream empty slots.
   """
 
-  k: jax.Array  # [L, B, K, S, H]
+  k: jax.Array  # [L, B, K, H, S]: keys transposed, so q @ k is a plain matmul
   v: jax.Array  # [L, B, K, S, H]
   valid: jax.Array  # [B, S] bool
   pos: jax.Array  # [B, S] int32 position of the token in each slot
   group: int = 1
+  span: int | None = None
+
+  def layer(self, index):
+    """(k, v, pos, valid, group) of one layer over the first `span` slots."""
+    s = self.v.shape[3] if self.span is None else self.span
+    _, b, kh, h = self.v.shape[:3] + self.v.shape[4:]
+    k = jax.lax.dynamic_slice(self.k, (index, 0, 0, 0, 0), (1, b, kh, h, s))[0]
+    v = jax.lax.dynamic_slice(self.v, (index, 0, 0, 0, 0), (1, b, kh, s, h))[0]
+    return k, v, self.pos[:, :s], self.valid[:, :s], self.group
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
-  zeros = jnp.zeros(shape, dtype)
-  return KVCache(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((batch, slots), jnp.int32))
+  lbk, h = (cfg.num_layers, batch, cfg.num_kv_heads), cfg.head_dim
+  return KVCache(jnp.zeros((*lbk, h, slots), dtype), jnp.zeros((*lbk, slots, h), dtype),
+                 jnp.zeros((batch, slots), bool), jnp.zeros((batch, slots), jnp.int32))
 
 
-def write(cache: KVCache, k_LxBxKxTxH, v_LxBxKxTxH, pos_BxT, valid_BxT, index) -> KVCache:
+def write(cache: KVCache, k_LxBxKxHxT, v_LxBxKxTxH, pos_BxT, valid_BxT, index) -> KVCache:
   """Store T new tokens at slot `index` (in place inside a jitted loop)."""
   upd = lambda buf, x, axis: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), index, axis)  # noqa: E731
   return dataclasses.replace(
-      cache, k=upd(cache.k, k_LxBxKxTxH, 3), v=upd(cache.v, v_LxBxKxTxH, 3),
+      cache, k=upd(cache.k, k_LxBxKxHxT, 4), v=upd(cache.v, v_LxBxKxTxH, 3),
       valid=upd(cache.valid, valid_BxT, 1), pos=upd(cache.pos, pos_BxT.astype(jnp.int32), 1))
 
 
@@ -232,10 +244,11 @@ def _mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window, is_global):
 
 
 def attention(q_BxTxNxH, blocks, cfg: ModelConfig):
-  """Joint softmax attention over several key blocks [(k_bxKxSxH, v_bxKxSxH, mask_BxTxS, group)].
+  """Joint softmax attention over several key blocks [(k_bxKxHxS, v_bxKxSxH, mask_BxTxS, group)].
 
-  Keys are stored heads-first ([b, K, S, H]) so both einsums are plain batched matmuls
-  over (b, K) with no transposed copy of the cache. A block with group g has B/g rows,
+  The cache is heads-first with keys transposed ([b, K, H, S]) so both einsums are plain
+  (untransposed) batched matmuls over (b, K); XLA:CPU packs a transposed operand on every
+  call, which made decode twice as slow. A block with group g has B/g rows,
   each read by g consecutive query rows: a shared prompt is stored and read once.
   """
   b, t, n, h = q_BxTxNxH.shape
@@ -249,7 +262,7 @@ def attention(q_BxTxNxH, blocks, cfg: ModelConfig):
     qg = q_BxKxGxTxH.reshape(b // g, g, kh, gq, t, h).transpose(0, 2, 3, 1, 4, 5).reshape(b // g, kh, gq, g * t, h)
     # one merged query axis (q = gq * g * t): XLA's CPU dot is much slower with size-1 dims
     qg = qg.reshape(b // g, kh, gq * g * t, h)
-    lg = jnp.einsum("bkqh,bksh->bkqs", qg, k.astype(qg.dtype)).astype(jnp.float32) * scale
+    lg = jnp.einsum("bkqh,bkhs->bkqs", qg, k.astype(qg.dtype)).astype(jnp.float32) * scale
     lg = lg.reshape(b // g, kh, gq, g, t, -1).transpose(0, 3, 1, 2, 4, 5).reshape(b, kh, gq, t, -1)
     lg = softcap(lg, cfg.attn_softcap)
     all_logits.append(jnp.where(mask[:, None, None], lg, -1e30))
@@ -285,7 +298,7 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_Bx
     qpos = pos_BxT.reshape(-1, g * pos_BxT.shape[1])
     m = _mask(qpos, cpos, cvalid, cfg.sliding_window, is_global)
     blocks.append((ck, cv, m.reshape(pos_BxT.shape[0], pos_BxT.shape[1], -1), g))
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H], the cache layout
+  k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T] and [B, K, T, H]: the cache layout
   blocks.append((k, v, _mask(pos_BxT, pos_BxT, valid_BxT, cfg.sliding_window, is_global), 1))
   out = attention(q, blocks, cfg)
   out = project("o", out, layer, lora_layer, lora_scale)
@@ -332,24 +345,26 @@ def forward(
 
   The T tokens attend causally (by position) to each other and to every valid slot of
   `caches`; padding tokens (valid=False) are never attended to. Keys/values come back
-  as [L, B, K, T, H] so the caller decides where to store them (`write`).
+  in the cache layout ([L, B, K, H, T], [L, B, K, T, H]) so the caller decides where to
+  store them (`write`).
   """
   if valid_BxT is None:
     valid_BxT = jnp.ones(tokens_BxT.shape, bool)
   x = embed(params, cfg, tokens_BxT, dtype)
   is_global = jnp.array([cfg.is_global(i) for i in range(cfg.num_layers)])
   lora_layers = None if lora is None else lora["layers"]
-  cache_xs = tuple((c.k, c.v) for c in caches)
 
   def body(x, xs):
-    layer, lora_layer, glob, kvs = xs
-    per_layer = [(k, v, c.pos, c.valid, c.group) for (k, v), c in zip(kvs, caches)]
+    layer, lora_layer, glob, index = xs
+    # caches are sliced here rather than scanned over, so a `span` reads fewer slots
+    per_layer = [c.layer(index) for c in caches]
     y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer)
     return y, (kv if return_kv else None)
 
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  x, kv = jax.lax.scan(body, x, (params["layers"], lora_layers, is_global, cache_xs))
+  xs = (params["layers"], lora_layers, is_global, jnp.arange(cfg.num_layers))
+  x, kv = jax.lax.scan(body, x, xs)
   hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
   return (hidden, kv) if return_kv else hidden
 
