@@ -5,10 +5,13 @@ is decoded G times, all G samples reading the same prefix rows (GRPO rollouts).
 Decoding runs as a jitted `while_loop` in chunks: between chunks the host checks stop
 strings, streams text and updates progress. Shapes depend only on
 (batch, prompt length, max_new_tokens, group), so repeated calls never recompile.
+With a tag schema the loop also tracks each row's reasoning and applies budget forcing
+(`tpu_reason.budget`) in-graph.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import time
@@ -18,24 +21,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason.config import SamplingCfg
+from tpu_reason import budget as budget_lib
+from tpu_reason.budget import BudgetState, Forcing
+from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
+from tpu_reason.tags import TagSchema
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "suffix", "tokens", "last", "pos", "step", "done", "lengths", "key"], meta_fields=[])
+    "suffix", "tokens", "last", "pos", "step", "done", "lengths", "key", "budget"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-  """Everything the decode loop carries; `suffix` caches the generated tokens."""
+  """Everything the decode loop carries; `suffix` caches the fed tokens, one slot per step."""
 
-  suffix: KVCache  # [L, B*G, N, K, H]
+  suffix: KVCache  # [L, B*G, ..., S] with S = N + slots for rewound tokens
   tokens: jax.Array  # [B*G, N] generated ids (pad after the end)
   last: jax.Array  # [B*G] last token, input to the next step
-  pos: jax.Array  # [B*G] position of the next token
-  step: jax.Array  # [] number of tokens generated so far
+  pos: jax.Array  # [B*G] position of `last`
+  step: jax.Array  # [] decode steps so far (tokens generated, unless budget forcing rewound some)
   done: jax.Array  # [B*G] hit an EOS (or a stop string, set by the host)
   lengths: jax.Array  # [B*G] generated tokens incl. the EOS
   key: jax.Array
+  budget: BudgetState | None  # only with a tag schema
 
 
 @dataclasses.dataclass
@@ -47,6 +54,11 @@ class Generation:
   finished: np.ndarray  # [B*G] ended by EOS or stop string (else hit the length cap)
   texts: list[str]
   seconds: float
+  # with a tag schema (else None):
+  thinking_tokens: np.ndarray | None = None  # [B*G] tokens before the reasoning close
+  forced_closes: np.ndarray | None = None  # [B*G] closes forced by the thinking cap (0 or 1)
+  extensions: np.ndarray | None = None  # [B*G] closes replaced by the budget's wait string
+  unclosed: np.ndarray | None = None  # [B*G] the reasoning was never (completely) closed
 
   @property
   def truncated(self) -> np.ndarray:
@@ -96,42 +108,69 @@ def prefill(params, lora, lora_scale, tokens_BxP, mask_BxP, *, cfg: ModelConfig,
   return cache, logits(params, cfg, hidden[:, -1:])[:, 0], pos[:, -1] + 1
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "group", "max_new", "mode", "dtype"))
-def start(prefix: KVCache, first_logits_BxV, next_pos_B, key, *, cfg: ModelConfig, group: int,
-          max_new: int, mode: tuple, eos_ids, dtype=jnp.float32) -> DecodeState:
-  """Sample each row's first token (G different ones per prompt) and set up the loop."""
+def alive(s: DecodeState):
+  """Rows still generating: no EOS or stop yet, and room left in the token buffer."""
+  return ~s.done & (s.lengths < s.tokens.shape[1])
+
+
+def _append(s: DecodeState, sampled_B, forcing: Forcing | None, eos_ids, pad_id):
+  """Add one token to every live row (forced or `sampled`): (state, rewind_B)."""
+  live = alive(s)
+  tok, b, rewind = sampled_B, s.budget, jnp.zeros_like(s.lengths)
+  if forcing is not None:
+    tok, b, rewind = budget_lib.step(forcing, b, s.tokens, s.lengths, sampled_B, live)
+  lengths = s.lengths - rewind
+  rows = jnp.arange(lengths.shape[0])
+  tokens = s.tokens.at[rows, jnp.where(live, lengths, s.tokens.shape[1])].set(tok, mode="drop")
+  done = s.done | (live & jnp.isin(tok, eos_ids))
+  s = dataclasses.replace(s, tokens=tokens, last=jnp.where(live, tok, pad_id), done=done,
+                          lengths=lengths + live, budget=b)
+  return s, rewind
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "group", "max_new", "slots", "mode", "dtype"))
+def start(prefix: KVCache, first_logits_BxV, next_pos_B, key, forcing: Forcing | None = None, *,
+          cfg: ModelConfig, group: int, max_new: int, mode: tuple, eos_ids, pad_id=0,
+          slots: int | None = None, dtype=jnp.float32) -> DecodeState:
+  """Sample each row's first token (G different ones per prompt) and set up the loop.
+
+  `slots` (default `max_new`) sizes the suffix cache: budget forcing needs a few more
+  steps than tokens, since a suppressed close costs the steps that fed it.
+  """
   b = first_logits_BxV.shape[0] * group
   key, sub = jax.random.split(key)
   first = sample_token(jnp.repeat(first_logits_BxV, group, 0), sub, *mode)
-  tokens = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
-  done = jnp.isin(first, eos_ids)
-  return DecodeState(init_cache(cfg, b, max_new, dtype), tokens, first, jnp.repeat(next_pos_B, group),
-                     jnp.array(1, jnp.int32), done, jnp.ones((b,), jnp.int32), key)
+  zeros = jnp.zeros((b,), jnp.int32)
+  state = DecodeState(init_cache(cfg, b, slots or max_new, dtype), jnp.zeros((b, max_new), jnp.int32), zeros,
+                      jnp.repeat(next_pos_B, group), jnp.array(1, jnp.int32), jnp.zeros((b,), bool), zeros,
+                      key, None if forcing is None else budget_lib.init(forcing, b))
+  return _append(state, first, forcing, eos_ids, pad_id)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mode", "span", "dtype"), donate_argnames=("state",))
 def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until, eos_ids, pad_id,
-           *, cfg: ModelConfig, mode: tuple, span: int | None = None, dtype=jnp.float32) -> DecodeState:
+           forcing: Forcing | None = None, *, cfg: ModelConfig, mode: tuple, span: int | None = None,
+           dtype=jnp.float32) -> DecodeState:
   """Generate until step == `until` or every row is done, attending over `span` >= `until` suffix slots."""
-  max_new = state.tokens.shape[1]
+  slots = state.suffix.v.shape[3]
 
   def cond(s):
-    return (s.step < until) & (s.step < max_new) & ~jnp.all(s.done)
+    return (s.step < until) & (s.step < slots) & jnp.any(alive(s))
 
   def body(s):
     # the last token goes into slot step-1 of the suffix cache while being processed
-    tok, pos = s.last[:, None], s.pos[:, None]
-    alive = ~s.done
+    tok, pos, live = s.last[:, None], s.pos[:, None], alive(s)
     caches = (prefix, dataclasses.replace(s.suffix, span=span))
-    hidden, (k, v) = forward(params, cfg, tok, pos, valid_BxT=alive[:, None], lora=lora,
+    hidden, (k, v) = forward(params, cfg, tok, pos, valid_BxT=live[:, None], lora=lora,
                              lora_scale=lora_scale, caches=caches, dtype=dtype, return_kv=True)
-    suffix = write(s.suffix, k, v, pos, alive[:, None], s.step - 1)
+    suffix = write(s.suffix, k, v, pos, live[:, None], s.step - 1)
     key, sub = jax.random.split(s.key)
-    nxt = sample_token(logits(params, cfg, hidden)[:, 0], sub, *mode)
-    nxt = jnp.where(alive, nxt, pad_id)
-    tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, nxt[:, None], s.step, axis=1)
-    done = s.done | jnp.isin(nxt, eos_ids)
-    return DecodeState(suffix, tokens, nxt, s.pos + 1, s.step + 1, done, s.lengths + alive, key)
+    sampled = sample_token(logits(params, cfg, hidden)[:, 0], sub, *mode)
+    s, rewind = _append(dataclasses.replace(s, suffix=suffix, key=key), sampled, forcing, eos_ids, pad_id)
+    next_pos = s.pos + 1 - rewind
+    if forcing is not None:
+      suffix = budget_lib.forget(suffix, rewind, next_pos)
+    return dataclasses.replace(s, suffix=suffix, pos=next_pos, step=s.step + 1)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -147,14 +186,46 @@ def _span(step: int, slots: int) -> int:
   return min(span, slots)
 
 
-def _stop_length(tokenizer, ids: np.ndarray, stops: tuple[str, ...], start: int) -> int | None:
-  """Smallest token count >= start whose text contains a stop string (None if none does)."""
-  if not stops or not any(s in tokenizer.decode(ids) for s in stops):
+def _stop_length(tokenizer, ids: np.ndarray, stops: tuple[str, ...]) -> int | None:
+  """Smallest token count whose text contains a stop string (None if none does)."""
+  def has_stop(n: int) -> bool:
+    return any(s in tokenizer.decode(ids[:n]) for s in stops)
+
+  if not has_stop(len(ids)):
     return None
-  for n in range(max(start, 1), len(ids) + 1):
-    if any(s in tokenizer.decode(ids[:n]) for s in stops):
-      return n
-  return len(ids)
+  return bisect.bisect_left(range(len(ids) + 1), True, key=has_stop)  # longer prefixes keep it
+
+
+def _check_stops(tokenizer, state: DecodeState, stops, stop_len: np.ndarray, on_chunk) -> DecodeState:
+  """Between chunks: end rows whose text reached a stop string (`stop_len` > 0) and stream."""
+  tokens, done, lengths = jax.device_get((state.tokens, state.done, state.lengths))
+  for i in np.flatnonzero(~done & (stop_len == 0)) if stops else ():
+    stop_len[i] = _stop_length(tokenizer, tokens[i, : lengths[i]], stops) or 0
+  if stop_len.any():
+    state = dataclasses.replace(state, done=state.done | jnp.asarray(stop_len > 0))
+  if on_chunk is not None:
+    on_chunk(tokens, np.where(stop_len > 0, stop_len, lengths))
+  return state
+
+
+def _forcing(tokenizer, schema: TagSchema | None, budget: BudgetCfg | None) -> Forcing | None:
+  if schema is None and budget_lib.active(budget):
+    raise ValueError("budget forcing needs the tag schema whose reasoning it caps (schema=...)")
+  return None if schema is None else budget_lib.forcing(tokenizer, schema, budget)
+
+
+def _result(tokenizer, state: DecodeState, stop_len: np.ndarray, pad: int, seconds: float) -> Generation:
+  """Host-side Generation: cut at stop strings, pad after the end, decode texts."""
+  tokens, done, lengths, b = jax.device_get((state.tokens, state.done, state.lengths, state.budget))
+  stopped = stop_len > 0
+  lengths = np.where(stopped, np.minimum(stop_len, lengths), lengths).astype(np.int32)
+  tokens = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, pad).astype(np.int32)
+  texts = [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]
+  gen = Generation(tokens, lengths, done | stopped, texts, seconds)
+  if b is None:
+    return gen
+  return dataclasses.replace(gen, thinking_tokens=np.minimum(b.thinking, lengths), forced_closes=b.forced,
+                             extensions=b.extensions, unclosed=~b.closed | (b.head < b.qlen))
 
 
 def generate(
@@ -174,44 +245,40 @@ def generate(
     chunk: int = 64,
     on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None,
     dtype=jnp.float32,
+    budget: BudgetCfg | None = None,
+    schema: TagSchema | None = None,
 ) -> Generation:
-  """Generate up to `sampling.max_new_tokens` tokens for each prompt, `group` times."""
+  """Generate up to `sampling.max_new_tokens` tokens for each prompt, `group` times.
+
+  The prompts end inside the reasoning block (the schema's primer). With `schema` the
+  result also reports each row's thinking; `budget` then caps or extends it (s1). A
+  suppressed close is taken back, so between two `on_chunk` calls a row's last few
+  tokens may change (its text is then not an extension of the previous one).
+  """
   t0 = time.perf_counter()
+  forcing = _forcing(tokenizer, schema, budget)
   key = jax.random.key(sampling.seed) if key is None else key
   eos = jnp.asarray(eos_ids, jnp.int32)
   pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0])
   prefix, first, next_pos = prefill(params, lora, lora_scale, jnp.asarray(prompt_tokens_BxP),
                                     jnp.asarray(prompt_mask_BxP, bool), cfg=cfg, dtype=dtype)
   prefix = KVCache(prefix.k, prefix.v, prefix.valid, prefix.pos, group)
-  max_new = sampling.max_new_tokens
-  state = start(prefix, first, next_pos, key, cfg=cfg, group=group, max_new=max_new,
-                mode=_mode(sampling), eos_ids=eos, dtype=dtype)
-  stopped = np.zeros(state.done.shape, bool)
+  max_new, mode = sampling.max_new_tokens, _mode(sampling)
+  slots = max_new + (forcing.rewind * budget.extend if forcing is not None and budget else 0)
+  state = start(prefix, first, next_pos, key, forcing, cfg=cfg, group=group, max_new=max_new, mode=mode,
+                eos_ids=eos, pad_id=pad, slots=slots, dtype=dtype)
   stop_len = np.zeros(state.done.shape, np.int64)
   step = 1
   while True:
     if stop_strings or on_chunk is not None:
-      tokens, done, lengths = jax.device_get((state.tokens, state.done, state.lengths))
-      for i in np.flatnonzero(~done & ~stopped) if stop_strings else ():
-        n = _stop_length(tokenizer, tokens[i, : lengths[i]], stop_strings, step - chunk)
-        if n is not None:
-          stopped[i], stop_len[i] = True, n
-      if stopped.any():
-        state = dataclasses.replace(state, done=state.done | jnp.asarray(stopped))
-      if on_chunk is not None:
-        on_chunk(tokens, np.where(stopped, stop_len, lengths))
-    if step >= max_new or bool(jnp.all(state.done)):
+      state = _check_stops(tokenizer, state, stop_strings, stop_len, on_chunk)
+    if step >= slots or not bool(jnp.any(alive(state))):
       break
-    span = _span(step, max_new)
+    span = _span(step, slots)
     step = min(step + chunk, span)
-    state = decode(params, lora, lora_scale, prefix, state, step, eos, pad, cfg=cfg, mode=_mode(sampling),
+    state = decode(params, lora, lora_scale, prefix, state, step, eos, pad, forcing, cfg=cfg, mode=mode,
                    span=span, dtype=dtype)
-  tokens, done, lengths = jax.device_get((state.tokens, state.done, state.lengths))
-  lengths = np.where(stopped, np.minimum(stop_len, lengths), lengths)
-  tokens = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, pad).astype(np.int32)
-  finished = done | stopped
-  texts = [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]
-  return Generation(tokens, lengths.astype(np.int32), finished, texts, time.perf_counter() - t0)
+  return _result(tokenizer, state, stop_len, pad, time.perf_counter() - t0)
 
 
 def left_pad(ids_list: list[list[int]], length: int | None, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

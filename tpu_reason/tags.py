@@ -131,12 +131,17 @@ class TagSchema:
     tags = (self.reasoning_open, self.reasoning_close, self.answer_open, self.answer_close)
     return tuple(t for t in tags if t)
 
+  @property
+  def answer_start(self) -> str:
+    """Text between the reasoning and the answer: closes one, opens the other (a thinking cap forces it)."""
+    if self.answer_open is not None:
+      return f"\n{self.reasoning_close}\n{self.answer_open}\n"
+    return f"\n{self.reasoning_close}\n{self.answer_prefix}"
+
   def render_target(self, reasoning: str, answer: str) -> str:
     """Full assistant text for SFT targets; starts with `primer`."""
-    text = f"{self.primer}{reasoning.strip()}\n{self.reasoning_close}\n"
-    if self.answer_open is not None:
-      return text + f"{self.answer_open}\n{answer.strip()}\n{self.answer_close}"
-    return text + f"{self.answer_prefix}{answer.strip()}"
+    text = f"{self.primer}{reasoning.strip()}{self.answer_start}{answer.strip()}"
+    return text if self.answer_close is None else f"{text}\n{self.answer_close}"
 
   def _has_marker(self, s: str) -> bool:
     return any(m in s for m in self.markers)
