@@ -121,6 +121,18 @@ def test_wait_replaces_each_close_and_other_rows_stay_bit_identical(tiny):
     assert gen.texts[i][gen.thinking_tokens[i]:].startswith("CC")
 
 
+def test_streamed_text_only_grows(tiny):
+  """on_chunk never shows a close's first token that a suppression then takes back."""
+  seen = []
+  tokens, mask = sampler.left_pad(PROMPTS, None, 0)
+  gen = sampler.generate(tiny, TINY, CharTok(), tokens, mask, eos_ids=(-1,), chunk=1, budget=BudgetCfg(extend=2, wait="So"),
+                         schema=CC, sampling=SamplingCfg(max_new_tokens=30),
+                         on_chunk=lambda t, n: seen.append([CharTok().decode(r[:k]) for r, k in zip(t, n)]))
+  assert gen.extensions.tolist() == [0, 2, 2]
+  for before, after in zip(seen, seen[1:] + [gen.texts]):
+    assert all(a.startswith(b) for b, a in zip(before, after))
+
+
 def test_zero_budget_changes_nothing(tiny):
   plain = _generate(tiny, TINY, CharTok(), PROMPTS, 24, schema=None)
   assert plain.thinking_tokens is None

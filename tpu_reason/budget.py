@@ -143,6 +143,16 @@ def step(f: Forcing, b: BudgetState, tokens_BxN, lengths_B, sampled_B, alive_B):
   return tok, b, rewind
 
 
+def unsettled(f: Forcing, b: BudgetState, tokens_BxN: np.ndarray, lengths_B: np.ndarray) -> np.ndarray:
+  """Host side: per row, trailing tokens that start a close tag a suppression may take back."""
+  close_VxN, out = np.asarray(f.close_VxN), np.zeros(len(lengths_B), np.int64)
+  for i in np.flatnonzero(~b.closed & (b.extensions < int(f.extend))):
+    n = lengths_B[i]
+    out[i] = next((k for k in range(min(close_VxN.shape[1] - 1, n), 0, -1)
+                   if (close_VxN[:, :k] == tokens_BxN[i, n - k:n]).all(1).any()), 0)
+  return out
+
+
 def forget(cache: KVCache, rewind_B, next_pos_B) -> KVCache:
   """Invalidate the slots of rewound tokens: those at positions >= the row's next position."""
   drop_BxS = (rewind_B > 0)[:, None] & (cache.pos >= next_pos_B[:, None])

@@ -196,15 +196,18 @@ def _stop_length(tokenizer, ids: np.ndarray, stops: tuple[str, ...]) -> int | No
   return bisect.bisect_left(range(len(ids) + 1), True, key=has_stop)  # longer prefixes keep it
 
 
-def _check_stops(tokenizer, state: DecodeState, stops, stop_len: np.ndarray, on_chunk) -> DecodeState:
+def _check_stops(tokenizer, state: DecodeState, forcing: Forcing | None, stops, stop_len: np.ndarray,
+                 on_chunk) -> DecodeState:
   """Between chunks: end rows whose text reached a stop string (`stop_len` > 0) and stream."""
-  tokens, done, lengths = jax.device_get((state.tokens, state.done, state.lengths))
+  tokens, done, lengths, b = jax.device_get((state.tokens, state.done, state.lengths, state.budget))
   for i in np.flatnonzero(~done & (stop_len == 0)) if stops else ():
     stop_len[i] = _stop_length(tokenizer, tokens[i, : lengths[i]], stops) or 0
   if stop_len.any():
     state = dataclasses.replace(state, done=state.done | jnp.asarray(stop_len > 0))
   if on_chunk is not None:
-    on_chunk(tokens, np.where(stop_len > 0, stop_len, lengths))
+    # hold back the start of a close tag that may yet be suppressed: streamed text only grows
+    settled = lengths - (0 if b is None else budget_lib.unsettled(forcing, b, tokens, lengths))
+    on_chunk(tokens, np.where(stop_len > 0, stop_len, settled))
   return state
 
 
@@ -251,9 +254,9 @@ def generate(
   """Generate up to `sampling.max_new_tokens` tokens for each prompt, `group` times.
 
   The prompts end inside the reasoning block (the schema's primer). With `schema` the
-  result also reports each row's thinking; `budget` then caps or extends it (s1). A
-  suppressed close is taken back, so between two `on_chunk` calls a row's last few
-  tokens may change (its text is then not an extension of the previous one).
+  result also reports each row's thinking; `budget` then caps or extends it (s1).
+  `on_chunk(tokens_BxN, lengths_B)` sees each row's tokens only grow: the start of a close
+  tag that may yet be suppressed is held back until it is settled.
   """
   t0 = time.perf_counter()
   forcing = _forcing(tokenizer, schema, budget)
@@ -271,7 +274,7 @@ def generate(
   step = 1
   while True:
     if stop_strings or on_chunk is not None:
-      state = _check_stops(tokenizer, state, stop_strings, stop_len, on_chunk)
+      state = _check_stops(tokenizer, state, forcing, stop_strings, stop_len, on_chunk)
     if step >= slots or not bool(jnp.any(alive(state))):
       break
     span = _span(step, slots)

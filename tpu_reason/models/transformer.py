@@ -247,8 +247,8 @@ def attention(q_BxTxNxH, blocks, cfg: ModelConfig):
   """Joint softmax attention over several key blocks [(k_bxKxHxS, v_bxKxSxH, mask_BxTxS, group)].
 
   The cache is heads-first with keys transposed ([b, K, H, S]) so both einsums are plain
-  (untransposed) batched matmuls over (b, K); XLA:CPU packs a transposed operand on every
-  call, which made decode twice as slow. A block with group g has B/g rows,
+  (untransposed) batched matmuls over (b, K): XLA:CPU repacks a transposed operand on every
+  call, which doubled the cost of q @ k in decode. A block with group g has B/g rows,
   each read by g consecutive query rows: a shared prompt is stored and read once.
   """
   b, t, n, h = q_BxTxNxH.shape
