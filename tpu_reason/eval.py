@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from tpu_reason import config, mesh as mesh_lib, policy, tags
-from tpu_reason import evaluate
+from tpu_reason import budget as budget_lib, evaluate
 from tpu_reason.config import Config, DataCfg
 from tpu_reason.data.prepare import GENERATED_SOURCES, load_records
 from tpu_reason.errors import UserError, cli
@@ -148,7 +148,7 @@ def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tu
   params, lora = policy.place(pol, mesh, cfg.model.dtype)
   examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
   result, all_samples, columns = {"model": spec, "source": pol.source}, [], {}
-  settings = {"": None, "+budget": cfg.budget} if evaluate.forcing(cfg.budget) else {"": None}
+  settings = {"": None, "+budget": cfg.budget} if budget_lib.active(cfg.budget) else {"": None}
   for suffix, budget in settings.items():
     metrics, samples = evaluate.evaluate(
         pol.model, params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=lora,

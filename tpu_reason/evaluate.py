@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import rewards, sampler
+from tpu_reason import budget as budget_lib, rewards, sampler
 from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.data.buckets import Example, build_prompts, render
-from tpu_reason.errors import UserError
 from tpu_reason.tags import TagSchema
 
 # Per-row counters a budget-forcing sampler adds to its Generation.
@@ -57,18 +55,9 @@ def prompt_examples(records, model, schema: TagSchema, system_prompt: str = "", 
 # ------------------------------------------------------------------ generation
 
 
-def forcing(budget: BudgetCfg | None) -> bool:
-  """Whether `budget` changes generation at all (a cap or extensions)."""
-  return budget is not None and (budget.max_thinking_tokens > 0 or budget.extend > 0)
-
-
 def budget_kwargs(budget: BudgetCfg | None, schema: TagSchema) -> dict:
   """The sampler arguments for budget forcing (none without a cap or extensions)."""
-  if not forcing(budget):
-    return {}
-  if "budget" not in inspect.signature(sampler.generate).parameters:
-    raise UserError("budget forcing needs a sampler with budget support; this build has none")
-  return {"budget": budget, "schema": schema}
+  return {"budget": budget, "schema": schema} if budget_lib.active(budget) else {}
 
 
 def generate(model, params, examples, schema: TagSchema, *, sampling: SamplingCfg, k: int = 1, lora=None,
