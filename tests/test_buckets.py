@@ -309,3 +309,9 @@ def test_reasoning_gym_task_options(model):
   for e in train + evals:
     problem = e.prompt_text.split("problem:")[1].split("=")[0]
     assert len(re.findall(r"\d+", problem)) == 2 and all(len(n) == 1 for n in re.findall(r"\d+", problem)), problem
+
+
+@pytest.mark.parametrize("n, cap, want", [(1, 512, 64), (64, 512, 64), (65, 512, 128), (300, 512, 512),
+                                          (300, 192, 192), (10, 40, 40), (5, 512, 64)])
+def test_pow2_bucket(n, cap, want):
+  assert buckets.pow2_bucket(n, cap) == want

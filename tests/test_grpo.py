@@ -172,6 +172,32 @@ def test_reference_is_the_adapter_off_without_a_weight_copy(trainer):
   assert int(state.step) == grpo.updates_per_step(tr.cfg.grpo) == 1
 
 
+def test_trim_prompts_keeps_every_prompt_token(trainer):
+  batch = first_batch(trainer)
+  padded = {**batch, **{k: np.pad(batch[k], ((0, 0), (40, 0))) for k in ("prompt_tokens_BxP", "prompt_mask_BxP")}}
+  trimmed = grpo.trim_prompts(padded, smallest=8)
+  width = trimmed["prompt_mask_BxP"].shape[1]
+  assert batch["prompt_mask_BxP"].sum(1).max() <= width < 56 + 40 and width & (width - 1) == 0
+  assert not padded["prompt_mask_BxP"][:, :-width].any()  # only shared left padding went
+  np.testing.assert_array_equal(trimmed["prompt_tokens_BxP"], padded["prompt_tokens_BxP"][:, -width:])
+  assert trimmed["answer"] == batch["answer"]
+
+
+def test_logprobs_do_not_depend_on_padding_width(trainer):
+  """Trimmed batches score exactly like padded ones: the rollout may cut padding columns."""
+  tr = trainer
+  state = fresh_state(tr)
+  arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
+  pad = lambda x, left, right: np.pad(x, ((0, 0), (left, right)))  # noqa: E731
+  wide = {**arrays, "prompt_tokens_BxP": pad(arrays["prompt_tokens_BxP"], 8, 0),
+          "prompt_mask_BxP": pad(arrays["prompt_mask_BxP"], 8, 0),
+          "completion_tokens_BxC": pad(arrays["completion_tokens_BxC"], 0, 8),
+          "completion_mask_BxC": pad(arrays["completion_mask_BxC"], 0, 8)}
+  mask = arrays["completion_mask_BxC"]
+  narrow_logp, wide_logp = tr.score_logprobs(state.lora, arrays), tr.score_logprobs(state.lora, wide)
+  np.testing.assert_allclose(wide_logp[:, :mask.shape[1]][mask], narrow_logp[mask], atol=1e-5)
+
+
 def test_reference_logprobs_equal_the_base_model(trainer):
   tr = trainer
   arrays, _, _ = tr.rollout(fresh_state(tr).lora, first_batch(tr), 0)

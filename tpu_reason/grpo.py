@@ -76,6 +76,13 @@ def _logprobs(lora, params, batch, *, cfg, lora_scale, dtype, chunk, temperature
                                     temperature=temperature)
 
 
+def trim_prompts(batch: dict, smallest: int = 64) -> dict:
+  """Cut the left padding all prompts share, to a power-of-two width: prefill and training skip it."""
+  mask = batch["prompt_mask_BxP"]
+  width = buckets.pow2_bucket(int(mask.sum(1).max()), mask.shape[1], smallest)
+  return {**batch, "prompt_tokens_BxP": batch["prompt_tokens_BxP"][:, -width:], "prompt_mask_BxP": mask[:, -width:]}
+
+
 def updates_per_step(g: GrpoCfg) -> int:
   return g.num_iterations * (g.prompts // g.mini)
 
@@ -134,6 +141,7 @@ class Trainer:
   def rollout(self, lora, batch: dict, step: int) -> tuple[dict, dict, list[str]]:
     """Sample, score and compute advantages: (train arrays, metrics, completions)."""
     g, m = self.cfg.grpo, self.model
+    batch = trim_prompts(batch)
     sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
     gen = sampler.generate(self.params, m.cfg, m.tokenizer, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"],
                            eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step), lora=lora,
@@ -146,9 +154,10 @@ class Trainer:
                                  schema=self.schema.name)
     adv = losses.group_advantages(np.asarray(total, np.float32), g.group, scale=g.scale_rewards)
     mask = gen.mask & ~(gen.truncated[:, None] & g.mask_truncated_completions)
+    width = buckets.pow2_bucket(int(gen.lengths.max()), gen.tokens.shape[1])  # right padding nobody uses
     arrays = {"prompt_tokens_BxP": np.repeat(batch["prompt_tokens_BxP"], g.group, 0),
               "prompt_mask_BxP": np.repeat(batch["prompt_mask_BxP"], g.group, 0),
-              "completion_tokens_BxC": gen.tokens, "completion_mask_BxC": mask,
+              "completion_tokens_BxC": gen.tokens[:, :width], "completion_mask_BxC": mask[:, :width],
               "advantages_B": np.asarray(adv, np.float32)}
     metrics = {**reward_metrics(total, parts, g.group), **completion_metrics(gen.lengths, gen.truncated),
                "tokens_per_s/rollout": gen.tokens_per_second, "time/rollout": gen.seconds}

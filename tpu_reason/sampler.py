@@ -24,6 +24,7 @@ import numpy as np
 from tpu_reason import budget as budget_lib
 from tpu_reason.budget import BudgetState, Forcing
 from tpu_reason.config import BudgetCfg, SamplingCfg
+from tpu_reason.data.buckets import pow2_bucket
 from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
 from tpu_reason.tags import TagSchema
 
@@ -180,10 +181,7 @@ def _span(step: int, slots: int) -> int:
 
   Early steps then skip the empty tail of the cache, at the cost of one compile per bucket.
   """
-  span = 64
-  while span <= step:
-    span *= 2
-  return min(span, slots)
+  return pow2_bucket(step + 1, slots)
 
 
 def _stop_length(tokenizer, ids: np.ndarray, stops: tuple[str, ...]) -> int | None:

@@ -136,6 +136,14 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int | None:
   return next((b for b in buckets if length <= b), None)
 
 
+def pow2_bucket(n: int, cap: int, smallest: int = 64) -> int:
+  """The smallest power of two >= n (at least `smallest`), capped at `cap`: little padding, few shapes."""
+  width = smallest
+  while width < n:
+    width *= 2
+  return min(width, cap)
+
+
 def left_pad(ids: Sequence[int], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens_L, mask_L) with ids flush right."""
   tokens = np.full(length, pad, np.int32)
