@@ -507,3 +507,20 @@ def test_add_tokens_surgery_keeps_old_behaviour(smollm2):
   old = T.logits(smollm2.params, smollm2.cfg, T.forward(smollm2.params, smollm2.cfg, text, pos))
   new = T.logits(grown.params, grown.cfg, T.forward(grown.params, grown.cfg, text, pos))
   np.testing.assert_array_equal(np.asarray(new[..., :v]), np.asarray(old))
+
+
+def test_converted_model_cache_survives_concurrent_saves(tmp_path):
+  """Processes loading the same GGUF at once each write their own temp dir; one complete cache remains."""
+  import concurrent.futures
+
+  from tpu_reason import models
+
+  model = models.load("tiny-llama")
+  path, source = tmp_path / "tiny", {"file": "a.gguf", "size": 1}
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda _: models._save_cache(path, model, source), range(4)))
+  assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no temp dirs left behind
+  cached = models._load_cache(path, "tiny-llama", source)
+  assert cached.cfg == model.cfg and models._load_cache(path, "tiny-llama", {"file": "b.gguf"}) is None
+  models._save_cache(path, model, {"file": "b.gguf"})  # a stale cache is replaced
+  assert models._cached_source(path) == {"file": "b.gguf"}

@@ -14,6 +14,8 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -100,17 +102,29 @@ def _embedded_gguf(spec: str) -> Path:
 def _save_cache(path: Path, model: Model, source: dict):
   from safetensors.numpy import save_file
 
-  tmp = path.with_suffix(".tmp")
-  tmp.mkdir(parents=True, exist_ok=True)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))  # one per process: loads may race
   save_file({k: np.asarray(v) for k, v in flatten(model.params).items()}, tmp / "params.safetensors")
   model.tokenizer.save_pretrained(tmp / "tokenizer")
   meta = {"cfg": dataclasses.asdict(model.cfg), "eos_ids": list(model.eos_ids), "source": source}
   (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-  if path.exists():
-    import shutil
+  if _cached_source(path) == source:  # another process saved the same model meanwhile
+    shutil.rmtree(tmp, ignore_errors=True)
+    return
+  shutil.rmtree(path, ignore_errors=True)  # a stale cache
+  try:
+    tmp.rename(path)  # atomic: a crash mid-save leaves no half-written cache
+  except OSError:
+    if _cached_source(path) != source:
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)  # lost the race to an identical save
 
-    shutil.rmtree(path)
-  tmp.rename(path)  # atomic: a crash mid-save leaves no half-written cache
+
+def _cached_source(path: Path) -> dict | None:
+  try:
+    return json.loads((path / "meta.json").read_text())["source"]
+  except (OSError, ValueError, KeyError):
+    return None
 
 
 def _load_cache(path: Path, name: str, source: dict) -> Model | None:
