@@ -358,15 +358,15 @@ def run(cfg: Config) -> dict:
           ev = tr.evaluate(state.lora)
           if ev:
             log.log(done, ev, "eval")
-            ckpts.save_best(done, state, _meta(cfg, done), ev)
+            ckpts.save_best(done, state, sft._meta(cfg, done), ev)
         if done % g.save_every == 0 or done == g.steps:
-          ckpts.save(done, state, _meta(cfg, done))
+          ckpts.save(done, state, sft._meta(cfg, done))
           saved_at = done
   except BaseException:
     done, partial = divmod(int(state.step), updates_per_step(g))
     # a step interrupted between its updates cannot be resumed exactly: keep the last whole one
     if done > saved_at and not partial and bool(jnp.isfinite(jax.tree.leaves(state.lora)[0]).all()):
-      ckpts.save(done, state, _meta(cfg, done))  # nothing lost on a crash or Ctrl-C
+      ckpts.save(done, state, sft._meta(cfg, done))  # nothing lost on a crash or Ctrl-C
       print(f"\nsaved step {done} to {out / 'checkpoints'} before exiting", file=sys.stderr)
     ckpts.close()
     raise
@@ -376,7 +376,7 @@ def run(cfg: Config) -> dict:
   after = tr.evaluate(state.lora)
   log.log(g.steps, after, "eval")
   if after:
-    ckpts.save_best(g.steps, state, _meta(cfg, g.steps), after)
+    ckpts.save_best(g.steps, state, sft._meta(cfg, g.steps), after)
   ckpts.close()
   plot = log.plot([("train", "reward"), ("train", "rewards/format/mean"), ("train", "rewards/process/mean"),
                    ("train", "rewards/outcome/mean"), ("eval", "reward"), ("train", "completions/mean_length"),
@@ -391,10 +391,6 @@ def run(cfg: Config) -> dict:
           f"{summary['last_20pct_reward']:.3f}")
   print(f"outputs in {out} (config.yaml, metrics.jsonl, rollouts.jsonl, tb/, checkpoints/, rewards.png)")
   return summary
-
-
-def _meta(cfg: Config, step: int) -> dict:
-  return {"step": step, "data_position": step, "config": config.to_dict(cfg)}
 
 
 @cli
