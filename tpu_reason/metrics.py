@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 
 class MetricsLog:
   """Append-only metrics sink; `history` is re-read from disk so resumed runs plot whole."""
@@ -36,8 +38,11 @@ class MetricsLog:
       return []
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-  def plot(self, keys: list[tuple[str, str]], filename: str, title: str) -> Path | None:
-    """One panel per (split, key); later rows for a step (after a resume) win."""
+  def plot(self, keys: list[tuple[str, str]], filename: str, title: str, per_row: int = 4) -> Path | None:
+    """One panel per (split, key), `per_row` to a row; later rows for a step (after a resume) win.
+
+    Noisy series (10+ points) get a moving average over a tenth of the run drawn on top.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,11 +52,20 @@ class MetricsLog:
     panels = [(s, k) for s, k in keys if any(r["split"] == s and k in r for r in rows)]
     if not panels:
       return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-    for ax, (split, key) in zip(axes[0], panels):
+    ncols = min(per_row, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+      ax.set_visible(False)
+    for ax, (split, key) in zip(axes.flat, panels):
       points = {r["step"]: r[key] for r in rows if r["split"] == split and key in r}
       xs = sorted(points)
-      ax.plot(xs, [points[x] for x in xs], marker="o" if len(xs) < 30 else None, ms=3)
+      ys = np.asarray([points[x] for x in xs], float)
+      ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, alpha=0.45 if len(xs) >= 10 else 1.0)
+      if len(xs) >= 10:
+        w = max(2, len(xs) // 10)
+        ax.plot(xs[w - 1:], np.convolve(ys, np.ones(w) / w, mode="valid"), lw=2, label=f"mean of {w}")
+        ax.legend(fontsize=7, loc="best")
       ax.set_title(f"{split} {key}")
       ax.set_xlabel("step")
       ax.grid(alpha=0.3)
