@@ -23,7 +23,7 @@ from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.data.buckets import Example, build_prompts, render
 from tpu_reason.tags import TagSchema
 
-# Per-row counters a budget-forcing sampler adds to its Generation.
+# Per-row counters the sampler's Generation carries when given a tag schema.
 BUDGET_FIELDS = ("thinking_tokens", "unclosed", "forced_closes", "extensions")
 
 
@@ -86,9 +86,9 @@ def generate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
     texts += [schema.primer + t for t in gen.texts[:keep]]
     lengths.append(np.asarray(gen.lengths[:keep]))
     for name in BUDGET_FIELDS:
-      if getattr(gen, name, None) is not None:
+      if getattr(gen, name) is not None:  # reported with a tag schema, i.e. when forcing
         counters[name].append(np.asarray(getattr(gen, name))[:keep])
-  budget_rows = {name: np.concatenate(v) for name, v in counters.items() if len(v) == n_batches}
+  budget_rows = {name: np.concatenate(v) for name, v in counters.items()}
   return Completions(texts, np.concatenate(lengths), k, time.perf_counter() - t0, budget_rows)
 
 
@@ -190,13 +190,11 @@ def score_texts(schema: TagSchema, texts: list[str], answers: list[str], checkpo
 
 
 def generate_and_score(model, params, examples, schema: TagSchema, *, lora=None, lora_scale=1.0,
-                       max_new_tokens=256, batch_size=16, dtype=None, sampling: SamplingCfg | None = None,
-                       k: int = 1, budget: BudgetCfg | None = None) -> tuple[dict, list[str]]:
-  """Generation for `examples` (greedy unless `sampling` says otherwise), scored with the rewards."""
-  sampling = sampling or SamplingCfg(max_new_tokens=max_new_tokens, temperature=0.0)
-  comps = generate(model, params, examples, schema, sampling=sampling, k=k, lora=lora, lora_scale=lora_scale,
-                   budget=budget, batch_size=batch_size, dtype=dtype or jnp.float32)
-  rows = [e for e in examples for _ in range(k)]
-  scores = score_texts(schema, comps.texts, [e.answer for e in rows], [list(e.checkpoints) for e in rows])
+                       max_new_tokens=256, batch_size=16, dtype=None) -> tuple[dict, list[str]]:
+  """Greedy generation for `examples`, scored with the rewards."""
+  sampling = SamplingCfg(max_new_tokens=max_new_tokens, temperature=0.0)
+  comps = generate(model, params, examples, schema, sampling=sampling, lora=lora, lora_scale=lora_scale,
+                   batch_size=batch_size, dtype=dtype or jnp.float32)
+  scores = score_texts(schema, comps.texts, [e.answer for e in examples], [list(e.checkpoints) for e in examples])
   scores["mean_completion_tokens"] = float(np.mean(comps.lengths)) if len(comps.lengths) else 0.0
   return scores, comps.texts
