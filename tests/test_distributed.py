@@ -94,17 +94,30 @@ def worker(data: str, out: str):
                     "lora_l1": float(l1)}))
 
 
+def grpo_worker(data: str, out: str):
+  """One process of a whole GRPO run (2 steps, evals, checkpoints) into `out`, shared by all processes."""
+  jax.config.update("jax_num_cpu_devices", 2 if os.environ.get("JAX_COORDINATOR_ADDRESS") else 4)
+  from tests.test_grpo import make_cfg
+  from tpu_reason import checkpoint, grpo
+  from tpu_reason.models.transformer import flatten
+
+  grpo.run(make_cfg(Path(out), Path(data), "mesh.fsdp=4", "grpo.steps=2"))
+  lora, _ = checkpoint.restore_lora(checkpoint.find_step(Path(out) / "checkpoints" / "last"))
+  print(json.dumps({"pid": jax.process_index(), "devices": jax.device_count(),
+                    "lora": {k: [float(np.abs(v).sum()), float(v.sum())] for k, v in flatten(lora).items()}}))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def _launch(data, out, **env):
+def _launch(data, out, mode="sft", **env):
   env = {**{k: v for k, v in os.environ.items() if k not in ENV}, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", **env}
   root = str(Path(__file__).resolve().parent.parent)
   env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-  return subprocess.Popen([sys.executable, __file__, str(data), str(out)], env=env, cwd=root,
+  return subprocess.Popen([sys.executable, __file__, str(data), str(out), mode], env=env, cwd=root,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -137,5 +150,36 @@ def test_two_processes_agree_with_one(tmp_path):
   assert np.isfinite(one["loss"]) and one["grad_norm"] > 0
 
 
+def _pair(data, out, mode):
+  address = f"127.0.0.1:{_free_port()}"
+  return [_launch(data, out, mode, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+          for i in range(2)]
+
+
+def test_two_process_grpo_agrees_with_one_and_only_process_0_writes(tmp_path):
+  from tests.test_sft import write_rows
+
+  data = write_rows(tmp_path / "rows.jsonl", 24, 8, 4)
+  pair = _pair(data, tmp_path / "pair", "grpo")
+  single = _launch(data, tmp_path / "single", "grpo")
+  p0, p1 = [_result(p) for p in pair]
+  one = _result(single)
+  assert (p0["pid"], p1["pid"], p0["devices"], one["devices"]) == (0, 1, 4, 4)
+  assert p0["lora"] == p1["lora"]  # both processes restore the one checkpoint
+  for name, (l1, total) in one["lora"].items():
+    assert p0["lora"][name][0] == pytest.approx(l1, rel=1e-4), name
+    assert p0["lora"][name][1] == pytest.approx(total, rel=1e-3, abs=1e-6), name
+  assert any(l1 > 0 for l1, _ in one["lora"].values())
+  # the run directory is written once: the same files and line counts as the one-process run
+  files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*")  # noqa: E731
+                              if p.is_file() and "checkpoints" not in p.parts and "tb" not in p.parts)
+  assert files(tmp_path / "pair") == files(tmp_path / "single")
+  for name in ("metrics.jsonl", "rollouts.jsonl"):
+    lines = lambda run: (tmp_path / run / name).read_text().splitlines()  # noqa: E731
+    assert len(lines("pair")) == len(lines("single")), name
+  assert len((tmp_path / "pair" / "rollouts.jsonl").read_text().splitlines()) == 2
+  assert len(list((tmp_path / "pair" / "tb").iterdir())) == 1  # one TensorBoard writer
+
+
 if __name__ == "__main__":
-  worker(*sys.argv[1:3])
+  (grpo_worker if sys.argv[3:] == ["grpo"] else worker)(*sys.argv[1:3])

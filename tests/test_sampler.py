@@ -77,6 +77,29 @@ def test_sharded_generate_matches_single_device(tiny):
   np.testing.assert_array_equal(one.tokens, many.tokens)
 
 
+def test_rollout_rows_are_split_over_the_mesh(tiny):
+  """Under the mesh each chip decodes its own rows: its KV caches hold only those, and the
+  sampled tokens (greedy and at T=1) are the ones a single device draws."""
+  m = mesh.make_mesh(MeshCfg(fsdp=4, tp=2))
+  placed = mesh.put(tiny, mesh.shardings(T.param_shapes(TINY), m))
+  tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9], [1, 2, 3], [4]], 4, 0)
+  for s in (SamplingCfg(max_new_tokens=10), SamplingCfg(max_new_tokens=10, temperature=1.0, top_k=0)):
+    one = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
+    with jax.set_mesh(m):
+      many = sampler.generate(placed, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
+    np.testing.assert_array_equal(one.tokens, many.tokens)
+  with jax.set_mesh(m):
+    prefix, first, next_pos = sampler.prefill(placed, None, 1.0, jnp.asarray(tokens), jnp.asarray(mask), cfg=TINY)
+    shared = T.KVCache(prefix.k, prefix.v, prefix.valid, prefix.pos, group=2)
+    state = sampler.start(shared, first, next_pos, jax.random.key(0), cfg=TINY, group=2, max_new=10,
+                          mode=(0.0, 0, 1.0), eos_ids=jnp.asarray([-1]))
+  kv_per_chip = TINY.num_kv_heads // 2 if TINY.num_kv_heads % 2 == 0 else TINY.num_kv_heads
+  # [L, rows, K, H, S]: 4 prompts -> 1 per chip, 4 x G=2 rows -> 2 per chip
+  assert {sh.data.shape[1:3] for sh in prefix.k.addressable_shards} == {(1, kv_per_chip)}
+  assert {sh.data.shape[1:3] for sh in state.suffix.k.addressable_shards} == {(2, kv_per_chip)}
+  assert {sh.data.shape for sh in state.tokens.addressable_shards} == {(2, 10)}
+
+
 def test_group_samples_share_prompt_but_differ(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9]], 4, 0)
   s = SamplingCfg(max_new_tokens=16, temperature=1.0)

@@ -56,6 +56,23 @@ def initialize() -> tuple[int, int]:
   return jax.process_index(), jax.process_count()
 
 
+def is_main() -> bool:
+  """Whether this process writes the run's files (every process computes; one writes)."""
+  return jax.process_index() == 0
+
+
+def to_host(tree):
+  """Whole numpy arrays on every process, gathered across hosts when an array spans several."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(one, tree)
+
+
 def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:
   """The rows (leading axis) of a global array that this process's devices hold."""
   n = global_shape[0]
@@ -69,7 +86,7 @@ def global_batch(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Global batch-sharded arrays from host arrays of the whole batch; each process reads only its rows."""
   out = {}
   for name, full in arrays.items():
-    sharding = mesh_lib.batch_sharding(mesh, full.ndim)
+    sharding = mesh_lib.rows_sharding(mesh, full.shape)
     local = full[process_rows(sharding, full.shape)]
     out[name] = jax.make_array_from_process_local_data(sharding, local, full.shape)
   return out

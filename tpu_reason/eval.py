@@ -141,6 +141,7 @@ def output_dir(cfg: Config) -> Path:
 
 def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tuple[dict, list[dict], dict]:
   """(eval.json content, samples, {column: metrics}) of one model, plain and (if set) budget-forced."""
+  import jax
   import jax.numpy as jnp
 
   schema = tags.get_schema(cfg.data.schema)
@@ -150,10 +151,11 @@ def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tu
   result, all_samples, columns = {"model": spec, "source": pol.source}, [], {}
   settings = {"": None, "+budget": cfg.budget} if budget_lib.active(cfg.budget) else {"": None}
   for suffix, budget in settings.items():
-    metrics, samples = evaluate.evaluate(
-        pol.model, params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=lora,
-        lora_scale=pol.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
-        dtype=jnp.dtype(cfg.model.dtype), redact=cfg.redact_thoughts, desc=name + suffix)
+    with jax.set_mesh(mesh):  # each chip decodes its own rows
+      metrics, samples = evaluate.evaluate(
+          pol.model, params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=lora,
+          lora_scale=pol.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
+          dtype=jnp.dtype(cfg.model.dtype), redact=cfg.redact_thoughts, desc=name + suffix)
     setting = "forced" if budget else "plain"
     all_samples += [{"setting": setting, **s} for s in samples]
     columns[name + suffix] = metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 
 from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs
-from tpu_reason import sampler, sft, tags
+from tpu_reason import distributed, sampler, sft, tags
 from tpu_reason import train as train_lib
 from tpu_reason.config import Config, GrpoCfg, SamplingCfg
 from tpu_reason.data import buckets
@@ -128,7 +129,8 @@ class Trainer:
     return updates_per_step(self.cfg.grpo) == 1
 
   def place(self, arrays: dict) -> dict:
-    return {k: jax.device_put(v, mesh_lib.batch_sharding(self.mesh, v.ndim)) for k, v in arrays.items()}
+    """Rows over the data axes; on several hosts each process hands jax only its own rows."""
+    return distributed.global_batch(arrays, self.mesh)
 
   def batches(self, start: int):
     """Prompt batches from step `start` on: curriculum first, then the main task."""
@@ -143,7 +145,8 @@ class Trainer:
     g, m = self.cfg.grpo, self.model
     batch = trim_prompts(batch)
     sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
-    gen = sampler.generate(self.params, m.cfg, m.tokenizer, batch["prompt_tokens_BxP"], batch["prompt_mask_BxP"],
+    prompts = self.place({k: batch[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP")})
+    gen = sampler.generate(self.params, m.cfg, m.tokenizer, prompts["prompt_tokens_BxP"], prompts["prompt_mask_BxP"],
                            eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step), lora=lora,
                            lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
                            dtype=self.dtype)
@@ -169,7 +172,7 @@ class Trainer:
     keys = ("prompt_tokens_BxP", "prompt_mask_BxP", "completion_tokens_BxC", "completion_mask_BxC")
     out = [self.logp_fn(lora, self.params, self.place({k: arrays[k][i:i + rows] for k in keys}))
            for i in range(0, len(arrays["advantages_B"]), rows)]
-    return np.concatenate(jax.device_get(out))
+    return np.concatenate(distributed.to_host(out))
 
   def update(self, state, arrays: dict) -> tuple[Any, dict]:
     """`num_iterations` passes of mini-batch updates over one rollout batch."""
@@ -259,8 +262,7 @@ def build(cfg: Config) -> Trainer:
                     f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
   dtype = jnp.dtype(cfg.model.dtype)
   params = runs.apply_init(init, model.params)
-  params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), params),
-                        mesh_lib.shardings(param_shapes(model.cfg), mesh))
+  params = mesh_lib.place(params, mesh_lib.shardings(param_shapes(model.cfg), mesh), dtype)
   model.params = None  # one copy of the weights: the policy and the reference both read `params`
   optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)
   return Trainer(cfg, out, model, schema, train, warmup, evals, params, mesh, optimizer, step_fn, logp_fn,
@@ -318,14 +320,21 @@ def _trend(log: MetricsLog, key: str = "reward") -> dict:
 
 def run(cfg: Config) -> dict:
   """Train with GRPO, evaluate before/after, checkpoint; returns the summary (also summary.json)."""
+  distributed.initialize()  # before anything touches a device
+  tr = build(cfg)
+  with jax.set_mesh(tr.mesh):  # activations take their layout from the mesh (mesh.constrain)
+    return _train(tr)
+
+
+def _train(tr: Trainer) -> dict:
   from tqdm.auto import tqdm
 
-  tr = build(cfg)
-  out, g = tr.out, cfg.grpo
-  cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, init=tr.init))
-  config.save(cfg, out)
-  runs.write_info(out, "grpo", tr.init)
-  log = MetricsLog(out)
+  out, g, main = tr.out, tr.cfg.grpo, distributed.is_main()
+  cfg = dataclasses.replace(tr.cfg, grpo=dataclasses.replace(tr.cfg.grpo, init=tr.init))
+  if main:
+    config.save(cfg, out)
+    runs.write_info(out, "grpo", tr.init)
+  log = MetricsLog(out, write=main)
   ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last, *runs.BEST["grpo"])
   state, meta = sft._initial_state(tr, ckpts)
   start = int(meta.get("step", 0))
@@ -333,16 +342,19 @@ def run(cfg: Config) -> dict:
 
   before_path = out / "before.json"
   if start == 0 or not before_path.exists():
-    before_path.write_text(json.dumps(tr.evaluate(state.lora)))
-    log.log(start, json.loads(before_path.read_text()), "eval")
-  before = json.loads(before_path.read_text())
+    before = tr.evaluate(state.lora)
+    if main:
+      before_path.write_text(json.dumps(before))
+    log.log(start, before, "eval")
+  else:
+    before = json.loads(before_path.read_text())
 
   lr_at = train_lib.schedule(optimizer_cfg(cfg))
   data = tr.batches(start)
-  bar = tqdm(range(start, g.steps), initial=start, total=g.steps, desc="grpo", dynamic_ncols=True)
+  bar = tqdm(range(start, g.steps), initial=start, total=g.steps, desc="grpo", dynamic_ncols=True, disable=not main)
   saved_at = start
   try:
-    with (out / "rollouts.jsonl").open("a") as samples:
+    with (out / "rollouts.jsonl").open("a") if main else open(os.devnull, "w") as samples:
       for step in bar:
         batch = next(data)
         state, m, texts = grpo_step(tr, state, batch, step)
@@ -384,7 +396,8 @@ def run(cfg: Config) -> dict:
   log.close()
   summary = {"trainer": "grpo", "init": tr.init, "before": before, "after": after, **_trend(log),
              "output_dir": str(out), "plot": str(plot), "best_step": ckpts.best_step(), "last_step": g.steps}
-  (out / "summary.json").write_text(json.dumps(summary, indent=1))
+  if main:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
   print(_table(before, after))
   if "first_20pct_reward" in summary:
     print(f"train reward: first 20% of steps {summary['first_20pct_reward']:.3f} -> last 20% "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tpu_reason.mesh import constrain
+
 
 def token_logprobs(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int = 8192, softcap: float | None = None,
                    temperature: float = 1.0):
@@ -17,12 +19,14 @@ def token_logprobs(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int = 8192, softc
   chunk = min(chunk, v)
   n = -(-v // chunk)
   w = jnp.pad(w_DxV, ((0, 0), (0, n * chunk - v))).reshape(d, n, chunk).transpose(1, 0, 2)
-  h = hidden_BxTxD
+  h = constrain(hidden_BxTxD, ("batch", "seq", "act_embed"))
 
   def body(carry, xs):
     run_max, run_sum, tgt = carry
     w_c, i = xs
-    lg = jnp.einsum("btd,dv->btv", h, w_c.astype(h.dtype)).astype(jnp.float32)
+    # each chip: its own rows against this chunk's vocabulary columns of its tp share
+    w_c = constrain(w_c, ("act_embed", "vocab"))
+    lg = constrain(jnp.einsum("btd,dv->btv", h, w_c.astype(h.dtype)).astype(jnp.float32), ("batch", "seq", "vocab"))
     if softcap is not None:
       lg = softcap * jnp.tanh(lg / softcap)
     lg = lg / temperature

@@ -10,15 +10,17 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from tpu_reason.config import MeshCfg
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import unflatten
 
 MESH_AXES = ("fsdp", "tp")
 
-# Logical axis -> mesh axis. Params are sharded over fsdp on the model dim (ZeRO-3 style)
-# and over tp on heads / mlp / vocab; activations put the batch on fsdp.
+# Logical axis -> mesh axis, for parameters and activations alike. Params are sharded over
+# fsdp on the model dim (ZeRO-3 style) and over tp on heads / mlp / vocab. Activations keep
+# the model dim whole ("act_embed") and put their rows on fsdp, so each chip computes only
+# its own rows and FSDP gathers a layer's *weights*, never another chip's activations.
 SHARDING_RULES: dict[str, str | None] = {
     "batch": "fsdp",
     "embed": "fsdp",
+    "act_embed": None,
     "vocab": "tp",
     "heads": "tp",
     "kv_heads": "tp",
@@ -70,6 +72,8 @@ def shard_shape(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh | Abst
 
 def shardings(table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], mesh: Mesh):
   """Nested pytree of NamedShardings for a flat {name: (shape, axes)} table."""
+  from tpu_reason.models.transformer import unflatten
+
   return unflatten({k: NamedSharding(mesh, spec(s, a, mesh)) for k, (s, a) in table.items()})
 
 
@@ -78,13 +82,42 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (ndim - 1))))
 
 
+def rows_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+  """Rows over fsdp when it divides them (else replicated), everything else replicated."""
+  return NamedSharding(mesh, spec(shape, ("batch",) + ("seq",) * (len(shape) - 1), mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def put(tree, shard_tree):
-  """device_put a pytree with a matching pytree of shardings."""
-  return jax.tree.map(jax.device_put, tree, shard_tree)
+def constrain(x, axes: tuple[str, ...]):
+  """Pin `x`'s layout by logical axes under the context mesh (`jax.set_mesh`); a no-op without one."""
+  m = jax.sharding.get_abstract_mesh()
+  if m.empty or not set(MESH_AXES) <= set(m.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, spec(x.shape, axes, m))
+
+
+def gathered(axes: tuple[str, ...]) -> tuple[str, ...]:
+  """The same logical axes with the model dim whole: a layer's weights as its matmuls read them."""
+  return tuple("act_embed" if a == "embed" else a for a in axes)
+
+
+def place(tree, shard_tree, dtype=None):
+  """Host arrays -> sharded device arrays, each device handed only its own block.
+
+  The cast to `dtype` happens on the host (ml_dtypes for bfloat16), so no device ever holds
+  a whole array it does not own: a 7B model never lands on chip 0 before being sharded.
+  """
+  def one(x, sharding):
+    host = np.asarray(x) if dtype is None else np.asarray(x, dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree, shard_tree)
+
+
+put = place  # tests and older call sites
 
 
 def bytes_per_device(tree) -> int:

@@ -10,13 +10,19 @@ import numpy as np
 
 
 class MetricsLog:
-  """Append-only metrics sink; `history` is re-read from disk so resumed runs plot whole."""
+  """Append-only metrics sink; `history` is re-read from disk so resumed runs plot whole.
 
-  def __init__(self, out_dir: Path):
+  `write=False` (every process but the first of a multi-host run) logs and plots nothing.
+  """
+
+  def __init__(self, out_dir: Path, write: bool = True):
     self.out_dir = Path(out_dir)
-    self.out_dir.mkdir(parents=True, exist_ok=True)
     self.path = self.out_dir / "metrics.jsonl"
+    self.write = write
     self._tb = None
+    if not write:
+      return
+    self.out_dir.mkdir(parents=True, exist_ok=True)
     try:
       from tensorboardX import SummaryWriter
 
@@ -25,6 +31,8 @@ class MetricsLog:
       pass
 
   def log(self, step: int, metrics: dict, split: str = "train"):
+    if not self.write:
+      return
     row = {"step": int(step), "split": split, **{k: _num(v) for k, v in metrics.items()}}
     with self.path.open("a") as f:
       f.write(json.dumps(row) + "\n")
@@ -43,6 +51,8 @@ class MetricsLog:
 
     Noisy series (10+ points) get a moving average over a tenth of the run drawn on top.
     """
+    if not self.write:
+      return None
     import matplotlib
 
     matplotlib.use("Agg")

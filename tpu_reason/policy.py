@@ -93,13 +93,9 @@ def load(spec: str, dtype: str = "float32") -> Policy:
 
 
 def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:
-  """(params, lora) as device arrays of `dtype`, sharded by the one table in mesh.py."""
-  dt = jnp.dtype(dtype)
+  """(params in `dtype`, lora) as device arrays sharded by the one table in mesh.py."""
   cfg = policy.model.cfg
-  params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dt), policy.model.params),
-                        mesh_lib.shardings(param_shapes(cfg), mesh))
+  params = mesh_lib.place(policy.model.params, mesh_lib.shardings(param_shapes(cfg), mesh), jnp.dtype(dtype))
   if policy.lora is None:
     return params, None
-  lora = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dt), policy.lora),
-                      mesh_lib.shardings(lora_lib.shapes(cfg, policy.lora_cfg), mesh))
-  return params, lora
+  return params, mesh_lib.place(policy.lora, mesh_lib.shardings(lora_lib.shapes(cfg, policy.lora_cfg), mesh))

@@ -25,6 +25,8 @@ from tpu_reason import budget as budget_lib
 from tpu_reason.budget import BudgetState, Forcing
 from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.data.buckets import pow2_bucket
+from tpu_reason.distributed import to_host
+from tpu_reason.mesh import constrain
 from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
 from tpu_reason.tags import TagSchema
 
@@ -141,10 +143,11 @@ def start(prefix: KVCache, first_logits_BxV, next_pos_B, key, forcing: Forcing |
   b = first_logits_BxV.shape[0] * group
   key, sub = jax.random.split(key)
   first = sample_token(jnp.repeat(first_logits_BxV, group, 0), sub, *mode)
-  zeros = jnp.zeros((b,), jnp.int32)
-  state = DecodeState(init_cache(cfg, b, slots or max_new, dtype), jnp.zeros((b, max_new), jnp.int32), zeros,
-                      jnp.repeat(next_pos_B, group), jnp.array(1, jnp.int32), jnp.zeros((b,), bool), zeros,
-                      key, None if forcing is None else budget_lib.init(forcing, b))
+  rows = lambda x: constrain(x, ("batch",) + ("seq",) * (x.ndim - 1))  # noqa: E731  each chip: its own rows
+  zeros = rows(jnp.zeros((b,), jnp.int32))
+  state = DecodeState(init_cache(cfg, b, slots or max_new, dtype), rows(jnp.zeros((b, max_new), jnp.int32)), zeros,
+                      rows(jnp.repeat(next_pos_B, group)), jnp.array(1, jnp.int32), rows(jnp.zeros((b,), bool)),
+                      zeros, key, None if forcing is None else budget_lib.init(forcing, b))
   return _append(state, first, forcing, eos_ids, pad_id)[0]
 
 
@@ -197,7 +200,7 @@ def _stop_length(tokenizer, ids: np.ndarray, stops: tuple[str, ...]) -> int | No
 def _check_stops(tokenizer, state: DecodeState, forcing: Forcing | None, stops, stop_len: np.ndarray,
                  on_chunk) -> DecodeState:
   """Between chunks: end rows whose text reached a stop string (`stop_len` > 0) and stream."""
-  tokens, done, lengths, b = jax.device_get((state.tokens, state.done, state.lengths, state.budget))
+  tokens, done, lengths, b = to_host((state.tokens, state.done, state.lengths, state.budget))
   for i in np.flatnonzero(~done & (stop_len == 0)) if stops else ():
     stop_len[i] = _stop_length(tokenizer, tokens[i, : lengths[i]], stops) or 0
   if stop_len.any():
@@ -217,7 +220,7 @@ def _forcing(tokenizer, schema: TagSchema | None, budget: BudgetCfg | None) -> F
 
 def _result(tokenizer, state: DecodeState, stop_len: np.ndarray, pad: int, seconds: float) -> Generation:
   """Host-side Generation: cut at stop strings, pad after the end, decode texts."""
-  tokens, done, lengths, b = jax.device_get((state.tokens, state.done, state.lengths, state.budget))
+  tokens, done, lengths, b = to_host((state.tokens, state.done, state.lengths, state.budget))
   stopped = stop_len > 0
   lengths = np.where(stopped, np.minimum(stop_len, lengths), lengths).astype(np.int32)
   tokens = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, pad).astype(np.int32)

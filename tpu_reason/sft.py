@@ -114,8 +114,7 @@ def build(cfg: Config) -> Trainer:
   mesh = mesh_lib.make_mesh(cfg.mesh)
   check_micro_batch(cfg.train, mesh.shape["fsdp"])
   dtype = jnp.dtype(cfg.model.dtype)
-  shard = mesh_lib.shardings(param_shapes(model.cfg), mesh)
-  params = mesh_lib.put(jax.tree.map(lambda x: jnp.asarray(x, dtype), model.params), shard)
+  params = mesh_lib.place(model.params, mesh_lib.shardings(param_shapes(model.cfg), mesh), dtype)
   model.params = None  # the host copy is no longer needed: keep one copy of the weights
   optimizer = make_optimizer(cfg.train)
   step_fn, state_sh = jit_train_step(cfg, model.cfg, optimizer, mesh)
@@ -146,7 +145,7 @@ def _initial_state(tr: Trainer, ckpts: checkpoint.Checkpoints) -> tuple[TrainSta
   """Fresh LoRA, or the checkpoint named by train.resume (exactly as it was saved)."""
   t = tr.cfg.train
   key = jax.random.key(t.seed)
-  lora = lora_lib.init(tr.model.cfg, tr.cfg.lora, key, tr.dtype)
+  lora = lora_lib.init(tr.model.cfg, tr.cfg.lora, key)  # f32 master weights whatever the model dtype
   state = jax.device_put(init_state(lora, tr.optimizer, t.seed), tr.state_sharding)
   step = {"latest": ckpts.latest_step(), "none": None}.get(t.resume, None if t.resume in ("latest", "none") else int(t.resume))
   if step is None:
@@ -165,15 +164,21 @@ def _table(before: dict, after: dict) -> str:
 
 def run(cfg: Config) -> dict:
   """Train, evaluate before/after, checkpoint; returns the summary (also saved as summary.json)."""
-  from tqdm.auto import tqdm
-
   distributed.initialize()  # before anything touches a device
   tr = build(cfg)
-  out, t = tr.out, cfg.train
-  config.save(cfg, out)
-  runs.write_info(out, "sft")
+  with jax.set_mesh(tr.mesh):  # activations take their layout from the mesh (mesh.constrain)
+    return _train(tr)
+
+
+def _train(tr: Trainer) -> dict:
+  from tqdm.auto import tqdm
+
+  cfg, out, t, main = tr.cfg, tr.out, tr.cfg.train, distributed.is_main()
+  if main:
+    config.save(cfg, out)
+    runs.write_info(out, "sft")
   print(config.dump(cfg))
-  log = MetricsLog(out)
+  log = MetricsLog(out, write=main)
   ckpts = checkpoint.Checkpoints(out / "checkpoints", t.keep_last, *runs.BEST["sft"])
   state, meta = _initial_state(tr, ckpts)
   start = int(state.step)
@@ -182,14 +187,17 @@ def run(cfg: Config) -> dict:
   before_path = out / "before.json"
   if start == 0 or not before_path.exists():
     before = {"eval_loss": tr.eval_loss(state.lora), **tr.generation_scores(state.lora)}
-    before_path.write_text(json.dumps(before))
+    if main:
+      before_path.write_text(json.dumps(before))
     log.log(start, before, "eval")
-  before = json.loads(before_path.read_text())
+  else:
+    before = json.loads(before_path.read_text())
 
   lr_at = schedule(t)
   n_params = tr.model.cfg.num_params
   data = buckets.batches(tr.train, t.batch_size, seed=t.seed, start_step=start)
-  bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="sft", dynamic_ncols=True)
+  bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="sft", dynamic_ncols=True,
+             disable=not main)
   saved_at = start
   try:
     for step in bar:
@@ -232,7 +240,8 @@ def run(cfg: Config) -> dict:
   log.close()
   summary = {"trainer": "sft", "before": before, "after": after, "output_dir": str(out), "plot": str(plot),
              "best_step": ckpts.best_step(), "last_step": int(state.step)}
-  (out / "summary.json").write_text(json.dumps(summary, indent=1))
+  if main:
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
   print(_table(before, after))
   print(f"outputs in {out} (config.yaml, metrics.jsonl, tb/, checkpoints/, loss.png)")
   return summary

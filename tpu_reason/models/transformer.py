@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tpu_reason.mesh import constrain, gathered
+
 Params = dict[str, Any]
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
@@ -181,14 +183,21 @@ PROJECTIONS = {
 }
 
 
+# Logical axes of each projection's output (its input's are the previous output's).
+OUT_AXES = {"q": ("batch", "seq", "heads", "head_dim"), "k": ("batch", "seq", "kv_heads", "head_dim"),
+            "v": ("batch", "seq", "kv_heads", "head_dim"), "o": ("batch", "seq", "act_embed"),
+            "gate": ("batch", "seq", "mlp"), "up": ("batch", "seq", "mlp"), "down": ("batch", "seq", "act_embed")}
+RESIDUAL = ("batch", "seq", "act_embed")
+
+
 def project(name, x, layer, lora_layer, lora_scale):
   """x @ W (+ scale * x @ A @ B when this projection has a LoRA adapter)."""
   base, a_spec, b_spec = PROJECTIONS[name]
-  y = jnp.einsum(base, x, layer[name].astype(x.dtype))
+  y = constrain(jnp.einsum(base, x, layer[name].astype(x.dtype)), OUT_AXES[name])
   if lora_layer is not None and name in lora_layer:
     ab = lora_layer[name]
     low = jnp.einsum(a_spec, x, ab["a"].astype(x.dtype))
-    y = y + lora_scale * jnp.einsum(b_spec, low, ab["b"].astype(x.dtype))
+    y = y + lora_scale * constrain(jnp.einsum(b_spec, low, ab["b"].astype(x.dtype)), OUT_AXES[name])
   return y
 
 
@@ -222,16 +231,24 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
   lbk, h = (cfg.num_layers, batch, cfg.num_kv_heads), cfg.head_dim
-  return KVCache(jnp.zeros((*lbk, h, slots), dtype), jnp.zeros((*lbk, slots, h), dtype),
-                 jnp.zeros((batch, slots), bool), jnp.zeros((batch, slots), jnp.int32))
+  return constrain_cache(KVCache(jnp.zeros((*lbk, h, slots), dtype), jnp.zeros((*lbk, slots, h), dtype),
+                 jnp.zeros((batch, slots), bool), jnp.zeros((batch, slots), jnp.int32)))
 
 
 def write(cache: KVCache, k_LxBxKxHxT, v_LxBxKxTxH, pos_BxT, valid_BxT, index) -> KVCache:
   """Store T new tokens at slot `index` (in place inside a jitted loop)."""
   upd = lambda buf, x, axis: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), index, axis)  # noqa: E731
-  return dataclasses.replace(
+  return constrain_cache(dataclasses.replace(
       cache, k=upd(cache.k, k_LxBxKxHxT, 4), v=upd(cache.v, v_LxBxKxTxH, 3),
-      valid=upd(cache.valid, valid_BxT, 1), pos=upd(cache.pos, pos_BxT.astype(jnp.int32), 1))
+      valid=upd(cache.valid, valid_BxT, 1), pos=upd(cache.pos, pos_BxT.astype(jnp.int32), 1)))
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+  """Each chip keeps the keys/values of its own rows (and its tp share of the kv heads)."""
+  return dataclasses.replace(
+      cache, k=constrain(cache.k, ("layers", "batch", "kv_heads", "head_dim", "seq")),
+      v=constrain(cache.v, ("layers", "batch", "kv_heads", "seq", "head_dim")),
+      valid=constrain(cache.valid, ("batch", "seq")), pos=constrain(cache.pos, ("batch", "seq")))
 
 
 def _mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window, is_global):
@@ -280,6 +297,7 @@ def attention(q_BxTxNxH, blocks, cfg: ModelConfig):
 def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, is_global, caches):
   """One decoder block; attends to itself and to `caches` [(k, v, pos, valid, group)] of this layer."""
   act = jax.nn.silu if cfg.act == "silu" else (lambda z: jax.nn.gelu(z, approximate=True))
+  x = constrain(x, RESIDUAL)
   h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
   q = project("q", h, layer, lora_layer, lora_scale)
   k = project("k", h, layer, lora_layer, lora_scale)
@@ -300,7 +318,7 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_Bx
     blocks.append((ck, cv, m.reshape(pos_BxT.shape[0], pos_BxT.shape[1], -1), g))
   k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T] and [B, K, T, H]: the cache layout
   blocks.append((k, v, _mask(pos_BxT, pos_BxT, valid_BxT, cfg.sliding_window, is_global), 1))
-  out = attention(q, blocks, cfg)
+  out = constrain(attention(q, blocks, cfg), OUT_AXES["q"])
   out = project("o", out, layer, lora_layer, lora_scale)
   if cfg.post_norms:
     out = rms_norm(out, layer["post_attn_norm"], cfg.norm_eps)
@@ -309,10 +327,10 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_Bx
   h = rms_norm(x, layer["ffn_norm"], cfg.norm_eps)
   g = project("gate", h, layer, lora_layer, lora_scale)
   u = project("up", h, layer, lora_layer, lora_scale)
-  out = project("down", act(g) * u, layer, lora_layer, lora_scale)
+  out = project("down", constrain(act(g) * u, OUT_AXES["up"]), layer, lora_layer, lora_scale)
   if cfg.post_norms:
     out = rms_norm(out, layer["post_ffn_norm"], cfg.norm_eps)
-  return x + out, (k, v)
+  return constrain(x + out, RESIDUAL), (k, v)
 
 
 def positions(valid_BxT):
@@ -321,7 +339,7 @@ def positions(valid_BxT):
 
 
 def embed(params: Params, cfg: ModelConfig, tokens_BxT, dtype):
-  x = params["embed"][tokens_BxT].astype(dtype)
+  x = params["embed"][constrain(tokens_BxT, ("batch", "seq"))].astype(dtype)
   if cfg.embed_scale:
     x = x * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
   return x
@@ -350,12 +368,17 @@ def forward(
   """
   if valid_BxT is None:
     valid_BxT = jnp.ones(tokens_BxT.shape, bool)
-  x = embed(params, cfg, tokens_BxT, dtype)
+  x = constrain(embed(params, cfg, tokens_BxT, dtype), RESIDUAL)
   is_global = jnp.array([cfg.is_global(i) for i in range(cfg.num_layers)])
   lora_layers = None if lora is None else lora["layers"]
 
+  layer_axes = {k.split("/", 1)[1]: gathered(a[1:]) for k, (_, a) in param_shapes(cfg).items()
+                if k.startswith("layers/")}
+
   def body(x, xs):
     layer, lora_layer, glob, index = xs
+    # FSDP: this layer's weights are all-gathered over fsdp here, one layer at a time
+    layer = {k: constrain(w, layer_axes[k]) for k, w in layer.items()}
     # caches are sliced here rather than scanned over, so a `span` reads fewer slots
     per_layer = [c.layer(index) for c in caches]
     y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer)
@@ -373,4 +396,4 @@ def logits(params: Params, cfg: ModelConfig, hidden_BxTxD):
   """Vocabulary logits; only call on few positions (Gemma's vocabulary is 262k)."""
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
   out = jnp.einsum("btd,dv->btv", hidden_BxTxD, w.astype(hidden_BxTxD.dtype)).astype(jnp.float32)
-  return softcap(out, cfg.final_softcap)
+  return softcap(constrain(out, ("batch", "seq", "vocab")), cfg.final_softcap)
