@@ -136,7 +136,7 @@ def run_ours(a) -> dict:
   bandwidth = copy_bandwidth()
 
   # 2. GRPO steps through the trainer
-  lora = lora_lib.init(m.cfg, cfg.lora, jax.random.key(cfg.train.seed), tr.dtype)
+  lora = lora_lib.init(m.cfg, cfg.lora, jax.random.key(cfg.train.seed))  # f32, as the trainers keep it
   state = jax.device_put(train_lib.init_state(lora, tr.optimizer, cfg.train.seed), tr.state_sharding)
   parts = []
   with throwaway_compile_cache():

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.test_sft import host, write_rows
-from tpu_reason import checkpoint, config, grpo, lora as lora_lib, runs, sft
+from tpu_reason import checkpoint, config, grpo, lora as lora_lib, loop, runs, sft
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
 from tpu_reason.models import transformer
@@ -50,7 +50,7 @@ def trainer(tmp_path_factory, data_path):
 def fresh_state(tr):
   ckpts = checkpoint.Checkpoints(tr.out / "none", keep_last=1)
   try:
-    state, _ = sft._initial_state(tr, ckpts)
+    state, _ = loop.initial_state(tr, ckpts)
   finally:
     ckpts.close()
   return state

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests import test_grpo, test_sft
-from tpu_reason import checkpoint, grpo, sft, train as train_lib
+from tpu_reason import checkpoint, grpo, loop, sft, train as train_lib
 
 LR = "3e-6"
 
@@ -29,10 +29,10 @@ def changed_a(before, after) -> float:
 
 
 def fresh(tr, dtype=jnp.float32):
-  """A state as `_initial_state` makes it, B non-zero, adapters cast to `dtype`."""
+  """A state as `loop.initial_state` makes it, B non-zero, adapters cast to `dtype`."""
   ckpts = checkpoint.Checkpoints(tr.out / "none", keep_last=1)
   try:
-    state, _ = sft._initial_state(tr, ckpts)
+    state, _ = loop.initial_state(tr, ckpts)
   finally:
     ckpts.close()
   lora = jax.tree.map(lambda x: np.asarray(x).astype(dtype), trained(state.lora))

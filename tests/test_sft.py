@@ -29,7 +29,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from tests.conftest import TINY_LLAMA
-from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, sft
+from tpu_reason import checkpoint, config, lora as lora_lib, loop, mesh as mesh_lib, sft
 from tpu_reason.config import Config, MeshCfg
 from tpu_reason.data import buckets
 from tpu_reason.errors import UserError
@@ -64,8 +64,8 @@ def make_cfg(out, data_path, *overrides) -> Config:
 
 def _build_key(cfg: Config):
   """Everything `build` depends on (the rest only matters inside `run`)."""
-  t = dataclasses.replace(cfg.train, eval_generate=0, eval_max_new_tokens=1, max_nonfinite=1, save_every=1,
-                          eval_every=1, keep_last=1, resume="none")
+  t = dataclasses.replace(cfg.train, eval_generate=0, eval_max_new_tokens=1, max_nonfinite=1, max_minutes=0,
+                          save_every=1, eval_every=1, keep_last=1, resume="none")
   return cfg.model, cfg.lora, cfg.mesh, cfg.data, t
 
 
@@ -85,11 +85,11 @@ def host(tree):
 
 
 def fresh_state(tr: sft.Trainer, lora=None) -> sft.TrainState:
-  """The state `run` starts from: `sft._initial_state` with no checkpoint to resume
+  """The state `run` starts from: `loop.initial_state` with no checkpoint to resume
   (optionally with other adapter values, placed like the fresh ones)."""
   ckpts = checkpoint.Checkpoints(tr.out / "no-checkpoints", keep_last=1)
   try:
-    state, meta = sft._initial_state(tr, ckpts)
+    state, meta = loop.initial_state(tr, ckpts)
   finally:
     ckpts.close()
   assert meta == {} and int(state.step) == 0
@@ -449,6 +449,38 @@ def test_run_stops_after_max_nonfinite_steps(trainer, compile_history, tmp_path,
   state, _ = restore_last(trainer, cfg, out, 2)
   assert int(state.step) == 2 and int(state.bad_steps) == 2
   assert all(np.all(np.asarray(x) == 0) for n, x in flatten(state.lora).items() if n.endswith("/b"))
+
+
+def test_session_budget_stops_with_a_checkpoint_and_resumes(trainer, straight_run, tmp_path, monkeypatch, capsys):
+  _, out_a, _ = straight_run
+  out = tmp_path / "run"
+  cfg = dataclasses.replace(trainer.cfg, output_dir=str(out))
+  reuse_build(monkeypatch, trainer)
+  summary = sft.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_minutes=1e-6)))
+  assert "train.max_minutes=1e-06 spent" in capsys.readouterr().err
+  assert not summary["finished"] and summary["last_step"] == 1 and summary["after"] == {}
+  state1, _ = restore_last(trainer, cfg, out, 1)
+  assert int(state1.step) == 1
+
+  summary = sft.run(cfg)  # the same command without the budget: resumes at step 1
+  assert summary["finished"] and summary["last_step"] == 4
+  loss = lambda path: {r["step"]: r["loss"] for r in read_metrics(path) if r["split"] == "train"}  # noqa: E731
+  assert loss(out) == loss(out_a)
+
+
+def test_ctrl_c_while_a_step_holds_the_donated_state_exits_cleanly(trainer, tmp_path, monkeypatch, capsys):
+  """An interrupt after a step consumed its (donated) input state: no 'Array has been deleted' crash."""
+  real = trainer.step_fn
+
+  def interrupted(state, params, batch):
+    real(state, params, batch)  # donates `state`: its buffers are gone
+    raise KeyboardInterrupt
+
+  interrupted._cache_size = real._cache_size
+  reuse_build(monkeypatch, trainer, step_fn=interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    sft.run(dataclasses.replace(trainer.cfg, output_dir=str(tmp_path / "run")))
+  assert "the interrupted step had already taken the adapters; the last checkpoint is step 0" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- checkpoint safety

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_JIT, TINY_LLAMA, tiny_params
-from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, plan, sampler, sft, train as train_lib
+from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, plan, train as train_lib
 from tpu_reason.config import Config
 from tpu_reason.models.transformer import param_shapes
 

@@ -126,6 +126,7 @@ class TrainCfg:
   keep_last: int = 2
   resume: str = "latest"  # latest | none | a step number
   max_nonfinite: int = 5  # consecutive skipped steps before the run stops
+  max_minutes: float = 0.0  # session budget: save and stop after the step that crosses it (0 = none)
   vocab_chunk: int = 8192
   peak_flops: float = 1.5e11  # per device, for MFU (2-core AVX2 CPU ~1.5e11; TPU v5e 1.97e14 bf16)
 
@@ -136,6 +137,7 @@ class TrainCfg:
            f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}")
     _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
     _check(self.schedule in ("cosine", "linear", "constant"), f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+    _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes}")
     _check(self.eval_every > 0 and self.save_every > 0 and self.keep_last > 0, "train.eval_every, save_every, keep_last must be > 0")
     _check(self.resume in ("latest", "none") or self.resume.isdigit(), f"train.resume must be latest, none or a step, got {self.resume!r}")
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,14 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs
-from tpu_reason import distributed, sampler, sft, tags
+from tpu_reason import config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs
+from tpu_reason import distributed, loop, sampler, tags
 from tpu_reason import train as train_lib
 from tpu_reason.config import Config, GrpoCfg, SamplingCfg
 from tpu_reason.data import buckets
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
-from tpu_reason.metrics import MetricsLog
 from tpu_reason.models.transformer import param_shapes
 
 # --------------------------------------------------------------------------- pure pieces
@@ -118,10 +115,48 @@ class Trainer:
   lora_scale: float
   state_sharding: Any
   init: str  # "base" or the run dir whose adapter is merged into `params`
+  kind = "grpo"
+  lr_key = "grpo.lr"
+  samples_file = "rollouts.jsonl"
+  plot = ([("train", "reward"), ("train", "rewards/format/mean"), ("train", "rewards/process/mean"),
+           ("train", "rewards/outcome/mean"), ("eval", "reward"), ("train", "completions/mean_length"),
+           ("train", "kl")], "rewards.png")
 
   @property
   def dtype(self):
     return jnp.dtype(self.cfg.model.dtype)
+
+  @property
+  def steps(self) -> int:
+    return self.cfg.grpo.steps
+
+  @property
+  def eval_every(self) -> int:
+    return self.cfg.grpo.eval_every
+
+  @property
+  def save_every(self) -> int:
+    return self.cfg.grpo.save_every
+
+  def step(self, state, batch: dict, step: int):
+    """Rollout, scoring and updates: (state, metrics row, the step's completions)."""
+    state, m, texts = grpo_step(self, state, batch, step)
+    m["lr"] = float(train_lib.schedule(optimizer_cfg(self.cfg))(int(state.step) - 1))
+    return state, m, {"ids": batch["id"], "completions": texts}
+
+  def held_out(self, lora, full: bool) -> dict:
+    return self.evaluate(lora)
+
+  def completed(self, state) -> int | None:
+    """Whole GRPO steps in `state` (None between the updates of one step: not exactly resumable)."""
+    done, partial = divmod(int(state.step), updates_per_step(self.cfg.grpo))
+    return None if partial else done
+
+  def postfix(self, row: dict) -> dict:
+    return {"reward": f"{row['reward']:.2f}", "kl": f"{row['kl']:.3f}", "len": f"{row['completions/mean_length']:.0f}"}
+
+  def table(self, before: dict, after: dict) -> str:
+    return loop.table(before, after, list(after))
 
   @property
   def on_policy(self) -> bool:
@@ -265,6 +300,7 @@ def build(cfg: Config) -> Trainer:
   params = mesh_lib.place(params, mesh_lib.shardings(param_shapes(model.cfg), mesh), dtype)
   model.params = None  # one copy of the weights: the policy and the reference both read `params`
   optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)
+  cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, init=init))  # config.yaml names the resolved init
   return Trainer(cfg, out, model, schema, train, warmup, evals, params, mesh, optimizer, step_fn, logp_fn,
                  lora_lib.scale(cfg.lora), state_sh, init)
 
@@ -302,108 +338,9 @@ def grpo_step(tr: Trainer, state, batch: dict, step: int) -> tuple[Any, dict, li
   return state, {**train_metrics, **metrics}, texts
 
 
-def _table(before: dict, after: dict) -> str:
-  keys = [k for k in after if k in before]
-  lines = [f"{'held-out':<26}{'before':>10}{'after':>10}"]
-  lines += [f"{k:<26}{before[k]:>10.3f}{after[k]:>10.3f}" for k in keys]
-  return "\n".join(lines)
-
-
-def _trend(log: MetricsLog, key: str = "reward") -> dict:
-  """Mean training reward over the first and the last 20% of steps."""
-  values = [r[key] for r in log.history() if r["split"] == "train" and key in r]
-  if not values:
-    return {}
-  n = max(1, len(values) // 5)
-  return {"first_20pct_reward": float(np.mean(values[:n])), "last_20pct_reward": float(np.mean(values[-n:]))}
-
-
 def run(cfg: Config) -> dict:
   """Train with GRPO, evaluate before/after, checkpoint; returns the summary (also summary.json)."""
-  distributed.initialize()  # before anything touches a device
-  tr = build(cfg)
-  with jax.set_mesh(tr.mesh):  # activations take their layout from the mesh (mesh.constrain)
-    return _train(tr)
-
-
-def _train(tr: Trainer) -> dict:
-  from tqdm.auto import tqdm
-
-  out, g, main = tr.out, tr.cfg.grpo, distributed.is_main()
-  cfg = dataclasses.replace(tr.cfg, grpo=dataclasses.replace(tr.cfg.grpo, init=tr.init))
-  if main:
-    config.save(cfg, out)
-    runs.write_info(out, "grpo", tr.init)
-  log = MetricsLog(out, write=main)
-  ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last, *runs.BEST["grpo"])
-  state, meta = sft._initial_state(tr, ckpts)
-  start = int(meta.get("step", 0))
-  print(lora_lib.describe(tr.params, state.lora))
-
-  before_path = out / "before.json"
-  if start == 0 or not before_path.exists():
-    before = tr.evaluate(state.lora)
-    if main:
-      before_path.write_text(json.dumps(before))
-    log.log(start, before, "eval")
-  else:
-    before = json.loads(before_path.read_text())
-
-  lr_at = train_lib.schedule(optimizer_cfg(cfg))
-  data = tr.batches(start)
-  bar = tqdm(range(start, g.steps), initial=start, total=g.steps, desc="grpo", dynamic_ncols=True, disable=not main)
-  saved_at = start
-  try:
-    with (out / "rollouts.jsonl").open("a") if main else open(os.devnull, "w") as samples:
-      for step in bar:
-        batch = next(data)
-        state, m, texts = grpo_step(tr, state, batch, step)
-        m["lr"] = float(lr_at(int(state.step) - 1))
-        log.log(step + 1, m)
-        samples.write(json.dumps({"step": step + 1, "ids": batch["id"], "completions": texts}) + "\n")
-        samples.flush()
-        bar.set_postfix(reward=f"{m['reward']:.2f}", kl=f"{m['kl']:.3f}", len=f"{m['completions/mean_length']:.0f}")
-        if int(state.bad_steps) >= cfg.train.max_nonfinite:
-          raise UserError(f"{cfg.train.max_nonfinite} non-finite updates in a row at step {step + 1}: lower grpo.lr")
-        done = step + 1
-        if done % g.eval_every == 0 and done < g.steps:
-          ev = tr.evaluate(state.lora)
-          if ev:
-            log.log(done, ev, "eval")
-            ckpts.save_best(done, state, sft._meta(cfg, done), ev)
-        if done % g.save_every == 0 or done == g.steps:
-          ckpts.save(done, state, sft._meta(cfg, done))
-          saved_at = done
-  except BaseException:
-    done, partial = divmod(int(state.step), updates_per_step(g))
-    # a step interrupted between its updates cannot be resumed exactly: keep the last whole one
-    if done > saved_at and not partial and bool(jnp.isfinite(jax.tree.leaves(state.lora)[0]).all()):
-      ckpts.save(done, state, sft._meta(cfg, done))  # nothing lost on a crash or Ctrl-C
-      print(f"\nsaved step {done} to {out / 'checkpoints'} before exiting", file=sys.stderr)
-    ckpts.close()
-    raise
-  finally:
-    bar.close()
-
-  after = tr.evaluate(state.lora)
-  log.log(g.steps, after, "eval")
-  if after:
-    ckpts.save_best(g.steps, state, sft._meta(cfg, g.steps), after)
-  ckpts.close()
-  plot = log.plot([("train", "reward"), ("train", "rewards/format/mean"), ("train", "rewards/process/mean"),
-                   ("train", "rewards/outcome/mean"), ("eval", "reward"), ("train", "completions/mean_length"),
-                   ("train", "kl")], "rewards.png", f"GRPO {cfg.model.spec}")
-  log.close()
-  summary = {"trainer": "grpo", "init": tr.init, "before": before, "after": after, **_trend(log),
-             "output_dir": str(out), "plot": str(plot), "best_step": ckpts.best_step(), "last_step": g.steps}
-  if main:
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-  print(_table(before, after))
-  if "first_20pct_reward" in summary:
-    print(f"train reward: first 20% of steps {summary['first_20pct_reward']:.3f} -> last 20% "
-          f"{summary['last_20pct_reward']:.3f}")
-  print(f"outputs in {out} (config.yaml, metrics.jsonl, rollouts.jsonl, tb/, checkpoints/, rewards.png)")
-  return summary
+  return loop.run(cfg, build)
 
 
 @cli

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,14 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import checkpoint, config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, runs, tags
-from tpu_reason import distributed, train as train_lib
+from tpu_reason import config, distributed, evaluate, lora as lora_lib, loop, losses, mesh as mesh_lib, models, tags
+from tpu_reason import train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
 from tpu_reason.config import Config, TrainCfg
 from tpu_reason.data import buckets
 from tpu_reason.data.prepare import prepare
 from tpu_reason.errors import UserError, cli
-from tpu_reason.metrics import MetricsLog
 from tpu_reason.models.transformer import param_shapes
 
 
@@ -74,10 +72,59 @@ class Trainer:
   eval_fn: Any
   lora_scale: float
   state_sharding: Any
+  kind = "sft"
+  init = "base"
+  lr_key = "train.lr"
+  samples_file = None
+  plot = ([("train", "loss"), ("eval", "eval_loss"), ("train", "tokens_per_s"), ("eval", "format_accuracy")],
+          "loss.png")
 
   @property
   def dtype(self):
     return jnp.dtype(self.cfg.model.dtype)
+
+  @property
+  def steps(self) -> int:
+    return self.cfg.train.max_steps
+
+  @property
+  def eval_every(self) -> int:
+    return self.cfg.train.eval_every
+
+  @property
+  def save_every(self) -> int:
+    return self.cfg.train.save_every
+
+  def batches(self, start: int):
+    t = self.cfg.train
+    return buckets.batches(self.train, t.batch_size, seed=t.seed, start_step=start)
+
+  def step(self, state, batch: dict, step: int):
+    """One optimizer step: (state, metrics row, no record)."""
+    t = self.cfg.train
+    tokens = int(batch["prompt_mask_BxP"].sum() + batch["completion_mask_BxC"].sum())
+    t0 = time.perf_counter()
+    state, m = self.step_fn(state, self.params, self.place_batch(batch))
+    m = jax.device_get(m)
+    dt = time.perf_counter() - t0
+    row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(t)(step)),
+           "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": int(not m["finite"]),
+           "mfu": 6 * self.model.cfg.num_params * tokens / dt / (t.peak_flops * jax.device_count()),
+           "compiles": self.step_fn._cache_size()}
+    return state, row, None
+
+  def held_out(self, lora, full: bool) -> dict:
+    """Held-out loss; `full` adds the scores of generated completions (before / after training)."""
+    return {"eval_loss": self.eval_loss(lora), **(self.generation_scores(lora) if full else {})}
+
+  def completed(self, state) -> int:
+    return int(state.step)
+
+  def postfix(self, row: dict) -> dict:
+    return {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.1e}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+
+  def table(self, before: dict, after: dict) -> str:
+    return loop.table(before, after, ["eval_loss", "format_accuracy", "answer_accuracy", "mean_completion_tokens"])
 
   def place_batch(self, batch: dict) -> dict:
     return distributed.global_batch(device_batch(batch), self.mesh)
@@ -141,114 +188,9 @@ def jit_train_step(cfg: Config, model_cfg, optimizer, mesh):
   return jax.jit(step, donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh))), state_sh
 
 
-def _initial_state(tr: Trainer, ckpts: checkpoint.Checkpoints) -> tuple[TrainState, dict]:
-  """Fresh LoRA, or the checkpoint named by train.resume (exactly as it was saved)."""
-  t = tr.cfg.train
-  key = jax.random.key(t.seed)
-  lora = lora_lib.init(tr.model.cfg, tr.cfg.lora, key)  # f32 master weights whatever the model dtype
-  state = jax.device_put(init_state(lora, tr.optimizer, t.seed), tr.state_sharding)
-  step = {"latest": ckpts.latest_step(), "none": None}.get(t.resume, None if t.resume in ("latest", "none") else int(t.resume))
-  if step is None:
-    return state, {}
-  state, meta = ckpts.restore(step, state)
-  print(f"resumed from {tr.out / 'checkpoints' / 'last'} step {step}")
-  return state, meta
-
-
-def _table(before: dict, after: dict) -> str:
-  keys = [k for k in ("eval_loss", "format_accuracy", "answer_accuracy", "mean_completion_tokens") if k in after]
-  lines = [f"{'held-out':<24}{'before':>10}{'after':>10}"]
-  lines += [f"{k:<24}{before.get(k, float('nan')):>10.3f}{after[k]:>10.3f}" for k in keys]
-  return "\n".join(lines)
-
-
 def run(cfg: Config) -> dict:
   """Train, evaluate before/after, checkpoint; returns the summary (also saved as summary.json)."""
-  distributed.initialize()  # before anything touches a device
-  tr = build(cfg)
-  with jax.set_mesh(tr.mesh):  # activations take their layout from the mesh (mesh.constrain)
-    return _train(tr)
-
-
-def _train(tr: Trainer) -> dict:
-  from tqdm.auto import tqdm
-
-  cfg, out, t, main = tr.cfg, tr.out, tr.cfg.train, distributed.is_main()
-  if main:
-    config.save(cfg, out)
-    runs.write_info(out, "sft")
-  print(config.dump(cfg))
-  log = MetricsLog(out, write=main)
-  ckpts = checkpoint.Checkpoints(out / "checkpoints", t.keep_last, *runs.BEST["sft"])
-  state, meta = _initial_state(tr, ckpts)
-  start = int(state.step)
-  print(lora_lib.describe(tr.params, state.lora))
-
-  before_path = out / "before.json"
-  if start == 0 or not before_path.exists():
-    before = {"eval_loss": tr.eval_loss(state.lora), **tr.generation_scores(state.lora)}
-    if main:
-      before_path.write_text(json.dumps(before))
-    log.log(start, before, "eval")
-  else:
-    before = json.loads(before_path.read_text())
-
-  lr_at = schedule(t)
-  n_params = tr.model.cfg.num_params
-  data = buckets.batches(tr.train, t.batch_size, seed=t.seed, start_step=start)
-  bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, desc="sft", dynamic_ncols=True,
-             disable=not main)
-  saved_at = start
-  try:
-    for step in bar:
-      batch = next(data)
-      tokens = int(batch["prompt_mask_BxP"].sum() + batch["completion_mask_BxC"].sum())
-      t0 = time.perf_counter()
-      state, m = tr.step_fn(state, tr.params, tr.place_batch(batch))
-      m = jax.device_get(m)
-      dt = time.perf_counter() - t0
-      row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(lr_at(step)),
-             "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": int(not m["finite"]),
-             "mfu": 6 * n_params * tokens / dt / (t.peak_flops * jax.device_count()),
-             "compiles": tr.step_fn._cache_size()}
-      log.log(step + 1, row)
-      bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{row['tokens_per_s']:.0f}")
-      if int(state.bad_steps) >= t.max_nonfinite:
-        raise UserError(f"{t.max_nonfinite} non-finite steps in a row at step {step + 1}: lower train.lr or check the data")
-      done = step + 1
-      if done % t.eval_every == 0 or done == t.max_steps:
-        ev = {"eval_loss": tr.eval_loss(state.lora)}
-        log.log(done, ev, "eval")
-        ckpts.save_best(done, state, _meta(cfg, done), ev)
-      if done % t.save_every == 0 or done == t.max_steps:
-        ckpts.save(done, state, _meta(cfg, done))
-        saved_at = done
-  except BaseException:
-    done = int(state.step)
-    if done > saved_at and bool(jnp.isfinite(jax.tree.leaves(state.lora)[0]).all()):
-      ckpts.save(done, state, _meta(cfg, done))  # nothing lost on a crash or Ctrl-C
-      print(f"\nsaved step {done} to {out / 'checkpoints'} before exiting", file=sys.stderr)
-    raise
-  finally:
-    bar.close()
-    ckpts.close()
-
-  after = {"eval_loss": tr.eval_loss(state.lora), **tr.generation_scores(state.lora)}
-  log.log(t.max_steps, after, "eval")
-  plot = log.plot([("train", "loss"), ("eval", "eval_loss"), ("train", "tokens_per_s"), ("eval", "format_accuracy")],
-                  "loss.png", f"SFT {cfg.model.spec}")
-  log.close()
-  summary = {"trainer": "sft", "before": before, "after": after, "output_dir": str(out), "plot": str(plot),
-             "best_step": ckpts.best_step(), "last_step": int(state.step)}
-  if main:
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-  print(_table(before, after))
-  print(f"outputs in {out} (config.yaml, metrics.jsonl, tb/, checkpoints/, loss.png)")
-  return summary
-
-
-def _meta(cfg: Config, step: int) -> dict:
-  return {"step": step, "data_position": step, "config": config.to_dict(cfg)}
+  return loop.run(cfg, build)
 
 
 @cli

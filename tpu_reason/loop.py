@@ -1,0 +1,231 @@
+"""The one training loop that SFT and GRPO plug into.
+
+A trainer supplies its steps (`Algorithm`); the loop does everything around them, once:
+joining `jax.distributed`, the mesh context, resume, held-out evals before / during / after,
+checkpoint cadence, the non-finite stop, the session budget (`train.max_minutes`), a save on
+any crash or Ctrl-C, metrics, plots and the summary. Every process computes; only process 0
+writes files (Orbax coordinates the checkpoint writes of all processes itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from tpu_reason import checkpoint, config, distributed, lora as lora_lib, runs, train as train_lib
+from tpu_reason.config import Config
+from tpu_reason.errors import UserError
+from tpu_reason.metrics import MetricsLog
+
+
+class Algorithm(Protocol):
+  """What a trainer hands the loop (see `sft.Trainer`, `grpo.Trainer`)."""
+
+  kind: str  # "sft" | "grpo": run.json, the checkpoints' best metric
+  cfg: Config
+  out: Path
+  init: str  # "base" or the run whose adapter is merged into the weights
+  mesh: Any
+  params: Any
+  model: Any
+  optimizer: Any
+  state_sharding: Any
+  lr_key: str  # the setting to lower when steps go non-finite
+  samples_file: str | None  # a JSONL of per-step records (GRPO's rollouts), or None
+  plot: tuple[list[tuple[str, str]], str]  # ((split, key) panels, file name)
+
+  @property
+  def steps(self) -> int: ...
+
+  @property
+  def eval_every(self) -> int: ...
+
+  @property
+  def save_every(self) -> int: ...
+
+  def batches(self, start: int) -> Iterator[dict]: ...
+
+  def step(self, state, batch: dict, step: int) -> tuple[Any, dict, dict | None]: ...
+
+  def held_out(self, lora, full: bool) -> dict: ...
+
+  def completed(self, state) -> int | None: ...
+
+  def postfix(self, row: dict) -> dict: ...
+
+  def table(self, before: dict, after: dict) -> str: ...
+
+
+def run(cfg: Config, build: Callable[[Config], Algorithm]) -> dict:
+  """Join the multi-host run, build the trainer, train it on its mesh; returns the summary."""
+  distributed.initialize()  # before anything touches a device
+  algo = build(cfg)
+  with jax.set_mesh(algo.mesh):  # activations take their layout from the mesh (mesh.constrain)
+    return Loop(algo).run()
+
+
+def initial_state(a: Algorithm, ckpts: checkpoint.Checkpoints) -> tuple[Any, dict]:
+  """Fresh f32 adapters (whatever the model dtype), or the checkpoint `train.resume` names, as saved."""
+  t = a.cfg.train
+  lora = lora_lib.init(a.model.cfg, a.cfg.lora, jax.random.key(t.seed))
+  state = jax.device_put(train_lib.init_state(lora, a.optimizer, t.seed), a.state_sharding)
+  step = ckpts.latest_step() if t.resume == "latest" else None if t.resume == "none" else int(t.resume)
+  if step is None:
+    return state, {}
+  state, saved = ckpts.restore(step, state)
+  print(f"resumed from {a.out / 'checkpoints' / 'last'} step {step}")
+  return state, saved
+
+
+def meta(cfg: Config, step: int) -> dict:
+  """The JSON saved beside each checkpoint: where the data stream stands, and the run's config."""
+  return {"step": step, "data_position": step, "config": config.to_dict(cfg)}
+
+
+class Loop:
+  """One run of an `Algorithm`, from its initial state to its summary."""
+
+  def __init__(self, algo: Algorithm):
+    self.algo, self.cfg, self.out = algo, algo.cfg, algo.out
+    self.main = distributed.is_main()
+    self.log = MetricsLog(self.out, write=self.main)
+    self.ckpts = checkpoint.Checkpoints(self.out / "checkpoints", self.cfg.train.keep_last, *runs.BEST[algo.kind])
+    self.saved_at = 0
+
+  def run(self) -> dict:
+    a = self.algo
+    if self.main:
+      config.save(self.cfg, self.out)
+      runs.write_info(self.out, a.kind, a.init)
+    try:
+      state, saved = initial_state(a, self.ckpts)
+      start = saved.get("step", 0)
+      print(lora_lib.describe(a.params, state.lora))
+      before = self.before(state, start)
+      self.saved_at = start
+      state, finished = self.train(state, start)
+      after = a.held_out(state.lora, full=True) if finished else {}
+      if after:
+        self.log.log(a.steps, after, "eval")
+        self.ckpts.save_best(a.steps, state, meta(self.cfg, a.steps), after)
+    finally:
+      self.ckpts.close()
+    return self.summary(state, before, after, finished)
+
+  def before(self, state, start: int) -> dict:
+    """The held-out scores of the initial adapters, measured once per run (a resume reads them)."""
+    path = self.out / "before.json"
+    if start and path.exists():
+      return json.loads(path.read_text())
+    before = self.algo.held_out(state.lora, full=True)
+    if self.main:
+      path.write_text(json.dumps(before))
+    self.log.log(start, before, "eval")
+    return before
+
+  def train(self, state, start: int) -> tuple[Any, bool]:
+    """Steps `start`..end (or until the session budget runs out): (state, whether all steps ran)."""
+    from tqdm.auto import tqdm
+
+    a, t = self.algo, self.cfg.train
+    t0 = time.monotonic()
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.kind, dynamic_ncols=True,
+               disable=not self.main)
+    records = (self.out / a.samples_file).open("a") if a.samples_file and self.main else open(os.devnull, "w")
+    try:
+      with records:
+        for step, batch in zip(bar, a.batches(start)):
+          state, row, record = a.step(state, batch, step)
+          done = step + 1
+          self.log.log(done, row)
+          if record is not None:
+            records.write(json.dumps({"step": done, **record}) + "\n")
+            records.flush()
+          bar.set_postfix(a.postfix(row))
+          if int(state.bad_steps) >= t.max_nonfinite:
+            raise UserError(f"{t.max_nonfinite} non-finite steps in a row at step {done}: lower {a.lr_key} "
+                            "or check the data")
+          self.cadence(state, done)
+          if t.max_minutes and time.monotonic() - t0 > 60 * t.max_minutes and done < a.steps:
+            self.save(state, done)
+            print(f"\nstopped after step {done} of {a.steps}: train.max_minutes={t.max_minutes} spent; "
+                  f"run the same command again to resume from {self.out / 'checkpoints'}", file=sys.stderr)
+            return state, False
+    except BaseException:
+      self.rescue(state)
+      raise
+    finally:
+      bar.close()
+    return state, True
+
+  def cadence(self, state, done: int):
+    """Held-out eval (the final one is the 'after' eval) and checkpoints at their intervals."""
+    a = self.algo
+    if done % a.eval_every == 0 and done < a.steps:
+      ev = a.held_out(state.lora, full=False)
+      if ev:
+        self.log.log(done, ev, "eval")
+        self.ckpts.save_best(done, state, meta(self.cfg, done), ev)
+    if done % a.save_every == 0 or done == a.steps:
+      self.save(state, done)
+
+  def save(self, state, done: int):
+    self.ckpts.save(done, state, meta(self.cfg, done))
+    self.saved_at = done
+
+  def rescue(self, state):
+    """On a crash or Ctrl-C: save the last whole step unless it is saved already (nothing lost)."""
+    leaves = jax.tree.leaves(state)
+    if any(x.is_deleted() for x in leaves if isinstance(x, jax.Array)):
+      # the interrupt landed while a step that consumes (donates) the state was dispatched
+      print(f"\nthe interrupted step had already taken the adapters; the last checkpoint is step {self.saved_at}",
+            file=sys.stderr)
+      return
+    done = self.algo.completed(state)
+    if done is not None and done > self.saved_at and bool(jnp.isfinite(jax.tree.leaves(state.lora)[0]).all()):
+      self.save(state, done)
+      print(f"\nsaved step {done} to {self.out / 'checkpoints'} before exiting", file=sys.stderr)
+
+  def summary(self, state, before: dict, after: dict, finished: bool) -> dict:
+    """summary.json (process 0), the before/after table and where the outputs are."""
+    a = self.algo
+    keys, filename = a.plot
+    plot = self.log.plot(keys, filename, f"{a.kind.upper()} {self.cfg.model.spec}")
+    out = {"trainer": a.kind, "init": a.init, "before": before, "after": after, **trend(self.log.history()),
+           "output_dir": str(self.out), "plot": str(plot), "best_step": self.ckpts.best_step(),
+           "last_step": a.completed(state), "finished": finished}
+    self.log.close()
+    if self.main:
+      (self.out / "summary.json").write_text(json.dumps(out, indent=1))
+    if after:
+      print(a.table(before, after))
+    if "first_20pct_reward" in out:
+      print(f"train reward: first 20% of steps {out['first_20pct_reward']:.3f} -> last 20% "
+            f"{out['last_20pct_reward']:.3f}")
+    print(f"outputs in {self.out} (config.yaml, metrics.jsonl, tb/, checkpoints/, {filename})")
+    return out
+
+
+def trend(history: list[dict], key: str = "reward") -> dict:
+  """Mean training `key` over the first and the last 20% of steps (when the trainer logs it)."""
+  values = [r[key] for r in history if r["split"] == "train" and key in r]
+  if not values:
+    return {}
+  n = max(1, len(values) // 5)
+  return {"first_20pct_reward": sum(values[:n]) / n, "last_20pct_reward": sum(values[-n:]) / n}
+
+
+def table(before: dict, after: dict, keys: list[str]) -> str:
+  """Held-out scores before and after training, one row per key both have."""
+  keys = [k for k in keys if k in before and k in after]
+  width = max([24] + [len(k) + 2 for k in keys])
+  lines = [f"{'held-out':<{width}}{'before':>10}{'after':>10}"]
+  lines += [f"{k:<{width}}{before[k]:>10.3f}{after[k]:>10.3f}" for k in keys]
+  return "\n".join(lines)
