@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -466,6 +467,28 @@ def test_session_budget_stops_with_a_checkpoint_and_resumes(trainer, straight_ru
   assert summary["finished"] and summary["last_step"] == 4
   loss = lambda path: {r["step"]: r["loss"] for r in read_metrics(path) if r["split"] == "train"}  # noqa: E731
   assert loss(out) == loss(out_a)
+
+
+def test_ctrl_c_during_a_step_finishes_and_saves_it(trainer, tmp_path, monkeypatch, capsys):
+  """A real SIGINT while step 1 is dispatched: the step completes, is saved, then the run stops."""
+  real = trainer.step_fn
+  calls = []
+
+  def signalled(state, params, batch):
+    calls.append(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(state, params, batch)
+
+  signalled._cache_size = real._cache_size
+  reuse_build(monkeypatch, trainer, step_fn=signalled)
+  out = tmp_path / "run"
+  cfg = dataclasses.replace(trainer.cfg, output_dir=str(out))
+  with pytest.raises(KeyboardInterrupt):
+    sft.run(cfg)
+  err = capsys.readouterr().err
+  assert "finishing this step" in err and "saved step 1" in err
+  state, _ = restore_last(trainer, cfg, out, 1)
+  assert int(state.step) == 1 and len(calls) == 1
 
 
 def test_ctrl_c_while_a_step_holds_the_donated_state_exits_cleanly(trainer, tmp_path, monkeypatch, capsys):

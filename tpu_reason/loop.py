@@ -9,9 +9,12 @@ writes files (Orbax coordinates the checkpoint writes of all processes itself).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -84,6 +87,33 @@ def initial_state(a: Algorithm, ckpts: checkpoint.Checkpoints) -> tuple[Any, dic
   return state, saved
 
 
+@contextlib.contextmanager
+def interrupt_after_step():
+  """Hold a Ctrl-C that lands inside a step until the step's new state is in hand.
+
+  A step donates its input state: interrupted mid-dispatch, neither the old state nor the
+  new one would be left to save. A second Ctrl-C stops at once (the last checkpoint stays).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  hit = []
+
+  def note(signum, frame):
+    if hit:
+      raise KeyboardInterrupt
+    hit.append(signum)
+    print("\ninterrupt: finishing this step so that it can be saved (Ctrl-C again to stop now)", file=sys.stderr)
+
+  previous = signal.signal(signal.SIGINT, note)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if hit:
+    raise KeyboardInterrupt
+
+
 def meta(cfg: Config, step: int) -> dict:
   """The JSON saved beside each checkpoint: where the data stream stands, and the run's config."""
   return {"step": step, "data_position": step, "config": config.to_dict(cfg)}
@@ -142,7 +172,8 @@ class Loop:
     try:
       with records:
         for step, batch in zip(bar, a.batches(start)):
-          state, row, record = a.step(state, batch, step)
+          with interrupt_after_step():
+            state, row, record = a.step(state, batch, step)
           done = step + 1
           self.log.log(done, row)
           if record is not None:
