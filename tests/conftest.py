@@ -6,6 +6,9 @@ this file (pytest imports conftest.py before any test module).
 
 import os
 
+# libtpu is installed for the TPU compiler (plan --tpu compiles for compile-only chips); the tests
+# themselves run on CPU devices, without probing for a TPU in every process
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()

@@ -16,7 +16,7 @@ from tpu_reason import config, lora as lora_lib, mesh as mesh_lib, plan
 from tpu_reason.config import Config
 from tpu_reason.models.transformer import param_shapes
 
-BF16 = 2
+BF16, F32 = 2, 4
 V5E8 = ["gemma3-1b-it-v5e8.yaml", "gemma2-2b-think.yaml", "qwen2.5-1.5b-gsm8k.yaml"]
 
 
@@ -45,7 +45,7 @@ LORA = (2 * 8 * 4 + 2 * 4 * 2 * 8  # q: A [L, D/fsdp, r], B [L, r, N/tp, H]
         + 2 * (2 * 8 * 4 + 2 * 4 * 1 * 8)  # k, v: B [L, r, K/tp, H]
         + 2 * 2 * 8 * 4 + 2 * 4 * 8  # o: A [L, N/tp, H, r], B [L, r, D/fsdp]
         + 2 * (2 * 8 * 4 + 2 * 4 * 32)  # gate, up: B [L, r, F/tp]
-        + 2 * 32 * 4 + 2 * 4 * 8) * BF16  # down: A [L, F/tp, r], B [L, r, D/fsdp]
+        + 2 * 32 * 4 + 2 * 4 * 8) * F32  # down: A [L, F/tp, r], B [L, r, D/fsdp]; f32 master weights
 ADAM = 2 * LORA + 4 + 4  # mu and nu like the adapters; int32 step counts of adam and the lr schedule
 LAYER = (32 * 2 * 8 + 2 * 32 * 1 * 8 + 2 * 8 * 32 + 3 * 32 * 32 + 2 * 32) * BF16  # one layer, D whole, tp split
 
@@ -69,11 +69,13 @@ def test_resident_bytes_match_hand_counts(tiny_plan):
 
 def test_rollout_bytes_match_hand_counts(tiny_plan):
   rollout = tiny_plan.phases[1]
-  prompts = 2  # grpo.prompts, all on every device: the sampler does not split rollouts
-  assert rollout.items["KV cache"] == kv(prompts, 8) + kv(prompts * 4, 8)  # prefix P=8; G=4 samples of 8 tokens
-  assert rollout.items["sampling logits"] == prompts * 4 * 128 * 4
-  assert rollout.total == PARAMS + LORA + ADAM + LAYER + kv(2, 8) + kv(8, 8) + 8 * 128 * 4
-  assert any("decodes all 8 rows" in n for n in tiny_plan.notes)
+  # grpo.prompts=2 do not split over fsdp=4: every chip keeps both prefixes; their 2 x G=4 = 8 rows do (2 each)
+  assert rollout.items["KV cache"] == kv(2, 8) + kv(2, 8)  # prefix P=8; 2 sample rows of 8 tokens
+  assert rollout.items["sampling logits"] == 2 * 64 * 4  # 2 rows x vocab 128 / tp 2, f32
+  assert rollout.total == PARAMS + LORA + ADAM + LAYER + 2 * kv(2, 8) + 2 * 64 * 4
+  assert any("grpo.prompts=2 is not a multiple of fsdp=4" in n for n in tiny_plan.notes)
+  split = plan.plan(tiny_cfg("grpo.prompts=4", "grpo.micro_batch=2"), TINY_LLAMA, 8, 16 * plan.GIB).phases[1]
+  assert split.items["KV cache"] == kv(1, 8) + kv(4, 8)  # 4 prompts -> 1 per chip, 16 rows -> 4 per chip
 
 
 def test_abstract_bytes_equal_real_placement():
@@ -84,8 +86,8 @@ def test_abstract_bytes_equal_real_placement():
                         mesh_lib.shardings(param_shapes(TINY_LLAMA), m))
   assert mesh_lib.bytes_per_device(placed) == PARAMS
   table = lora_lib.shapes(TINY_LLAMA, cfg.lora)
-  adapters = mesh_lib.put(lora_lib.init(TINY_LLAMA, cfg.lora, jax.random.key(0), jnp.bfloat16), mesh_lib.shardings(table, m))
-  assert mesh_lib.bytes_per_device(adapters) == LORA == plan.nbytes(plan.local_tree(table, jnp.bfloat16, m))
+  adapters = mesh_lib.put(lora_lib.init(TINY_LLAMA, cfg.lora, jax.random.key(0)), mesh_lib.shardings(table, m))
+  assert mesh_lib.bytes_per_device(adapters) == LORA == plan.nbytes(plan.local_tree(table, jnp.float32, m))
 
 
 def test_residual_bytes_counts_new_buffers_not_inputs():

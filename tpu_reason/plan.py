@@ -1,4 +1,4 @@
-"""`python -m tpu_reason.plan --config recipes/X.yaml [--devices 8] [--hbm-gib 16]`: will it fit?
+"""`python -m tpu_reason.plan --config recipes/X.yaml [--devices 8 | --tpu v5e-8] [--hbm-gib G]`: will it fit?
 
 Per-device memory of the SFT step and of GRPO's two phases (rollouts, then the train step),
 from abstract shapes only: no weights are loaded or allocated.
@@ -11,9 +11,9 @@ from abstract shapes only: no weights are loaded or allocated.
                                  the rows one device holds, plus one layer's worth of working memory
                                  while that layer is recomputed and differentiated (the reference
                                  and old-policy log-probs are forward-only)
-  KV cache                       grpo.prompts prefixes + G samples each; the sampler does not split
-                                 rollouts over the mesh, so every device holds all of them
-  sampling logits                f32 logits of every rollout row
+  KV cache                       grpo.prompts prefixes + G samples each, rows split over fsdp like a
+                                 batch (each chip decodes its own rows), kv heads over tp
+  sampling logits                f32 logits of the device's rollout rows (vocabulary split over tp)
 
 A setting a trainer would refuse on this mesh (a batch fsdp does not divide) is an error: NO FIT.
 
@@ -22,27 +22,43 @@ on the recipe's mesh twice: with a tiny stand-in of the model family at the reci
 sequence shapes (a quick shape and sharding check), and with the real model's abstract shapes,
 whose XLA buffer assignment is a second opinion on the per-device total. CPU XLA keeps some
 bf16 temporaries in f32, so that figure reads high.
+
+With `--tpu v5e-8` (or v5e-1, v5e-4), libtpu's compiler builds, for compile-only chips of that
+slice and the real model's shapes, the programs a run executes: the SFT step, GRPO's prefill and
+decode loop, its log-prob pass and its update step. Its buffer assignment is each program's real
+per-chip HBM; it refuses a program that does not fit (NO FIT). The exit status then follows the
+compiler's verdicts (and settings a trainer would refuse), not the analytical table's. With
+`--hbm-gib` below the chip's 15.75 GiB the compiler is held to that much; with `--stand-in` it
+compiles the tiny stand-in instead of the real model (seconds, not minutes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import importlib.metadata
+import importlib.util
 import math
+import os
+import re
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
-from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sft, train as train_lib
-from tpu_reason.config import Config
+from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sampler, sft, train as train_lib
+from tpu_reason.config import Config, SamplingCfg
 from tpu_reason.errors import UserError, cli
-from tpu_reason.models.transformer import ModelConfig, flatten, init_cache, param_shapes, unflatten
+from tpu_reason.models.transformer import KVCache, ModelConfig, flatten, init_cache, param_shapes, unflatten
 
 GIB = 2**30
-FLAGS = {"--devices": "devices", "--hbm-gib": "hbm_gib"}
-V5E_HBM_GIB = 16.0
+FLAGS = {"--devices": "devices", "--hbm-gib": "hbm_gib", "--tpu": "tpu", "--stand-in": "stand_in?"}
+V5E_HBM_GIB = 15.75  # of a v5e chip's 16 GiB, what libtpu's compiler lets programs use (it reserves the rest)
+# --tpu name -> (libtpu topology, chips per host): compile-only chips of one v5e host
+TPUS = {"v5e-1": ("v5e:1x1", (1, 1, 1)), "v5e-4": ("v5e:2x2", (2, 2, 1)), "v5e-8": ("v5e:2x4", (2, 2, 1))}
 # The compiled steps never run: skip LLVM's optimisations (the HLO passes and buffer assignment still run).
 QUICK = {"xla_backend_optimization_level": 0}
 
@@ -153,7 +169,7 @@ def activation_bytes(loss, model_cfg: ModelConfig, cfg: Config, batch: dict) -> 
   """Backward-pass memory of `loss` on `batch`: saved residuals + one layer being differentiated."""
   dtype = jnp.dtype(cfg.model.dtype)
   params = full_tree(param_shapes(model_cfg), dtype)
-  lora = full_tree(lora_lib.shapes(model_cfg, cfg.lora), dtype)
+  lora = full_tree(lora_lib.shapes(model_cfg, cfg.lora), jnp.float32)  # the trainers' f32 master adapters
   kept = {remat: residual_bytes(functools.partial(loss, remat=remat), lora, params, batch) for remat in (False, True)}
   one_layer = (kept[False] - kept[True]) // model_cfg.num_layers
   return kept[cfg.model.remat] + one_layer
@@ -182,7 +198,8 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
     errors.append(f"GRPO: grpo.micro_batch * grpo.group = {g.micro_batch * g.group} rows must be a multiple of "
                   f"the fsdp mesh size {fsdp}")
   local = per_device_model(model_cfg, mesh)
-  lora_local = local_tree(lora_lib.shapes(model_cfg, cfg.lora), dtype, mesh)
+  # the adapters and their Adam moments stay float32 whatever the model dtype (master weights)
+  lora_local = local_tree(lora_lib.shapes(model_cfg, cfg.lora), jnp.float32, mesh)
   resident = {
       "base params": nbytes(local_tree(param_shapes(model_cfg), dtype, mesh)),
       "LoRA adapters": nbytes(lora_local),
@@ -205,14 +222,14 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   # the largest completion bucket is always max_completion_tokens (data.buckets.completion_buckets)
   sft_phase = train_phase("SFT step", sft_loss(local, cfg), abstract_batch, t.batch_size // t.grad_accum,
                           d.max_completion_tokens, t.grad_accum > 1)
-  kv = (kv_cache_bytes(local, g.prompts, d.max_prompt_tokens, dtype)
-        + kv_cache_bytes(local, g.prompts * g.group, g.max_new_tokens, dtype))
-  rollout = Phase("GRPO rollout", {**resident, **gathered, "KV cache": kv,
-                                   "sampling logits": g.prompts * g.group * model_cfg.vocab_size * 4},
-                  f"{g.prompts} prompts x G={g.group} on every device, {d.max_prompt_tokens}+{g.max_new_tokens} tokens")
-  if mesh.size > 1:
-    notes.append(f"GRPO rollout: the sampler does not split rollouts over the mesh, so each of the {mesh.size} "
-                 f"devices decodes all {g.prompts * g.group} rows")
+  prompts, rows = rows_per_device(g.prompts, mesh), rows_per_device(g.prompts * g.group, mesh)
+  kv = kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype) + kv_cache_bytes(local, rows, g.max_new_tokens, dtype)
+  vocab = mesh_lib.shard_shape((model_cfg.vocab_size,), ("vocab",), mesh)[0]
+  rollout = Phase("GRPO rollout", {**resident, **gathered, "KV cache": kv, "sampling logits": rows * vocab * 4},
+                  f"{prompts} prompts x G={g.group} = {rows} rows/device, {d.max_prompt_tokens}+{g.max_new_tokens} tokens")
+  if prompts == g.prompts and fsdp > 1:
+    notes.append(f"GRPO rollout: grpo.prompts={g.prompts} is not a multiple of fsdp={fsdp}, so every chip holds "
+                 "every prompt's cache")
   grpo_train = train_phase("GRPO train", grpo_loss(local, cfg), grpo_batch, g.micro_batch * g.group,
                            g.max_new_tokens, g.mini > g.micro_batch)
 
@@ -254,18 +271,38 @@ def stand_in(model_cfg: ModelConfig) -> ModelConfig:
       sliding_window=None if window is None else min(window, 8), global_every=min(model_cfg.global_every, 2))
 
 
+def laid_out(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s leaves with the matching leaves of `shardings`."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def rows_over_fsdp(tree, mesh):
+  """ShapeDtypeStructs of `tree`: every leaf's rows over fsdp, as the trainers place batches; scalars replicated."""
+  def one(x):
+    sharding = mesh_lib.batch_sharding(mesh, x.ndim) if x.ndim else mesh_lib.replicated(mesh)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  return jax.tree.map(one, tree)
+
+
+def abstract_state(model_cfg: ModelConfig, cfg: Config, optimizer, state_sh) -> train_lib.TrainState:
+  """The trainers' TrainState (float32 adapters and Adam moments) laid out as `state_sh`."""
+  lora = train_lib.abstract_lora(lora_lib.shapes(model_cfg, cfg.lora))
+  state = jax.eval_shape(functools.partial(train_lib.init_state, optimizer=optimizer, seed=cfg.train.seed), lora)
+  return laid_out(state, state_sh)
+
+
 def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowered:
   """`sft`'s jitted train step lowered on `mesh` for the recipe's batch shapes (abstract inputs)."""
-  dtype = jnp.dtype(cfg.model.dtype)
   optimizer = train_lib.make_optimizer(cfg.train)
   step, state_sh = sft.jit_train_step(cfg, model_cfg, optimizer, mesh)
-  lora = full_tree(lora_lib.shapes(model_cfg, cfg.lora), dtype, mesh)
-  state = jax.eval_shape(functools.partial(train_lib.init_state, optimizer=optimizer, seed=cfg.train.seed), lora)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-  params = full_tree(param_shapes(model_cfg), dtype, mesh)
+  state = abstract_state(model_cfg, cfg, optimizer, state_sh)
+  params = full_tree(param_shapes(model_cfg), jnp.dtype(cfg.model.dtype), mesh)
   batch = abstract_batch(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
                          mesh_lib.batch_sharding(mesh, 2))
-  return step.lower(state, params, batch)
+  # the forward's sharding constraints read the context mesh; eager work (above) must stay outside it
+  with jax.set_mesh(mesh):
+    return step.lower(state, params, batch)
 
 
 def xla_bytes(compiled) -> dict[str, int]:
@@ -293,6 +330,196 @@ def compile_checks(cfg: Config, model_cfg: ModelConfig, hbm_bytes: int) -> list[
   lines.append(f"XLA (CPU) buffers of the real SFT step per device: {parts} = {xla['total'] / GIB:.3f} GiB "
                f"{verdict} ({time.perf_counter() - t0:.1f} s)")
   return lines
+
+
+# --------------------------------------------------------------------------- GRPO programs
+
+
+def cache_layout(cache: KVCache, mesh) -> KVCache:
+  """A KV cache's leaves laid out by the table: rows over fsdp, kv heads over tp."""
+  def one(x, axes):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, mesh_lib.spec(x.shape, axes, mesh)))
+
+  return dataclasses.replace(cache, k=one(cache.k, ("layers", "batch", "kv_heads", "head_dim", "seq")),
+                             v=one(cache.v, ("layers", "batch", "kv_heads", "seq", "head_dim")),
+                             valid=one(cache.valid, ("batch", "seq")), pos=one(cache.pos, ("batch", "seq")))
+
+
+def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
+  """The sampler's prefill of `grpo.prompts` prompts and its decode loop over G samples of each, lowered."""
+  g, dtype, scale = cfg.grpo, jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
+  params = full_tree(param_shapes(model_cfg), dtype, mesh)
+  table = lora_lib.shapes(model_cfg, cfg.lora)
+  lora = laid_out(train_lib.abstract_lora(table), mesh_lib.shardings(table, mesh))  # TrainState.lora's layout
+  prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, mesh_lib.batch_sharding(mesh, 2))
+  tokens, mask = prompt["prompt_tokens_BxP"], prompt["prompt_mask_BxP"]
+  cache, first, next_pos = jax.eval_shape(functools.partial(sampler.prefill, cfg=model_cfg, dtype=dtype),
+                                          params, lora, scale, tokens, mask)
+  prefix = cache_layout(dataclasses.replace(cache, group=g.group), mesh)
+  mode = sampler._mode(SamplingCfg(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+  eos = jax.ShapeDtypeStruct((1,), jnp.int32)
+  start = functools.partial(sampler.start, cfg=model_cfg, group=g.group, max_new=g.max_new_tokens, mode=mode,
+                            slots=g.max_new_tokens, dtype=dtype)
+  state = jax.eval_shape(start, prefix, first, next_pos, jax.eval_shape(jax.random.key, 0), eos_ids=eos)
+  # span = all slots: the last and largest of the decode calls `sampler.generate` makes
+  state = dataclasses.replace(rows_over_fsdp(dataclasses.replace(state, suffix=None), mesh),
+                              suffix=cache_layout(state.suffix, mesh))
+  with jax.set_mesh(mesh):
+    return {"GRPO prefill": sampler.prefill.lower(params, lora, scale, tokens, mask, cfg=model_cfg, dtype=dtype),
+            "GRPO decode": sampler.decode.lower(params, lora, scale, prefix, state, g.max_new_tokens, eos, 0,
+                                                cfg=model_cfg, mode=mode, span=g.max_new_tokens, dtype=dtype)}
+
+
+def lower_grpo_train(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
+  """GRPO's log-prob pass on one micro-batch (with the adapters) and its update on one mini-batch, lowered."""
+  g, p, c = cfg.grpo, cfg.data.max_prompt_tokens, cfg.grpo.max_new_tokens
+  optimizer, step_fn, logp_fn, state_sh = grpo.jitted(model_cfg, cfg, mesh)
+  state = abstract_state(model_cfg, cfg, optimizer, state_sh)
+  params = full_tree(param_shapes(model_cfg), jnp.dtype(cfg.model.dtype), mesh)
+  micro = rows_over_fsdp(abstract_batch(g.micro_batch * g.group, p, c), mesh)
+  mini = rows_over_fsdp(grpo_batch(g.mini * g.group, p, c), mesh)
+  with jax.set_mesh(mesh):
+    return {"GRPO log-probs": logp_fn.lower(state.lora, params, micro),
+            "GRPO update": step_fn.lower(state, params, mini)}
+
+
+def lower_all(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
+  """Every program a run compiles at its largest shapes, by name."""
+  return {"SFT step": lower_sft_step(cfg, model_cfg, mesh), **lower_rollout(cfg, model_cfg, mesh),
+          **lower_grpo_train(cfg, model_cfg, mesh)}
+
+
+# --------------------------------------------------------------------------- the TPU compiler
+
+# each program beside the analytical phase that covers it (the log-prob pass has none)
+PLAN_PHASE = {"SFT step": "SFT step", "GRPO prefill": "GRPO rollout", "GRPO decode": "GRPO rollout",
+              "GRPO update": "GRPO train"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """One program as libtpu's compiler built it for one chip, or its reason for refusing."""
+
+  name: str
+  sizes: dict[str, int]  # `xla_bytes`; empty when refused
+  all_gathers: int
+  seconds: float
+  refused: str = ""  # the compiler's one-line reason
+  log: str = ""  # where libtpu wrote its buffer list, when refused
+
+  def fits(self, hbm: int) -> bool:
+    return not self.refused and self.sizes["total"] <= hbm
+
+
+def tpu_devices(name: str) -> list:
+  """Compile-only chips of a TPU slice: libtpu's compiler runs on this host, nothing executes."""
+  if name not in TPUS:
+    raise UserError(f"--tpu must be one of {', '.join(TPUS)}, got {name!r}")
+  if importlib.util.find_spec("libtpu") is None:
+    raise UserError('--tpu needs the TPU compiler (libtpu): pip install "tpu_reason[tpu]"')
+  from jax.experimental import topologies
+
+  topology, host = TPUS[name]
+  return topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=list(host)).devices
+
+
+def all_gathers(hlo: str) -> int:
+  """All-gather ops (synchronous, or the start of an async one) in compiled HLO text."""
+  return len(re.findall(r"\ball-gather(?:-start)?\(", hlo))
+
+
+def refusal(message: str) -> str:
+  """The compiler's one-line reason from its out-of-memory error, without the status codes."""
+  line = message.strip().splitlines()[0]
+  return line[line.index("Ran out of memory"):] if "Ran out of memory" in line else line
+
+
+def tpu_log() -> str:
+  """The file libtpu logs this process's errors to (its buffer list among them), else its folder."""
+  folder = os.environ.get("TPU_LOG_DIR", "/tmp/tpu_logs")
+  logs = sorted(glob.glob(os.path.join(folder, f"*.ERROR.*.{os.getpid()}")), key=os.path.getmtime)
+  return logs[-1] if logs else folder
+
+
+def compile_tpu(name: str, lowered: jax.stages.Lowered, options: dict) -> Compiled:
+  """Compile one program for TPU: its per-chip bytes and all-gathers, or the compiler's refusal."""
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile(options)
+  except jax.errors.JaxRuntimeError as e:
+    if not str(e).startswith("RESOURCE_EXHAUSTED"):
+      raise
+    return Compiled(name, {}, 0, time.perf_counter() - t0, refusal(str(e)), tpu_log())
+  return Compiled(name, xla_bytes(compiled), all_gathers(compiled.as_text()), time.perf_counter() - t0)
+
+
+TPU_HEAD = (f"{'per chip (GiB)':<16}{'arguments':>11}{'outputs':>9}{'temporaries':>13}{'total':>9}{'plan':>9}"
+            f"{'all-gathers':>13}  verdict")
+
+
+def tpu_row(c: Compiled, p: Plan) -> str:
+  """One program's line: the compiler's figures beside the plan's total for its phase."""
+  if c.refused:
+    return f"{c.name:<16}  NO FIT: {c.refused} ({c.seconds:.0f} s)\n{'':<16}  libtpu's buffer list: {c.log}"
+  b = {k: v / GIB for k, v in c.sizes.items()}
+  phase = {ph.name: ph.total / GIB for ph in p.phases}.get(PLAN_PHASE.get(c.name))
+  planned = f"{phase:>9.3f}" if phase is not None else f"{'-':>9}"
+  return (f"{c.name:<16}{b['arguments']:>11.3f}{b['outputs (not donated)']:>9.3f}{b['temporaries']:>13.3f}"
+          f"{b['total']:>9.3f}{planned}{c.all_gathers:>13}  {'FIT' if c.fits(p.hbm) else 'NO FIT'} "
+          f"({c.seconds:.0f} s)")
+
+
+def tpu_notes(cfg: Config, model_cfg: ModelConfig, mesh) -> list[str]:
+  """What the compiled programs' shapes are, and what the per-program figures leave out."""
+  g, d, t = cfg.grpo, cfg.data, cfg.train
+  lora_local = local_tree(lora_lib.shapes(model_cfg, cfg.lora), jnp.float32, mesh)
+  adam = nbytes(jax.eval_shape(train_lib.make_optimizer(t).init, lora_local))
+  return [
+      f"  SFT step: batch {t.batch_size} (micro-batches of {t.batch_size // t.grad_accum}) x "
+      f"({d.max_prompt_tokens}+{d.max_completion_tokens}) tokens",
+      f"  GRPO prefill / decode: {g.prompts} prompts of {d.max_prompt_tokens} tokens, then {g.prompts * g.group} "
+      f"rows (G={g.group}) of {g.max_new_tokens} new tokens, rows over fsdp",
+      f"  GRPO log-probs: {g.micro_batch * g.group} rows x ({d.max_prompt_tokens}+{g.max_new_tokens}), with the "
+      "adapters (the old-policy pass; the reference pass is the same without them); no analytical column",
+      f"  GRPO update: {g.mini * g.group} rows (micro-batches of {g.micro_batch * g.group}) x "
+      f"({d.max_prompt_tokens}+{g.max_new_tokens}) tokens",
+      "  outputs: those not donated to an argument's buffer; plan: the analytical total above for the phase",
+      f"  note: prefill, decode and log-probs run while the trainer also holds the Adam moments "
+      f"({adam / GIB:.3f} GiB per chip), which are not among those programs' arguments",
+  ]
+
+
+def tpu_verdict(tpu: str, results: list[Compiled], p: Plan) -> tuple[bool, str]:
+  """(whether every program fits and the trainers accept the settings, the closing line)."""
+  failed = [c.name for c in results if not c.fits(p.hbm)] + list(p.errors)
+  built = [c for c in results if not c.refused]
+  worst = max(built, key=lambda c: c.sizes["total"]) if built else None
+  peak = f", peak {worst.sizes['total'] / GIB:.2f} GiB ({worst.name})" if worst else ""
+  verdict = "NO FIT: " + "; ".join(failed) if failed else "FIT"
+  return not failed, f"TPU {tpu}: {verdict}{peak} of {p.hbm / GIB:g} GiB per chip"
+
+
+def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model: bool = False,
+            out=sys.stdout) -> bool:
+  """Print the plan, then compile every program for the TPU slice `tpu`; whether all of them fit."""
+  chips = tpu_devices(tpu)
+  model_cfg = models.config_of(cfg.model.spec)
+  model_cfg = stand_in(model_cfg) if stand_in_model else model_cfg
+  p = plan(cfg, model_cfg, len(chips), int(hbm_gib * GIB))
+  print(table(p), file=out, flush=True)
+  mesh = mesh_lib.make_mesh(cfg.mesh, chips)
+  # held to less than the chip has when asked: the compiler then refuses what would not fit there
+  options = {} if hbm_gib >= V5E_HBM_GIB else {"xla_tpu_max_hbm_size_mib": max(1, round(hbm_gib * 1024))}
+  model = f"tiny {model_cfg.family} stand-in" if stand_in_model else cfg.model.spec
+  print(f"\nTPU compiler (libtpu {importlib.metadata.version('libtpu')}): {tpu} = {TPUS[tpu][0]}, {model}, "
+        f"{hbm_gib:g} GiB usable per chip\n{TPU_HEAD}", file=out, flush=True)
+  results = []
+  for name, lowered in lower_all(cfg, model_cfg, mesh).items():
+    results.append(compile_tpu(name, lowered, options))
+    print(tpu_row(results[-1], p), file=out, flush=True)
+  fits, line = tpu_verdict(tpu, results, p)
+  print("\n".join([*tpu_notes(cfg, model_cfg, mesh), line]), file=out, flush=True)
+  return fits
 
 
 # --------------------------------------------------------------------------- CLI
@@ -325,10 +552,22 @@ def run(cfg: Config, devices: int | None = None, hbm_gib: float = V5E_HBM_GIB, o
 def main(argv: list[str] | None = None):
   cfg, flags = config.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
   devices = _positive(flags, "devices", int, 0) if "devices" in flags else None
-  if devices:  # fake CPU devices, before jax starts its backend
+  hbm_gib = _positive(flags, "hbm_gib", float, V5E_HBM_GIB)
+  tpu, stand_in_model = flags.get("tpu"), "stand_in" in flags
+  if tpu is not None and devices:
+    raise UserError("--devices (fake CPU devices) and --tpu (the TPU compiler) are exclusive")
+  if tpu is not None and hbm_gib > V5E_HBM_GIB:
+    raise UserError(f"--hbm-gib with --tpu can only lower the {V5E_HBM_GIB} GiB a v5e chip's programs may use, "
+                    f"got {hbm_gib:g}")
+  if stand_in_model and tpu is None:
+    raise UserError("--stand-in goes with --tpu (with --devices the stand-in is always compiled first)")
+  if devices or tpu is not None:  # before jax starts its backend: CPU stays the default, TPU chips only compile
     jax.config.update("jax_platforms", "cpu")
+  if devices:
     jax.config.update("jax_num_cpu_devices", devices)
-  p = run(cfg, devices, _positive(flags, "hbm_gib", float, V5E_HBM_GIB))
+  if tpu is not None:
+    sys.exit(0 if run_tpu(cfg, tpu, hbm_gib, stand_in_model) else 1)
+  p = run(cfg, devices, hbm_gib)
   sys.exit(0 if p.fits else 1)
 
 

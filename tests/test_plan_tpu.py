@@ -1,0 +1,132 @@
+"""`plan --tpu`: libtpu's compiler builds every program of a run for compile-only v5e chips.
+
+libtpu runs in a fresh process per test (ALLOW_MULTIPLE_LIBTPU_LOAD lets several compile at
+once), so this session's jax keeps its 8 fake CPU devices and never loads the TPU plugin.
+"""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tpu_reason import plan
+from tpu_reason.errors import UserError
+
+# the recipe's mesh, batches, LoRA and sampling at short sequences: the compiler's time grows with them
+SHORT = ("data.max_prompt_tokens=32", "data.max_completion_tokens=32", "data.completion_buckets=[32]",
+         "grpo.max_new_tokens=32")
+PROGRAMS = ("SFT step", "GRPO prefill", "GRPO decode", "GRPO log-probs", "GRPO update")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason='needs the TPU compiler: pip install "tpu_reason[tpu]" (or the test extra)')
+slow = pytest.mark.skipif(os.environ.get("TPU_REASON_SLOW") != "1",
+                          reason="real Gemma-3-1B shapes take minutes per program on 2 cores: set TPU_REASON_SLOW=1")
+
+
+def _plan(*args, **env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "tpu_reason.plan", "--config", "gemma3-1b-it-v5e8.yaml", *args],
+                        capture_output=True, text=True, timeout=3600,
+                        env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", **env})
+
+
+def tpu_rows(stdout: str) -> dict[str, str]:
+  """The TPU table's line of each program, without its name."""
+  table = stdout.split(plan.TPU_HEAD, 1)[1].splitlines()
+  return {line[:16].rstrip(): line[16:] for line in table if line[:16].rstrip() in PROGRAMS}
+
+
+def figures(row: str) -> tuple[dict[str, float], str, int, str]:
+  """(GiB by column, the plan's cell, all-gathers, verdict) of a compiled program's row."""
+  args, outs, temps, total, planned, gathers, verdict = row.split()[:7]
+  gib = {"arguments": float(args), "outputs": float(outs), "temporaries": float(temps), "total": float(total)}
+  return gib, planned, int(gathers), verdict
+
+
+@needs_libtpu
+def test_stand_in_compiles_every_program_and_fits():
+  proc = _plan("--tpu", "v5e-8", "--stand-in", *SHORT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = tpu_rows(proc.stdout)
+  assert tuple(rows) == PROGRAMS
+  got = {name: figures(row) for name, row in rows.items()}
+  for name, (gib, planned, gathers, verdict) in got.items():
+    assert gib["arguments"] > 0 and gib["total"] > 0, (name, rows[name])
+    assert abs(gib["arguments"] + gib["outputs"] + gib["temporaries"] - gib["total"]) <= 0.002, rows[name]
+    assert (planned == "-") == (name == "GRPO log-probs") and (planned == "-" or float(planned) > 0), rows[name]
+    assert gathers > 0, rows[name]  # fsdp=4: every program gathers sharded weights
+    assert verdict == "FIT", rows[name]
+  # beside each program, the analytical total of the phase it belongs to (columns SFT, rollout, train)
+  totals = next(ln for ln in proc.stdout.splitlines() if ln.startswith("total ")).split()[1:]
+  assert [got[n][1] for n in ("SFT step", "GRPO prefill", "GRPO decode", "GRPO update")] == [
+      totals[0], totals[1], totals[1], totals[2]]
+  assert proc.stdout.rstrip().splitlines()[-1].startswith("TPU v5e-8: FIT, peak ")
+  assert "tiny gemma3 stand-in, 15.75 GiB usable per chip" in proc.stdout
+
+
+@needs_libtpu
+def test_compiler_refusal_is_no_fit_with_its_buffer_list(tmp_path):
+  """Held to 4 MiB a chip, the compiler refuses: one reason per program, exit 1, no traceback."""
+  proc = _plan("--tpu", "v5e-8", "--stand-in", "--hbm-gib", "0.004", *SHORT, TPU_LOG_DIR=str(tmp_path))
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  table = proc.stdout.split(plan.TPU_HEAD, 1)[1]
+  refusals = re.findall(r"^(.{16})  NO FIT: (Ran out of memory.*) \(\d+ s\)$", table, re.M)
+  assert [name.strip() for name, _ in refusals] == list(PROGRAMS), table
+  assert all("4.00M" in reason for _, reason in refusals), refusals  # the limit the compiler was held to
+  logs = re.findall(r"libtpu's buffer list: (\S+)", table)
+  assert len(logs) == len(PROGRAMS) and Path(logs[0]).parent == tmp_path, logs
+  log = Path(logs[-1]).read_text(errors="replace")
+  assert log.count("Ran out of memory") >= len(PROGRAMS) and "cumulative_size" in log  # the buffers, by size
+  assert proc.stdout.rstrip().splitlines()[-1].startswith("TPU v5e-8: NO FIT: SFT step; GRPO prefill")
+
+
+def test_bad_tpu_name_is_one_error_line():
+  proc = _plan("--tpu", "v5e-16")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: --tpu must be one of v5e-1, v5e-4, v5e-8, got 'v5e-16'"]
+  proc = _plan("--tpu", "v5e-8", "--devices", "8")
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: --devices (fake CPU devices) and --tpu (the TPU compiler) are exclusive"]
+
+
+def test_without_libtpu_the_error_names_the_extra(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # what a failed import leaves: find_spec sees no libtpu
+  with pytest.raises(UserError, match=r'^--tpu needs the TPU compiler \(libtpu\): pip install "tpu_reason\[tpu\]"$'):
+    plan.tpu_devices("v5e-8")
+
+
+def test_refusal_reason_is_the_compilers_first_line():
+  # both forms libtpu 0.0.42.1 raised in `test_compiler_refusal_is_no_fit_with_its_buffer_list`
+  scheduled = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in "
+               "memory space hbm. Used 9.06M of 8.00M hbm. Exceeded hbm capacity by 1.06M.\n\nTotal hbm usage >= "
+               "267.06M:\n    reserved        258.00M \n")
+  assert plan.refusal(scheduled) == ("Ran out of memory in memory space hbm. Used 9.06M of 8.00M hbm. "
+                                     "Exceeded hbm capacity by 1.06M.")
+  early = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (7.88M) "
+           "exceeds available HBM (4.00M).")
+  assert plan.refusal(early) == early.removeprefix("RESOURCE_EXHAUSTED: ")
+  assert plan.refusal("RESOURCE_EXHAUSTED: something else\nmore") == "RESOURCE_EXHAUSTED: something else"
+
+
+def test_all_gathers_count_sync_ops_and_async_starts():
+  hlo = """
+  %all-gather-start.1 = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(bf16[4,8]{1,0} %p0), dimensions={0}
+  %all-gather-done.1 = bf16[16,8]{1,0} all-gather-done((bf16[4,8]{1,0}, bf16[16,8]{1,0}) %all-gather-start.1)
+  %all-gather.2 = f32[16]{0} all-gather(f32[4]{0} %p1), dimensions={0}
+  %all-reduce.3 = f32[] all-reduce(f32[] %p2), to_apply=%add
+  """
+  assert plan.all_gathers(hlo) == 2
+
+
+@needs_libtpu
+@slow
+def test_real_gemma3_1b_fits_a_v5e_8():
+  proc = _plan("--tpu", "v5e-8")
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  got = {name: figures(row) for name, row in tpu_rows(proc.stdout).items()}
+  assert tuple(got) == PROGRAMS and all(verdict == "FIT" for *_, verdict in got.values())
+  # every program takes the base weights: 1B bf16 params over 8 chips is at least 0.23 GiB a chip
+  assert all(gib["arguments"] >= 0.23 for gib, *_ in got.values()), got
