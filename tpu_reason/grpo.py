@@ -54,7 +54,7 @@ def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, 
           "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float(truncated.mean())}
 
 
-def _policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, chunk, on_policy: bool):
+def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, chunk, on_policy: bool):
   """Clipped surrogate + β·k3 KL over one micro-batch, aggregated as `g.loss`; aux for logging."""
   logp = losses.completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale, dtype=dtype, remat=remat,
                                     chunk=chunk, temperature=g.temperature)
@@ -311,7 +311,7 @@ def jitted(model_cfg, cfg: Config, mesh):
   t = optimizer_cfg(cfg)
   optimizer = train_lib.make_optimizer(t)
   state_sh = train_lib.state_sharding(model_cfg, cfg, optimizer, mesh)
-  loss_fn = functools.partial(_policy_loss, cfg=model_cfg, g=g, lora_scale=scale, dtype=dtype, remat=cfg.model.remat,
+  loss_fn = functools.partial(policy_loss, cfg=model_cfg, g=g, lora_scale=scale, dtype=dtype, remat=cfg.model.remat,
                               chunk=cfg.train.vocab_chunk, on_policy=updates_per_step(g) == 1)
   step_fn = jax.jit(functools.partial(train_lib.step, loss_fn=loss_fn, optimizer=optimizer, accum=t.grad_accum),
                     donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh)))

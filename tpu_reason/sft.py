@@ -34,7 +34,8 @@ def device_batch(batch: dict) -> dict:
   return {k: np.asarray(v) for k, v in batch.items() if k.endswith(("_BxP", "_BxC"))}
 
 
-def _loss(lora, params, batch, *, cfg, lora_scale, dtype, remat, chunk):
+def loss(lora, params, batch, *, cfg, lora_scale, dtype, remat, chunk):
+  """Token-mean NLL of the completions (the SFT objective) and no aux."""
   logp = losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype,
                                     remat=remat, chunk=chunk)
   return losses.sft_loss(logp, batch["completion_mask_BxC"]), {}
@@ -42,7 +43,7 @@ def _loss(lora, params, batch, *, cfg, lora_scale, dtype, remat, chunk):
 
 def _train_step(state: TrainState, params, batch, *, cfg, optimizer, lora_scale, dtype, remat, chunk, accum):
   """One SFT optimizer step over `accum` micro-batches; a non-finite loss/grad skips the update."""
-  loss_fn = functools.partial(_loss, cfg=cfg, lora_scale=lora_scale, dtype=dtype, remat=remat, chunk=chunk)
+  loss_fn = functools.partial(loss, cfg=cfg, lora_scale=lora_scale, dtype=dtype, remat=remat, chunk=chunk)
   return train_lib.step(state, params, batch, loss_fn=loss_fn, optimizer=optimizer, accum=accum)
 
 
