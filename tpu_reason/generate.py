@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import config, models, sampler
+from tpu_reason import config, mesh as mesh_lib, models, sampler
 from tpu_reason.errors import UserError, cli
 
 FLAGS = {"--model": "model.spec", "--max-new-tokens": "sampling.max_new_tokens",
@@ -48,12 +48,14 @@ class Streamer:
 def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> sampler.Generation:
   """Load the model, generate for one prompt, stream text to `out`."""
   model = models.load(cfg.model.spec)
-  params = jax.tree.map(jnp.asarray, model.params)
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  params = mesh_lib.place_params(model.params, model.cfg, mesh, jnp.dtype(cfg.model.dtype))
   text = prompt if raw or not model.tokenizer.chat_template else model.chat_prompt(prompt)
   tokens, mask = sampler.left_pad([model.encode(text)], None, model.tokenizer.pad_token_id or 0)
   stream = Streamer(model.tokenizer, out)
-  gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
-                         sampling=cfg.sampling, chunk=8, on_chunk=stream)
+  with jax.set_mesh(mesh):
+    gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
+                           sampling=cfg.sampling, chunk=8, on_chunk=stream, dtype=jnp.dtype(cfg.model.dtype))
   stream.write(gen.texts[0])
   out.write("\n")
   reason = "eos" if gen.finished[0] else "length cap"

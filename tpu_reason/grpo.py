@@ -28,7 +28,6 @@ from tpu_reason.config import Config, GrpoCfg, SamplingCfg
 from tpu_reason.data import buckets
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
-from tpu_reason.models.transformer import param_shapes
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -297,7 +296,7 @@ def build(cfg: Config) -> Trainer:
                     f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
   dtype = jnp.dtype(cfg.model.dtype)
   params = runs.apply_init(init, model.params)
-  params = mesh_lib.place(params, mesh_lib.shardings(param_shapes(model.cfg), mesh), dtype)
+  params = mesh_lib.place_params(params, model.cfg, mesh, dtype)
   model.params = None  # one copy of the weights: the policy and the reference both read `params`
   optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)
   cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, init=init))  # config.yaml names the resolved init

@@ -117,6 +117,13 @@ def place(tree, shard_tree, dtype=None):
   return jax.tree.map(one, tree, shard_tree)
 
 
+def place_params(params, model_cfg, mesh: Mesh, dtype=None):
+  """A model's base weights sharded by the table, cast on the host, each device given its block."""
+  from tpu_reason.models.transformer import param_shapes
+
+  return place(params, shardings(param_shapes(model_cfg), mesh), dtype)
+
+
 put = place  # tests and older call sites
 
 

@@ -21,7 +21,6 @@ import numpy as np
 from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, models, runs
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import param_shapes
 
 
 @dataclasses.dataclass
@@ -95,7 +94,7 @@ def load(spec: str, dtype: str = "float32") -> Policy:
 def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:
   """(params in `dtype`, lora) as device arrays sharded by the one table in mesh.py."""
   cfg = policy.model.cfg
-  params = mesh_lib.place(policy.model.params, mesh_lib.shardings(param_shapes(cfg), mesh), jnp.dtype(dtype))
+  params = mesh_lib.place_params(policy.model.params, cfg, mesh, jnp.dtype(dtype))
   if policy.lora is None:
     return params, None
   return params, mesh_lib.place(policy.lora, mesh_lib.shardings(lora_lib.shapes(cfg, policy.lora_cfg), mesh))

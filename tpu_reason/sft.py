@@ -26,7 +26,6 @@ from tpu_reason.config import Config, TrainCfg
 from tpu_reason.data import buckets
 from tpu_reason.data.prepare import prepare
 from tpu_reason.errors import UserError, cli
-from tpu_reason.models.transformer import param_shapes
 
 
 def device_batch(batch: dict) -> dict:
@@ -162,7 +161,7 @@ def build(cfg: Config) -> Trainer:
   mesh = mesh_lib.make_mesh(cfg.mesh)
   check_micro_batch(cfg.train, mesh.shape["fsdp"])
   dtype = jnp.dtype(cfg.model.dtype)
-  params = mesh_lib.place(model.params, mesh_lib.shardings(param_shapes(model.cfg), mesh), dtype)
+  params = mesh_lib.place_params(model.params, model.cfg, mesh, dtype)
   model.params = None  # the host copy is no longer needed: keep one copy of the weights
   optimizer = make_optimizer(cfg.train)
   step_fn, state_sh = jit_train_step(cfg, model.cfg, optimizer, mesh)

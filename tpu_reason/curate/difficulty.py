@@ -154,13 +154,17 @@ def verdicts(records: Sequence[Record], strata: Sequence[str], baselines: Sequen
 class ModelSolver:
   """Poses batches of questions to one model at a few fixed shapes; counts outcome-reward hits of k samples."""
 
-  def __init__(self, model, schema: TagSchema, *, system_prompt: str, sampling, k: int, batch_size: int):
+  def __init__(self, model, schema: TagSchema, *, system_prompt: str, sampling, k: int, batch_size: int,
+               mesh=None):
     import jax
-    import jax.numpy as jnp
+
+    from tpu_reason import mesh as mesh_lib
+    from tpu_reason.config import MeshCfg
 
     self.model, self.schema, self.system_prompt = model, schema, system_prompt
     self.sampling, self.k, self.batch_size = sampling, k, batch_size
-    self.params = jax.tree.map(jnp.asarray, model.params)
+    self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(MeshCfg(fsdp=1, tp=1), jax.devices()[:1])
+    self.params = mesh_lib.place_params(model.params, model.cfg, self.mesh)
     self.pad = pad_id(model)
     self.calls = 0
 
@@ -178,9 +182,10 @@ class ModelSolver:
     tokens, mask = sampler.left_pad(ids + [ids[0]] * (self.batch_size - len(ids)), width, self.pad)
     key = jax.random.fold_in(jax.random.key(self.sampling.seed), self.calls)
     self.calls += 1
-    gen = sampler.generate(self.params, self.model.cfg, self.model.tokenizer, tokens, mask,
-                           eos_ids=self.model.eos_ids, sampling=self.sampling, key=key, group=self.k,
-                           stop_strings=self.schema.stop_strings)
+    with jax.set_mesh(self.mesh):  # on a TPU mesh each chip decodes its own rows
+      gen = sampler.generate(self.params, self.model.cfg, self.model.tokenizer, tokens, mask,
+                             eos_ids=self.model.eos_ids, sampling=self.sampling, key=key, group=self.k,
+                             stop_strings=self.schema.stop_strings)
     n = len(records) * self.k  # rows are prompt-major: prompt b's samples are rows b*k .. b*k+k-1
     texts = [self.schema.primer + t for t in gen.texts[:n]]
     answers = [r.answer for r in records for _ in range(self.k)]

@@ -21,7 +21,7 @@ import pathlib
 import time
 from collections.abc import Sequence
 
-from tpu_reason import config, models, tags
+from tpu_reason import config, mesh as mesh_lib, models, tags
 from tpu_reason.config import Config, SamplingCfg
 from tpu_reason.curate import difficulty, diversity, quality
 from tpu_reason.curate.report import CurateReport, StageCount, length_summary, plot
@@ -100,7 +100,7 @@ def _solver_factory(cfg: Config, train_model, schema):
   def make_solver(spec: str) -> difficulty.Solver:
     model = train_model if spec == cfg.model.spec else models.load(spec)
     return difficulty.ModelSolver(model, schema, system_prompt=cfg.data.system_prompt, sampling=sampling, k=c.k,
-                                  batch_size=c.batch_size)
+                                  batch_size=c.batch_size, mesh=mesh_lib.make_mesh(cfg.mesh))
 
   return make_solver
 
