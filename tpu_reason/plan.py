@@ -279,7 +279,7 @@ def laid_out(tree, shardings):
 def rows_over_fsdp(tree, mesh):
   """ShapeDtypeStructs of `tree`: every leaf's rows over fsdp, as the trainers place batches; scalars replicated."""
   def one(x):
-    sharding = mesh_lib.batch_sharding(mesh, x.ndim) if x.ndim else mesh_lib.replicated(mesh)
+    sharding = mesh_lib.rows_sharding(mesh, x.shape)  # replicated where fsdp does not divide the rows
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   return jax.tree.map(one, tree)
@@ -299,7 +299,7 @@ def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowe
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
   params = full_tree(param_shapes(model_cfg), jnp.dtype(cfg.model.dtype), mesh)
   batch = abstract_batch(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
-                         mesh_lib.batch_sharding(mesh, 2))
+                         mesh_lib.rows_sharding(mesh, (cfg.train.batch_size, 1)))
   # the forward's sharding constraints read the context mesh; eager work (above) must stay outside it
   with jax.set_mesh(mesh):
     return step.lower(state, params, batch)
@@ -351,7 +351,7 @@ def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.st
   params = full_tree(param_shapes(model_cfg), dtype, mesh)
   table = lora_lib.shapes(model_cfg, cfg.lora)
   lora = laid_out(train_lib.abstract_lora(table), mesh_lib.shardings(table, mesh))  # TrainState.lora's layout
-  prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, mesh_lib.batch_sharding(mesh, 2))
+  prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, mesh_lib.rows_sharding(mesh, (g.prompts, 1)))
   tokens, mask = prompt["prompt_tokens_BxP"], prompt["prompt_mask_BxP"]
   cache, first, next_pos = jax.eval_shape(functools.partial(sampler.prefill, cfg=model_cfg, dtype=dtype),
                                           params, lora, scale, tokens, mask)
