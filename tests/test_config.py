@@ -1,6 +1,7 @@
 """Tests for tpu_reason.config: defaults, recipes, overrides, validation, dump/load, argv."""
 
 import dataclasses
+import importlib.resources
 import pathlib
 
 import pytest
@@ -10,7 +11,8 @@ from tpu_reason import config, mesh, models
 from tpu_reason.config import Config, DataCfg, LoraCfg, MeshCfg, ModelCfg, SamplingCfg
 from tpu_reason.errors import UserError
 
-RECIPES = sorted((pathlib.Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+RECIPES_DIR = pathlib.Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
 def test_defaults_build():
@@ -51,9 +53,34 @@ def test_every_recipe_loads(path):
     assert (cfg.train.batch_size // cfg.train.grad_accum) % cfg.mesh.fsdp == 0
 
 
-def test_recipe_found_by_bare_name(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)  # not next to recipes/: the bare name falls back to RECIPES
-  assert config.load(Config, "smollm2-135m-cpu.yaml") == config.load(Config, config.RECIPES / "smollm2-135m-cpu.yaml")
+def test_recipes_are_the_package_resource():
+  # tpu_reason.recipes (pyproject.toml maps the repo's recipes/ in): what an installed wheel finds
+  assert config.RECIPES == pathlib.Path(str(importlib.resources.files("tpu_reason.recipes")))
+  assert config.recipe_names() == [p.stem for p in RECIPES]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-cpu", "smollm2-135m-cpu.yaml", "recipes/smollm2-135m-cpu.yaml"])
+def test_recipe_found_by_name_anywhere(tmp_path, monkeypatch, name):
+  monkeypatch.chdir(tmp_path)  # no recipes/ here: the packaged recipe of that name
+  assert config.recipe_path(name) == config.RECIPES / "smollm2-135m-cpu.yaml"
+  assert config.load(Config, name) == config.load(Config, config.RECIPES / "smollm2-135m-cpu.yaml")
+
+
+def test_a_file_wins_over_a_packaged_recipe_of_the_same_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  pathlib.Path("smollm2-135m-cpu.yaml").write_text("lora:\n  rank: 3\n")
+  assert config.load(Config, "smollm2-135m-cpu.yaml").lora.rank == 3
+  assert config.load(Config, "smollm2-135m-cpu").lora.rank == 16  # no such file: the packaged one
+
+
+def test_list_recipes(capsys):
+  with pytest.raises(SystemExit) as e:
+    config.parse_args(Config, ["--list-recipes"])
+  assert e.value.code == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split()[0] for line in lines] == [p.stem for p in RECIPES]
+  default = next(line for line in lines if line.startswith("smollm2-135m-cpu "))
+  assert default.split(None, 1)[1] == (RECIPES_DIR / "smollm2-135m-cpu.yaml").read_text().splitlines()[0][2:]
 
 
 def test_default_recipe_contents():
@@ -214,12 +241,13 @@ def test_parse_args_errors_and_help():
     config.parse_args(Config, ["--config", "--model", "x"], {"--model": "model.spec"})
   with pytest.raises(UserError, match="unknown flag --verbose"):
     config.parse_args(Config, ["--verbose"])
-  with pytest.raises(UserError, match="recipe not found"):
+  with pytest.raises(UserError, match="recipe not found: no-such-recipe.yaml .*packaged recipes: .*smollm2-135m-cpu"):
     config.parse_args(Config, ["--config", "no-such-recipe.yaml"])
   with pytest.raises(SystemExit) as e:
     config.parse_args(Config, ["--help"], {"--model": "model.spec"})
   usage = str(e.value.code)
   assert "[--model ...]" in usage and "lora.rank = 16" in usage and "sampling.top_p = 1.0" in usage
+  assert "--list-recipes" in usage and "smollm2-135m-cpu" in usage
 
 
 def test_output_dir():

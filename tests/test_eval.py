@@ -6,14 +6,19 @@ tokenizer) on 4 rows with a few new tokens; one test runs the embedded SmolLM2-1
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tpu_reason import eval as eval_cli, evaluate, sampler, tags
-from tpu_reason.config import SamplingCfg
+from tests.conftest import write_run
+from tpu_reason import config, eval as eval_cli, evaluate, sampler, tags
+from tpu_reason.config import Config, SamplingCfg
+from tpu_reason.curate.quality import question_tokens
+from tpu_reason.data.prepare import split_records
 
 REASONING = tags.get_schema("reasoning")
+FIXTURES = Path(__file__).parent / "fixtures"
 
 # Two prompts, three samples each (prompt-major), with every reward worked out by hand.
 GOLDS = ["5", "17"]
@@ -214,7 +219,8 @@ def test_compare_base_and_run_in_one_table(tmp_path, rows_file, tiny_run, capsys
 
 @pytest.mark.parametrize("args, message", [
     (["eval.k=2"], "samples of greedy decoding are identical"),
-    (["--compare", "tiny-llama"], "--compare needs two models"),
+    (["--compare", "tiny-llama"], "--compare needs two or more models"),
+    (["--compare", "tiny-llama", "eval.k=1"], "--compare needs two or more models"),  # an override is no model
     (["--model", "tiny-llama", "--compare", "a", "b"], "give one model"),
     (["data.path=/nope.jsonl"], "data.path not found"),
 ])
@@ -259,3 +265,90 @@ def test_embedded_model_eval_greedy_matches_direct_generation(smollm2_tiny_batch
   assert [s["tokens"] for s in samples] == gen.lengths.tolist()
   result = json.loads((out / "eval.json").read_text())
   assert result["unclosed_rate"] == np.mean([not REASONING.parse(s["completion"]).closed_reasoning for s in samples])
+
+
+# --------------------------------------------------------------------------- rows and models from the CLI
+
+
+def test_compare_three_models_in_one_table(tmp_path, rows_file, tiny_run, capsys):
+  run_a, _ = tiny_run
+  run_b, _ = write_run(tmp_path / "tiny-run-b", seed=1)
+  out = _run(tmp_path, rows_file, model=("--compare", "tiny-llama", str(run_a), str(run_b)))
+  models = json.loads((out / "compare.json").read_text())["models"]
+  assert list(models) == ["tiny-llama", "tiny-run", "tiny-run-b"]
+  completions = [[s["completion"] for s in _samples(out / name / "samples.jsonl")] for name in models]
+  assert len({tuple(c) for c in completions}) == 3  # three different models, each on the same 4 rows
+  lines = capsys.readouterr().out.splitlines()
+  header = next(line for line in lines if "tiny-run-b" in line)
+  assert header.split() == ["tiny-llama", "tiny-run", "tiny-run-b"]
+  accuracy = next(line for line in lines if line.startswith("accuracy"))
+  assert accuracy.split()[1:] == [f"{models[m]['accuracy']:.3f}" for m in models]
+
+
+def test_markdown_table_has_a_column_per_model():
+  columns = {"base": {"model": "x", "n": 4, "accuracy": 0.25, "forced": {}}, "sft": {"n": 4, "accuracy": 0.5}}
+  lines = eval_cli.markdown_table(columns).splitlines()
+  assert lines[:2] == ["| | base | sft |", "|---|---|---|"]
+  assert lines[2:] == ["| n | 4 | 4 |", "| accuracy | 0.250 | 0.500 |"]  # ROWS order; no text or nested values
+
+
+@pytest.mark.parametrize("fixture, kind", [("gsm8k.jsonl", "gsm8k"), ("teacher.jsonl", "teacher"),
+                                           ("s1k.jsonl", "s1k"), ("dolphin_r1.jsonl", "dolphin_r1")])
+def test_data_file_layout_is_recognised(fixture, kind):
+  rest, specs, data_file = eval_cli.split_args(["--data", str(FIXTURES / fixture), "--model", "m"])
+  assert f"data.source={kind}" in rest and f"data.path={FIXTURES / fixture}" in rest
+  assert specs == ["m"] and data_file
+
+
+def test_data_file_layout_yields_to_an_explicit_source(rows_file):
+  assert "data.source=jsonl" in eval_cli.split_args(["--data", str(rows_file)])[0]  # plain question/answer rows
+  rest, _, _ = eval_cli.split_args(["data.source=jsonl", "--data", str(FIXTURES / "gsm8k.jsonl")])
+  assert [a for a in rest if a.startswith("data.source=")] == ["data.source=jsonl"]
+
+
+def test_gsm8k_file_scores_the_number_after_the_hashes(tmp_path):
+  out = _run(tmp_path, FIXTURES / "gsm8k.jsonl")
+  samples = _samples(out / "samples.jsonl")
+  # the number after "####", not the worked solution; the row without "####" is dropped as GSM8K's loader does
+  assert [s["gold"] for s in samples] == ["72", "10", "5000"]
+
+
+def _teacher_row(row_id: str, prompt: str, answer: str) -> dict:
+  chosen = f"<reasoning>{prompt} so {answer}</reasoning><answer>{answer}</answer>"
+  return {"id": row_id, "prompt": prompt, "chosen": chosen, "metadata": {"final_answer": answer}}
+
+
+@pytest.fixture
+def leaky_file(tmp_path):
+  """A teacher file whose held-out tail repeats training rows: by id, and by question up to case and punctuation."""
+  rows = [_teacher_row(f"r{i}", f"What is {i} plus {i}?", str(2 * i)) for i in range(8)]
+  rows += [_teacher_row("copy-of-r1", "what is 1 PLUS 1", "2"),  # another id, the same normalised question
+           _teacher_row("r2", "What is two plus two?", "4"),  # a training row's id on another question
+           _teacher_row("fresh-1", "What is 20 plus 22?", "42"),
+           _teacher_row("fresh-2", "What is 30 plus 3?", "33")]
+  path = tmp_path / "teacher.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_a_file_source_with_nothing_held_out_is_one_error_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    eval_cli.main(["--model", "tiny-llama", "--out", str(tmp_path), "data.source=gsm8k",
+                   f"data.path={FIXTURES / 'gsm8k.jsonl'}", "data.eval_size=0"])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and err.startswith("error: no rows to evaluate") and "--data" in err and "\n" not in err
+
+
+def test_eval_on_a_file_source_never_sees_a_training_row(tmp_path, leaky_file, capsys):
+  overrides = ["data.source=teacher", f"data.path={leaky_file}", "data.eval_size=4", "data.size=100"]
+  cfg = config.load(Config, None, overrides)
+  train = split_records(cfg.data).train
+  rows = eval_cli.eval_records(cfg.data)
+  assert [r.id for r in rows] == ["fresh-1", "fresh-2"]
+  assert not {r.id for r in rows} & {r.id for r in train}
+  assert not {question_tokens(r.prompt) for r in rows} & {question_tokens(r.prompt) for r in train}
+  assert "in_train': 2" in capsys.readouterr().out
+  # the CLI without --data scores that held-out split, not the training file
+  out = tmp_path / "out"
+  eval_cli.main(["--model", "tiny-llama", "--out", str(out), *TINY_ARGS, *overrides])
+  assert [s["id"] for s in _samples(out / "samples.jsonl")] == ["fresh-1", "fresh-2"]

@@ -1,13 +1,16 @@
 """Nested frozen dataclass configs, YAML recipes and `a.b=value` overrides.
 
-Every CLI: `--config recipes/X.yaml key.sub=value ...`. Unknown keys and bad values
-are `UserError`s (one line, no traceback); the resolved config is printed and saved.
+Every CLI: `--config NAME|FILE.yaml key.sub=value ...`. NAME is a recipe shipped inside the
+package (`tpu_reason.recipes`, the repo's recipes/ folder mapped in by pyproject.toml), so
+it works from an installed wheel anywhere; `--list-recipes` lists them. Unknown keys and bad
+values are `UserError`s (one line, no traceback); the resolved config is printed and saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.resources
 import json
 import types
 import typing
@@ -18,7 +21,16 @@ import yaml
 
 from tpu_reason.errors import UserError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+def _recipes_dir() -> Path:
+  """The packaged recipes: `tpu_reason.recipes` in a wheel or an editable install."""
+  try:
+    return Path(str(importlib.resources.files("tpu_reason.recipes")))
+  except ModuleNotFoundError:  # a source tree on PYTHONPATH that was never pip-installed
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+RECIPES = _recipes_dir()
 DEFAULT_SYSTEM_PROMPT = "Think step by step inside the reasoning tags, then give only the final answer inside the answer tags."
 
 
@@ -160,7 +172,7 @@ class EvalCfg:
 
   k: int = 1  # samples per prompt (pass@k, maj@k); k > 1 needs sampling.temperature > 0
   batch_size: int = 16  # prompts per generation call, each decoded k times
-  limit: int = 0  # file sources: first N rows (0 = all); reasoning-gym: data.eval_size rows at data.eval_seed
+  limit: int = 0  # first N rows of the --data file or of the held-out split (0 = all)
   show: int = 2  # completions printed per model and setting
 
   def __post_init__(self):
@@ -390,15 +402,35 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def recipe_names() -> list[str]:
+  """The packaged recipes, as `--config NAME` takes them."""
+  return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(config: str | Path) -> Path:
+  """A YAML file as given, else the packaged recipe of that name (`smollm2-135m-cpu`, `recipes/X.yaml`)."""
+  path = Path(config)
+  if path.is_file():
+    return path
+  packaged = RECIPES / (path.name if path.name.endswith(".yaml") else f"{path.name}.yaml")
+  if packaged.is_file():
+    return packaged
+  raise UserError(f"recipe not found: {config} (a YAML file, or one of the packaged recipes: {', '.join(recipe_names())})")
+
+
+def recipe_list() -> str:
+  """One line per packaged recipe: its name and the comment it opens with."""
+  names = recipe_names()
+  width = max(map(len, names), default=0)
+  heads = ((RECIPES / f"{n}.yaml").read_text().split("\n", 1)[0] for n in names)
+  return "\n".join(f"{n:<{width}}  {h.removeprefix('#').strip()}" for n, h in zip(names, heads))
+
+
 def load(cls, config: str | Path | None = None, overrides: list[str] = ()):
   """Defaults <- recipe YAML <- `a.b=value` overrides, validated."""
   tree: dict = {}
   if config:
-    path = Path(config)
-    if not path.exists() and (RECIPES / path.name).exists():
-      path = RECIPES / path.name
-    if not path.exists():
-      raise UserError(f"recipe not found: {config}")
+    path = recipe_path(config)
     try:
       tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -444,6 +476,9 @@ def parse_args(cls, argv: list[str], extra: dict[str, str] | None = None):
         flags[extra[name].rstrip("?")] = value
     elif arg in ("-h", "--help"):
       raise SystemExit(_usage(cls, extra))
+    elif arg == "--list-recipes":
+      print(recipe_list())
+      raise SystemExit(0)
     elif arg.startswith("--") and "=" not in arg:
       raise UserError(f"unknown flag {arg}; use --config FILE and key.sub=value overrides")
     else:
@@ -453,7 +488,8 @@ def parse_args(cls, argv: list[str], extra: dict[str, str] | None = None):
 
 def _usage(cls, extra: dict[str, str]) -> str:
   flags = "".join(f" [{f} ...]" for f in extra)
-  lines = [f"usage:{flags} [--config recipes/X.yaml] [key.sub=value ...]", "", "keys (default):"]
+  lines = [f"usage:{flags} [--config NAME|FILE.yaml] [key.sub=value ...] | --list-recipes", "",
+           f"packaged recipes (--config NAME): {', '.join(recipe_names())}", "", "keys (default):"]
   lines += [f"  {k} = {v!r}" for k, v in flatten(to_dict(cls())).items()]
   return "\n".join(lines)
 

@@ -1,17 +1,21 @@
-"""`python -m tpu_reason.eval --model SPEC_OR_RUN_DIR --data FILE.jsonl [key=value ...]`: score a model.
+"""`python -m tpu_reason.eval --model SPEC_OR_RUN_DIR [--data FILE.jsonl] [key=value ...]`: score a model.
 
 The model is a spec (`smollm2-135m`, a GGUF, a Hugging Face dir) or a training run /
 checkpoint directory (base model from its config, LoRA from its best, else latest,
 checkpoint; the run's config.yaml is then the recipe, so prompts use the schema and system
-prompt it trained on). Rows come from `--data FILE.jsonl` (`question` or `prompt`, `answer`,
-optional `checkpoints`; `eval.limit` caps them) or, without it, from reasoning-gym
-`data.task` at `data.eval_seed` (`data.eval_size` rows: the held-out split SFT uses).
+prompt it trained on). Rows come from `--data FILE` (JSONL or parquet, read whole; its
+layout is recognised from its first row: GSM8K `question` / `answer` with `#### N`, the
+teacher format, s1K, dolphin-r1, else a table of `question` or `prompt`, `answer`, optional
+`checkpoints`; `data.source=...` overrides) or, without it, from the held-out split the
+trainers hold out of `data.*` (reasoning-gym `data.task` at `data.eval_seed`; a file's last
+`data.eval_size` rows), minus any row whose id or normalised question is a training row's.
+`eval.limit` keeps the first N rows.
 
 Greedy by default; `eval.k=4 sampling.temperature=0.7` draws 4 samples per prompt (the
 prompt is prefilled once) for pass@k and maj@k. With `budget.max_thinking_tokens` or
 `budget.extend` set, every model runs twice, plain and budget-forced, so the cost and gain
-of forcing show side by side. `--compare A B` evaluates two models on the same rows in one
-run and prints one table. `redact_thoughts=true` writes reasoning as its length only.
+of forcing show side by side. `--compare A B [C ...]` evaluates every model on the same rows
+in one run and prints one table. `redact_thoughts=true` writes reasoning as its length only.
 
 Writes to `output_dir` (default runs/eval-<time>): config.yaml, eval.json (metrics; the
 forced run under "forced") and samples.jsonl (every prompt, completion, parsed answer and
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -29,7 +34,8 @@ from pathlib import Path
 from tpu_reason import config, mesh as mesh_lib, policy, tags
 from tpu_reason import budget as budget_lib, evaluate
 from tpu_reason.config import Config, DataCfg
-from tpu_reason.data.prepare import GENERATED_SOURCES, load_records
+from tpu_reason.data.prepare import load_records, split_records
+from tpu_reason.data.sources import file_kind
 from tpu_reason.errors import UserError, cli
 
 FLAGS = {"--model": "model", "--compare": "compare", "--data": "data", "--out": "output_dir", "--k": "eval.k",
@@ -49,16 +55,27 @@ def _flag_value(argv: list[str], i: int) -> tuple[str, int]:
   return argv[i + 1], i + 2
 
 
-def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
-  """(config argv, model specs): pulls out --model X and --compare A B; --data and --out become keys."""
-  rest, specs, i = [], [], 0
+def _models(args: list[str]) -> list[str]:
+  """The model specs at the head of args: up to the next flag or key=value override."""
+  return list(itertools.takewhile(lambda a: not a.startswith("--") and "=" not in a, args))
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str], bool]:
+  """(config argv, model specs, whether --data names the rows): pulls out --model X, --compare A B ...
+
+  --out becomes output_dir; --data FILE becomes data.path, and data.source the layout of the
+  file's first row unless data.source is given.
+  """
+  rest, specs, given, data_file, i = [], [], [], False, 0
+  chosen_source = any(a.removeprefix("--").startswith("data.source=") for a in argv)
   while i < len(argv):
     name = argv[i].split("=", 1)[0]
     if name == "--compare":
-      if i + 2 >= len(argv) or any(a.startswith("--") for a in argv[i + 1:i + 3]):
-        raise UserError("--compare needs two models: --compare A B")
-      specs += argv[i + 1:i + 3]
-      i += 3
+      models = _models(argv[i + 1:])
+      if len(models) < 2:
+        raise UserError("--compare needs two or more models: --compare A B [C ...]")
+      specs += models
+      i += 1 + len(models)
     elif name == "--model":
       spec, i = _flag_value(argv, i)
       specs.append(spec)
@@ -67,26 +84,30 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
       rest.append(f"output_dir={path}")
     elif name == "--data":
       path, i = _flag_value(argv, i)
-      rest += [f"data.source={'parquet' if path.endswith('.parquet') else 'jsonl'}", f"data.path={path}"]
+      rest += [f"data.path={path}"] + ([] if chosen_source else [f"data.source={file_kind(path)}"])
+      data_file = True
     else:
       rest.append(argv[i])
       i += 1
-  if len(specs) > 2:
-    raise UserError("give one model (--model X) or two (--compare A B), not both")
-  return rest, specs
+    given += [name] if name in ("--model", "--compare") else []
+  if len(given) > 1:
+    raise UserError("give one model (--model X) or several (--compare A B ...), once")
+  return rest, specs, data_file
 
 
-def eval_records(data: DataCfg, limit: int = 0) -> list:
-  """The rows to evaluate: a whole file (first `limit`), or reasoning-gym's held-out seed."""
-  if data.source in GENERATED_SOURCES:
-    records, report = load_records(data, seed=data.eval_seed, size=data.eval_size)
-  else:
+def eval_records(data: DataCfg, limit: int = 0, data_file: bool = False) -> list:
+  """The rows to evaluate (first `limit`): a --data file whole, else the held-out split the trainers leave out."""
+  if data_file:
     records, report = load_records(data, seed=data.seed, size=data.size)
-    records = records[:limit] if limit else records
-  print(report)
+    where = str(report)
+  else:
+    splits = split_records(data)
+    records = splits.eval
+    where = f"held-out split of {splits.eval_source}: {len(records)} rows (dropped: {splits.eval_dropped})"
+  print(where)
   if not records:
-    raise UserError(f"no rows to evaluate: {report}")
-  return records
+    raise UserError(f"no rows to evaluate: {where}; set data.eval_size or give --data FILE")
+  return records[:limit] if limit else records
 
 
 def labels(specs: list[str]) -> list[str]:
@@ -100,16 +121,27 @@ def labels(specs: list[str]) -> list[str]:
   return out
 
 
+def _rows(columns: dict[str, dict]) -> list[tuple[str, list[str]]]:
+  """(metric label, a cell per column): ROWS in order, then any other numeric metric (budget counters)."""
+  numbers = {k for m in columns.values() for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  keys = [k for k in ROWS if k in numbers]
+  keys += sorted(numbers - set(keys) - {"seconds", "tokens_per_second"})
+  k = next(iter(columns.values())).get("k", 1)
+  return [(key.replace("@k", f"@{k}"), [_cell(key, m.get(key)) for m in columns.values()]) for key in keys]
+
+
 def table(columns: dict[str, dict]) -> str:
   """One text table: a column per (model, setting), a row per metric."""
-  keys = [k for k in ROWS if any(k in m for m in columns.values())]
-  keys += sorted({k for m in columns.values() for k in m} - set(keys) - {"seconds", "tokens_per_second"})
   width = max(12, *(len(c) + 2 for c in columns))
-  k = next(iter(columns.values())).get("k", 1)
   lines = [f"{'':<24}" + "".join(f"{c:>{width}}" for c in columns)]
-  for key in keys:
-    cells = (_cell(key, m.get(key)) for m in columns.values())
-    lines.append(f"{key.replace('@k', f'@{k}'):<24}" + "".join(f"{c:>{width}}" for c in cells))
+  lines += [f"{label:<24}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in _rows(columns)]
+  return "\n".join(lines)
+
+
+def markdown_table(columns: dict[str, dict]) -> str:
+  """The same table in Markdown (the notebook's results)."""
+  lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in _rows(columns)]
   return "\n".join(lines)
 
 
@@ -167,12 +199,15 @@ def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tu
   return result, all_samples, columns
 
 
-def run(cfg: Config, specs: list[str]) -> dict[str, dict]:
-  """Evaluate each model on the same rows; write eval.json + samples.jsonl per model; print one table."""
+def run(cfg: Config, specs: list[str], data_file: bool = False) -> dict[str, dict]:
+  """Evaluate each model on the same rows; write eval.json + samples.jsonl per model; print one table.
+
+  The rows are the held-out split of `cfg.data`, or all of `data.path` with `data_file` (--data).
+  """
   if cfg.eval.k > 1 and cfg.sampling.temperature == 0:
     raise UserError(f"eval.k={cfg.eval.k} samples of greedy decoding are identical: set sampling.temperature > 0")
   evaluate.budget_kwargs(cfg.budget, tags.get_schema(cfg.data.schema))  # unsupported forcing fails before any work
-  records = eval_records(cfg.data, cfg.eval.limit)  # before any model loads: bad data fails fast
+  records = eval_records(cfg.data, cfg.eval.limit, data_file)  # before any model loads: bad data fails fast
   out = output_dir(cfg)
   config.save(cfg, out)
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -192,9 +227,9 @@ def run(cfg: Config, specs: list[str]) -> dict[str, dict]:
 
 @cli
 def main(argv: list[str] | None = None):
-  argv, specs = split_args(sys.argv[1:] if argv is None else argv)
+  argv, specs, data_file = split_args(sys.argv[1:] if argv is None else argv)
   cfg, _ = config.parse_args(Config, policy.with_run_config(argv, specs), FLAGS)
-  run(cfg, specs or [cfg.model.spec])
+  run(cfg, specs or [cfg.model.spec], data_file)
 
 
 if __name__ == "__main__":

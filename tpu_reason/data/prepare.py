@@ -4,8 +4,9 @@ Train and eval come from the same source:
   * reasoning_gym: train = (task, seed, size), eval = (task, eval_seed, eval_size);
   * file sources: eval = the last eval_size rows, train = `size` of the rest
     (a seeded sample in file order when there are more).
-Eval rows whose id (a hash of the prompt) also occurs in train are dropped
-(`in_train`), so eval scores are never measured on trained prompts.
+Eval rows whose id or normalised question (`curate.quality.question_tokens`: case,
+spacing and punctuation ignored) also occurs in train are dropped (`in_train`), so eval
+scores are never measured on trained prompts, even when a file repeats a question.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from tpu_reason import tags
 from tpu_reason.config import DataCfg
+from tpu_reason.curate.quality import question_tokens
 from tpu_reason.data import sources
 from tpu_reason.data.buckets import DataReport, Example, build_examples, build_prompts
 from tpu_reason.data.sources import LoadReport, Record
@@ -78,6 +80,12 @@ def split_file_records(
   return [pool[i] for i in keep], held_out, len(pool) - size
 
 
+def held_out(evals: Sequence[Record], train: Sequence[Record]) -> list[Record]:
+  """The eval rows that share neither an id nor a normalised question with any training row."""
+  ids, questions = {r.id for r in train}, {question_tokens(r.prompt) for r in train}
+  return [r for r in evals if r.id not in ids and question_tokens(r.prompt) not in questions]
+
+
 @dataclasses.dataclass
 class Splits:
   """Train and eval records, and the rows each split lost before tokenization."""
@@ -105,8 +113,7 @@ def split_records(data: DataCfg) -> Splits:
     train, evals, over = split_file_records(records, size=data.size, eval_size=data.eval_size, seed=data.seed)
     train_dropped.update(held_out_eval=len(evals), over_size=over)
     eval_source, eval_dropped = f"{loaded.source} (last {len(evals)} rows)", {}
-  train_ids = {r.id for r in train}
-  fresh = [r for r in evals if r.id not in train_ids]
+  fresh = held_out(evals, train)
   eval_dropped["in_train"] = len(evals) - len(fresh)
   return Splits(train, fresh, loaded.source, eval_source, train_dropped, eval_dropped)
 

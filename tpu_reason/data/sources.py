@@ -533,6 +533,33 @@ def load_table(
   return _collect(str(path), rows, lambda r: _table_record(r, fields, domain), strict)
 
 
+# ------------------------------------------------------------- detection
+
+
+def row_kind(row: Row) -> str | None:
+  """The loader a row's own fields call for (teacher, gsm8k, s1k, dolphin_r1), or None for a plain table."""
+  if "prompt" in row and "chosen" in row:
+    return "teacher"
+  if "messages" in row and "reasoning" in row:
+    return "dolphin_r1"
+  if any(k in row for k in _TRAJECTORY_KEYS):
+    return "s1k"
+  if isinstance(row.get("question"), str) and isinstance(row.get("answer"), str) and "####" in row["answer"]:
+    return "gsm8k"
+  return None
+
+
+def file_kind(path: str | pathlib.Path) -> str:
+  """The source kind of a local JSONL / parquet file, from its first row; jsonl / parquet when unsure."""
+  table = "parquet" if str(path).endswith(".parquet") else "jsonl"
+  if not pathlib.Path(path).is_file():
+    return table  # the loader reports the missing file
+  first = next(iter(read_rows(path)), None)
+  if first is None or isinstance(first[1], _Skip):
+    return table
+  return row_kind(first[1]) or table
+
+
 # ------------------------------------------------------------- dispatcher
 
 LOADERS: dict[str, Callable[..., tuple[list[Record], LoadReport]]] = {
