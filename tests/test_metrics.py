@@ -21,3 +21,19 @@ def test_plot_lays_panels_in_rows_and_skips_missing_keys(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert rows[-2] == {"step": 20, "split": "train", "reward": 5.0}
   assert log.plot([("train", "absent")], "none.png", "t") is None
+
+
+def test_truncate_drops_rows_a_resumed_run_logs_again(tmp_path):
+  log = MetricsLog(tmp_path)
+  log.log(0, {"eval_loss": 2.0}, "eval")
+  for step in (1, 2, 3):  # killed after step 3, last checkpoint at step 2
+    log.log(step, {"loss": float(step)})
+  log.log(2, {"eval_loss": 1.5}, "eval")
+  log.truncate(2)
+  assert [(r["split"], r["step"]) for r in log.history()] == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
+  log.truncate(0)  # a fresh start (train.resume=none) measures everything again
+  assert log.history() == []
+  quiet = MetricsLog(tmp_path / "other", write=False)  # not process 0 of a multi-host run
+  quiet.log(1, {"loss": 1.0})
+  quiet.truncate(0)
+  assert not (tmp_path / "other").exists()

@@ -433,22 +433,26 @@ def test_interrupted_run_resumes_exactly(trainer, straight_run, tmp_path, monkey
   assert meta_a["data_position"] == meta_b["data_position"] == 4
 
 
-def test_run_stops_after_max_nonfinite_steps(trainer, compile_history, tmp_path, monkeypatch):
+def test_run_stops_after_max_nonfinite_steps_on_its_last_checkpoint(trainer, compile_history, tmp_path, monkeypatch):
   out = tmp_path / "run"
   cfg = dataclasses.replace(trainer.cfg, output_dir=str(out),
-                            train=dataclasses.replace(trainer.cfg.train, max_nonfinite=2))
+                            train=dataclasses.replace(trainer.cfg.train, max_nonfinite=3))
   # a NaN in one base weight makes every loss NaN (same shapes and shardings: no recompile)
   norm = trainer.params["final_norm"]
   bad = {**trainer.params, "final_norm": jax.device_put(norm.at[0].set(jnp.nan), norm.sharding)}
   reuse_build(monkeypatch, trainer, params=bad)
-  with pytest.raises(UserError, match="2 non-finite steps in a row at step 2"):
+  with pytest.raises(UserError, match=r"^3 non-finite steps in a row at step 3: lower train.lr or check the data; "
+                                      r"the run resumes from its last checkpoint, step 2 \(train.resume=none"):
     sft.run(cfg)
   train = [r for r in read_metrics(out) if r["split"] == "train"]
-  assert [r["step"] for r in train] == [1, 2]
-  assert [r["skipped"] for r in train] == [1, 1] and all(np.isnan(r["loss"]) for r in train)
-  # the crash handler kept the (untouched, finite) adapters: B still exactly zero
+  assert [r["step"] for r in train] == [1, 2, 3]
+  assert [r["skipped"] for r in train] == [1, 1, 1] and all(np.isnan(r["loss"]) for r in train)
+  # the diverged stop is not saved: step 2 (save_every=2, adapters untouched: B still exactly zero) is the resume point
+  ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last)
+  assert ckpts.last.all_steps() == [2]
+  ckpts.close()
   state, _ = restore_last(trainer, cfg, out, 2)
-  assert int(state.step) == 2 and int(state.bad_steps) == 2
+  assert int(state.step) == 2
   assert all(np.all(np.asarray(x) == 0) for n, x in flatten(state.lora).items() if n.endswith("/b"))
 
 
@@ -469,14 +473,15 @@ def test_session_budget_stops_with_a_checkpoint_and_resumes(trainer, straight_ru
   assert loss(out) == loss(out_a)
 
 
-def test_ctrl_c_during_a_step_finishes_and_saves_it(trainer, tmp_path, monkeypatch, capsys):
-  """A real SIGINT while step 1 is dispatched: the step completes, is saved, then the run stops."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_a_step_finishes_and_saves_it(trainer, tmp_path, monkeypatch, capsys, signum):
+  """A real SIGINT (or SIGTERM) while step 1 is dispatched: the step completes, is saved, then the run stops."""
   real = trainer.step_fn
   calls = []
 
   def signalled(state, params, batch):
     calls.append(1)
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signum)
     return real(state, params, batch)
 
   signalled._cache_size = real._cache_size
@@ -550,7 +555,9 @@ def test_failed_save_leaves_previous_checkpoint_usable(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.parametrize("override,needle", [("train.nope=1", "train.nope"), ("train.lr=-1", "train.lr")])
+@pytest.mark.parametrize("override,needle", [("train.nope=1", "train.nope"), ("train.lr=-1", "train.lr"),
+                                             ("train.max_nonfinite=0", "train.max_nonfinite must be > 0"),
+                                             ("train.vocab_chunk=0", "train.vocab_chunk must be > 0")])
 def test_cli_config_errors_are_one_line(tmp_path, override, needle):
   proc = subprocess.run([sys.executable, "-m", "tpu_reason.sft", override], cwd=tmp_path, capture_output=True,
                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -150,6 +150,8 @@ class TrainCfg:
     _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
     _check(self.schedule in ("cosine", "linear", "constant"), f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
     _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes}")
+    _check(self.max_nonfinite > 0, f"train.max_nonfinite must be > 0, got {self.max_nonfinite}")
+    _check(self.vocab_chunk > 0, f"train.vocab_chunk must be > 0, got {self.vocab_chunk}")
     _check(self.eval_every > 0 and self.save_every > 0 and self.keep_last > 0, "train.eval_every, save_every, keep_last must be > 0")
     _check(self.resume in ("latest", "none") or self.resume.isdigit(), f"train.resume must be latest, none or a step, got {self.resume!r}")
 

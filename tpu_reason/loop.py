@@ -28,6 +28,10 @@ from tpu_reason.errors import UserError
 from tpu_reason.metrics import MetricsLog
 
 
+class NonFinite(UserError):
+  """Too many non-finite steps in a row: the run stops on its last finite checkpoint."""
+
+
 class Algorithm(Protocol):
   """What a trainer hands the loop (see `sft.Trainer`, `grpo.Trainer`)."""
 
@@ -89,10 +93,10 @@ def initial_state(a: Algorithm, ckpts: checkpoint.Checkpoints) -> tuple[Any, dic
 
 @contextlib.contextmanager
 def interrupt_after_step():
-  """Hold a Ctrl-C that lands inside a step until the step's new state is in hand.
+  """Hold a Ctrl-C (or SIGTERM) that lands inside a step until the step's new state is in hand.
 
   A step donates its input state: interrupted mid-dispatch, neither the old state nor the
-  new one would be left to save. A second Ctrl-C stops at once (the last checkpoint stays).
+  new one would be left to save. A second signal stops at once (the last checkpoint stays).
   """
   if threading.current_thread() is not threading.main_thread():
     yield
@@ -105,11 +109,12 @@ def interrupt_after_step():
     hit.append(signum)
     print("\ninterrupt: finishing this step so that it can be saved (Ctrl-C again to stop now)", file=sys.stderr)
 
-  previous = signal.signal(signal.SIGINT, note)
+  previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
   if hit:
     raise KeyboardInterrupt
 
@@ -137,6 +142,7 @@ class Loop:
     try:
       state, saved = initial_state(a, self.ckpts)
       start = saved.get("step", 0)
+      self.log.truncate(start)  # steps after the checkpoint are run (and logged) again
       print(lora_lib.describe(a.params, state.lora))
       before = self.before(state, start)
       self.saved_at = start
@@ -181,14 +187,18 @@ class Loop:
             records.flush()
           bar.set_postfix(a.postfix(row))
           if int(state.bad_steps) >= t.max_nonfinite:
-            raise UserError(f"{t.max_nonfinite} non-finite steps in a row at step {done}: lower {a.lr_key} "
-                            "or check the data")
+            resume = (f"the run resumes from its last checkpoint, step {self.saved_at}" if self.saved_at
+                      else "no checkpoint was saved before them")
+            raise NonFinite(f"{t.max_nonfinite} non-finite steps in a row at step {done}: lower {a.lr_key} or "
+                            f"check the data; {resume} (train.resume=none starts afresh)")
           self.cadence(state, done)
           if t.max_minutes and time.monotonic() - t0 > 60 * t.max_minutes and done < a.steps:
             self.save(state, done)
             print(f"\nstopped after step {done} of {a.steps}: train.max_minutes={t.max_minutes} spent; "
                   f"run the same command again to resume from {self.out / 'checkpoints'}", file=sys.stderr)
             return state, False
+    except NonFinite:
+      raise  # the diverged steps are not worth keeping: the last checkpoint is the resume point
     except BaseException:
       self.rescue(state)
       raise

@@ -41,6 +41,15 @@ class MetricsLog:
         if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(f"{split}/{k}", v, step)
 
+  def truncate(self, step: int):
+    """Drop the rows logged after `step`, which a resumed run logs again (all of them for a fresh start)."""
+    if not self.write or not self.path.exists():
+      return
+    rows = self.history()
+    kept = [r for r in rows if r["step"] <= step] if step else []
+    if len(kept) < len(rows):
+      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
   def history(self) -> list[dict]:
     if not self.path.exists():
       return []
