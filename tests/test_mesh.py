@@ -116,12 +116,12 @@ def _mesh(fsdp, tp):
 
 
 def _sharded_hidden(params, cfg, tokens, m, adapters=None, lora_cfg=None, jit=fwd):
-  placed = mesh.put(params, mesh.shardings(param_shapes(cfg), m))
-  tok = jax.device_put(tokens, mesh.batch_sharding(m, 2))
-  pos = jax.device_put(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), mesh.batch_sharding(m, 2))
+  placed = mesh.place(params, mesh.shardings(param_shapes(cfg), m))
+  tok = jax.device_put(tokens, mesh.rows_sharding(m, tokens.shape))
+  pos = jax.device_put(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), mesh.rows_sharding(m, tokens.shape))
   kw = {}
   if adapters is not None:
-    kw = dict(lora=mesh.put(adapters, mesh.shardings(lora.shapes(cfg, lora_cfg), m)), lora_scale=2.0)
+    kw = dict(lora=mesh.place(adapters, mesh.shardings(lora.shapes(cfg, lora_cfg), m)), lora_scale=2.0)
   out = jit(placed, cfg, tok, pos, **kw)
   assert {d.id for d in out.sharding.device_set} == {d.id for d in m.devices.flat}
   return placed, out

@@ -82,11 +82,11 @@ def test_abstract_bytes_equal_real_placement():
   """shard_shape's arithmetic is what device_put really puts on each of 8 devices."""
   cfg = tiny_cfg()
   m = mesh_lib.make_mesh(cfg.mesh)
-  placed = mesh_lib.put(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny_params(TINY_LLAMA)),
+  placed = mesh_lib.place(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny_params(TINY_LLAMA)),
                         mesh_lib.shardings(param_shapes(TINY_LLAMA), m))
   assert mesh_lib.bytes_per_device(placed) == PARAMS
   table = lora_lib.shapes(TINY_LLAMA, cfg.lora)
-  adapters = mesh_lib.put(lora_lib.init(TINY_LLAMA, cfg.lora, jax.random.key(0)), mesh_lib.shardings(table, m))
+  adapters = mesh_lib.place(lora_lib.init(TINY_LLAMA, cfg.lora, jax.random.key(0)), mesh_lib.shardings(table, m))
   assert mesh_lib.bytes_per_device(adapters) == LORA == plan.nbytes(plan.local_tree(table, jnp.float32, m))
 
 

@@ -51,7 +51,7 @@ def test_tpu_recipe_lowers_its_grpo_update(path):
   rows, p, c = g.mini * g.group, cfg.data.max_prompt_tokens, g.max_new_tokens
 
   def arr(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, len(shape)))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.rows_sharding(mesh, shape))
 
   batch = {"prompt_tokens_BxP": arr((rows, p), jnp.int32), "prompt_mask_BxP": arr((rows, p), bool),
            "completion_tokens_BxC": arr((rows, c), jnp.int32), "completion_mask_BxC": arr((rows, c), bool),

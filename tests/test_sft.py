@@ -278,9 +278,9 @@ def test_sharded_steps_agree(trainer, first_bucket):
   results = {}
   for fsdp, tp in [(8, 1), (2, 4), (1, 1)]:
     mesh = mesh_lib.make_mesh(MeshCfg(fsdp=fsdp, tp=tp), jax.devices()[: fsdp * tp])
-    params = mesh_lib.put(host_params, mesh_lib.shardings(param_shapes(cfg), mesh))
-    lora = mesh_lib.put(lora0, mesh_lib.shardings(lora_lib.shapes(cfg, lcfg), mesh))
-    placed = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    params = mesh_lib.place(host_params, mesh_lib.shardings(param_shapes(cfg), mesh))
+    lora = mesh_lib.place(lora0, mesh_lib.shardings(lora_lib.shapes(cfg, lcfg), mesh))
+    placed = {k: jax.device_put(v, mesh_lib.rows_sharding(mesh, v.shape)) for k, v in batch.items()}
     if (fsdp, tp) == (2, 4):  # really sharded: vocab over tp, model dim over fsdp, batch over fsdp
       assert params["embed"].sharding.spec == PartitionSpec("tp", "fsdp")
       assert placed["completion_tokens_BxC"].addressable_shards[0].data.shape[0] == 4

@@ -77,11 +77,6 @@ def shardings(table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], mesh: M
   return unflatten({k: NamedSharding(mesh, spec(s, a, mesh)) for k, (s, a) in table.items()})
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) axis over fsdp, everything else replicated."""
-  return NamedSharding(mesh, PartitionSpec("fsdp", *([None] * (ndim - 1))))
-
-
 def rows_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
   """Rows over fsdp when it divides them (else replicated), everything else replicated."""
   return NamedSharding(mesh, spec(shape, ("batch",) + ("seq",) * (len(shape) - 1), mesh))
@@ -123,8 +118,6 @@ def place_params(params, model_cfg, mesh: Mesh, dtype=None):
 
   return place(params, shardings(param_shapes(model_cfg), mesh), dtype)
 
-
-put = place  # tests and older call sites
 
 
 def bytes_per_device(tree) -> int:
