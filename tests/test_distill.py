@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -339,3 +340,16 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
   assert ids[: len(first)] == first
   assert all(teacher.requests[question(int(i[1:]))] == 1 for i in first)  # done rows were not asked again
   assert f"kept {n - len(first)} new rows, dropped 0 ({len(first)} of {n} questions were already done)" in stdout
+
+
+def test_nothing_kept_exits_nonzero_with_one_line(tmp_path):
+  with socket.socket() as s:  # a port nobody listens on: every request is refused
+    s.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+  data = write_questions(tmp_path / "q.jsonl", 3)
+  proc = _cli(_args(data, tmp_path / "t.jsonl", url, "distill.retries=0"), KEY)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err
+  lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+  assert len(lines) == 1 and "no row kept: all 3 questions asked were dropped" in lines[0], err
+  assert "Traceback" not in err and "kept 0 new rows" in out

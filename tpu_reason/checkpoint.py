@@ -7,11 +7,16 @@ save leaves the previous checkpoint intact (and the half-written one is ignored)
 
 from __future__ import annotations
 
+import contextlib
+import io
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from tpu_reason.errors import UserError
 
 
 class Checkpoints:
@@ -49,9 +54,18 @@ class Checkpoints:
   def restore(self, step: int, abstract_state: Any, which: str = "last") -> tuple[Any, dict]:
     """Restore `step` into the shapes / shardings of `abstract_state`."""
     mgr = self.last if which == "last" else self.best
+    saved = sorted(mgr.all_steps())
+    where = Path(mgr.directory) / str(step)
+    if step not in saved:
+      raise UserError(f"no checkpoint at step {step} in {where.parent} (saved steps: {saved or 'none'})")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                    meta=ocp.args.JsonRestore()))
+    try:
+      out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                      meta=ocp.args.JsonRestore()))
+    except Exception as e:  # a corrupt or half-copied step: orbax/tensorstore raise many kinds
+      _settle_reads()
+      raise UserError(f"{where}: checkpoint unreadable ({_first_line(e)}); train.resume=none starts afresh, "
+                      f"train.resume=<step> picks another of {saved}") from None
     return out["state"], out["meta"]
 
   def close(self):
@@ -61,11 +75,28 @@ class Checkpoints:
         m.close()
 
 
+def _settle_reads(seconds: float = 1.0):
+  """Wait out the reads a failed restore left in flight, muted: each one's callback finds orbax's
+  event loop closed and would print a stray 'Event loop is closed' traceback after our error."""
+  with contextlib.redirect_stderr(io.StringIO()):
+    time.sleep(seconds)
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 def _steps(manager_dir: Path) -> list[int]:
   """Completed steps in a `last/` or `best/` directory (Orbax renames a step dir when done)."""
   if not manager_dir.is_dir():
     return []
   return sorted(int(p.name) for p in manager_dir.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def any_saved(run_dir: Path) -> bool:
+  """Whether a run directory holds a completed checkpoint."""
+  root = Path(run_dir) / "checkpoints"
+  return any(_steps(root / which) for which in ("last", "best"))
 
 
 def find_step(path: Path) -> Path | None:
@@ -98,7 +129,11 @@ def restore_lora(step_dir: Path) -> tuple[Any, dict]:
   # Only the adapters, as numpy: no optimizer state, and no saved device layout to match.
   item = {"lora": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["lora"])}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  state = ocp.PyTreeCheckpointer().restore(
-      step_dir / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+  try:
+    state = ocp.PyTreeCheckpointer().restore(
+        step_dir / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+  except Exception as e:
+    _settle_reads()
+    raise UserError(f"{step_dir}: checkpoint unreadable ({_first_line(e)})") from None
   return state["lora"], meta

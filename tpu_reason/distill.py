@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None):
   cfg, _ = config.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
   summary = run(cfg)
   print(summary)
+  if summary.kept == 0 and summary.dropped:  # e.g. the endpoint refused every request
+    reason, n = summary.dropped.most_common(1)[0]
+    raise UserError(f"no row kept: all {sum(summary.dropped.values())} questions asked were dropped "
+                    f"({n} {reason}{': ' + summary.examples[reason][:160] if summary.examples[reason] else ''})")
   print(f"output: {cfg.distill.output} (train on it with data.source=teacher data.path={cfg.distill.output})")
 
 

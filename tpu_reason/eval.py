@@ -209,11 +209,11 @@ def run(cfg: Config, specs: list[str], data_file: bool = False) -> dict[str, dic
   evaluate.budget_kwargs(cfg.budget, tags.get_schema(cfg.data.schema))  # unsupported forcing fails before any work
   records = eval_records(cfg.data, cfg.eval.limit, data_file)  # before any model loads: bad data fails fast
   out = output_dir(cfg)
-  config.save(cfg, out)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   results, columns = {}, {}
   for name, spec in zip(labels(specs), specs):
     result, samples, cols = evaluate_model(cfg, spec, name, records, mesh)
+    config.save(cfg, out)  # only once there is a result: a failed eval leaves no directory
     _write(out / name if len(specs) > 1 else out, result, samples)
     results[name] = result
     columns.update(cols)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -74,8 +75,16 @@ def run(cfg: Config, build: Callable[[Config], Algorithm]) -> dict:
   """Join the multi-host run, build the trainer, train it on its mesh; returns the summary."""
   distributed.initialize()  # before anything touches a device
   algo = build(cfg)
-  with jax.set_mesh(algo.mesh):  # activations take their layout from the mesh (mesh.constrain)
-    return Loop(algo).run()
+  fresh = not algo.out.exists()
+  try:
+    with jax.set_mesh(algo.mesh):  # activations take their layout from the mesh (mesh.constrain)
+      return Loop(algo).run()
+  except UserError as e:
+    # A run refused before its first checkpoint leaves no half run directory behind (a
+    # non-finite stop keeps its metrics: they show where it diverged).
+    if fresh and not isinstance(e, NonFinite) and distributed.is_main() and not checkpoint.any_saved(algo.out):
+      shutil.rmtree(algo.out, ignore_errors=True)
+    raise
 
 
 def initial_state(a: Algorithm, ckpts: checkpoint.Checkpoints) -> tuple[Any, dict]:
@@ -163,7 +172,8 @@ class Loop:
     before = self.algo.held_out(state.lora, full=True)
     if self.main:
       path.write_text(json.dumps(before))
-    self.log.log(start, before, "eval")
+    if before:
+      self.log.log(start, before, "eval")
     return before
 
   def train(self, state, start: int) -> tuple[Any, bool]:
@@ -178,13 +188,13 @@ class Loop:
     try:
       with records:
         for step, batch in zip(bar, a.batches(start)):
-          with interrupt_after_step():
-            state, row, record = a.step(state, batch, step)
           done = step + 1
-          self.log.log(done, row)
-          if record is not None:
-            records.write(json.dumps({"step": done, **record}) + "\n")
-            records.flush()
+          with interrupt_after_step():  # the step and its logs: a saved step keeps its metrics
+            state, row, record = a.step(state, batch, step)
+            self.log.log(done, row)
+            if record is not None:
+              records.write(json.dumps({"step": done, **record}) + "\n")
+              records.flush()
           bar.set_postfix(a.postfix(row))
           if int(state.bad_steps) >= t.max_nonfinite:
             resume = (f"the run resumes from its last checkpoint, step {self.saved_at}" if self.saved_at

@@ -115,6 +115,8 @@ class Trainer:
 
   def held_out(self, lora, full: bool) -> dict:
     """Held-out loss; `full` adds the scores of generated completions (before / after training)."""
+    if not self.eval:  # data.eval_size=0
+      return {}
     return {"eval_loss": self.eval_loss(lora), **(self.generation_scores(lora) if full else {})}
 
   def completed(self, state) -> int:

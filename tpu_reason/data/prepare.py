@@ -50,7 +50,8 @@ def load_records(data: DataCfg, *, seed: int, size: int) -> tuple[list[Record], 
   except FileNotFoundError as e:
     raise UserError(f"data.path: {e}") from None
   except (ValueError, TypeError) as e:  # unknown source kind or reasoning-gym task
-    raise UserError(f"data.source={data.source} task={data.task}: {e}") from None
+    what = f"data.task={data.task}" if data.source in GENERATED_SOURCES else f"data.path={data.path}"
+    raise UserError(f"data.source={data.source} {what}: {e}") from None
 
 
 def parse_task(task: str) -> tuple[str, dict[str, Any]]:
@@ -110,6 +111,9 @@ def split_records(data: DataCfg) -> Splits:
     else:
       evals, eval_source, eval_dropped = [], "none (data.eval_size=0)", {}
   else:
+    if not records:
+      what = "has no rows" if not loaded.seen else "has no usable rows"
+      raise UserError(f"data.path={data.path} {what} ({loaded})")
     train, evals, over = split_file_records(records, size=data.size, eval_size=data.eval_size, seed=data.seed)
     train_dropped.update(held_out_eval=len(evals), over_size=over)
     eval_source, eval_dropped = f"{loaded.source} (last {len(evals)} rows)", {}

@@ -4,7 +4,7 @@ Every loader returns `(records, report)`; the report accounts for every row
 seen: `report.seen == report.kept + sum(report.dropped.values())`.
 
 Two kinds of drops:
-  * bad input (malformed_json, missing_field, wrong_type, empty_answer,
+  * bad input (malformed_json, bad_encoding, missing_field, wrong_type, empty_answer,
     empty_prompt, no_reasoning_tag): `strict=True` raises
     `DataError("file:line: ...")`, `strict=False` counts it.
   * content filters (`FILTERS`: no_delimiter, answer_mismatch, no_short_answer):
@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import pathlib
 import re
@@ -177,12 +178,17 @@ def arithmetic_steps(text: str) -> tuple[str, ...]:
 
 
 def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[str, Row | _Skip]]:
-  """(path:line, object) per non-blank line; bad lines yield a _Skip."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  """(path:line, object) per non-blank line; bad lines (JSON, UTF-8, type) yield a _Skip."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      loc = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield loc, _Skip("bad_encoding", f"invalid UTF-8 (byte {e.start + 1} of the line)")
+        continue
       if not line.strip():
         continue  # blank lines are not rows (e.g. a trailing newline)
-      loc = f"{path}:{lineno}"
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
@@ -205,22 +211,44 @@ def _quiet_datasets():
       datasets.enable_progress_bars()
 
 
+_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+def _dataset_rows(path: str, where: str, **load_kwargs: Any) -> Rows:
+  """Rows of `datasets.load_dataset(path, ...)`; its failures (offline hub, corrupt file) are UserErrors."""
+  with _quiet_datasets() as datasets:
+    try:
+      ds = datasets.load_dataset(path, **load_kwargs)
+    except (FileNotFoundError, ConnectionError) as e:
+      raise UserError(f"{where}: cannot load ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # datasets wraps a corrupt file's error in its own generic ones
+      cause = e.__cause__ or e
+      raise UserError(f"{where}: cannot read ({type(cause).__name__}: {str(cause).splitlines()[0]})") from None
+  return ((f"{where}:row {i + 1}", row) for i, row in enumerate(ds))
+
+
+def _dir_rows(path: pathlib.Path, split: str, config: str | None) -> Rows:
+  """Every .jsonl/.json/.parquet file directly in `path`, in name order, each read as a file;
+  a directory without such files is handed to datasets (a saved hub dataset's layout)."""
+  files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _BUILDERS)
+  if not files:
+    return _dataset_rows(str(path), f"{path}[{split}]", name=config, split=split)
+  return itertools.chain.from_iterable(read_rows(f) for f in files)
+
+
 def read_rows(path: str | pathlib.Path, *, split: str = "train", config: str | None = None) -> Rows:
-  """(location, row) pairs from a local JSONL/parquet file, glob, or hub dataset id."""
+  """(location, row) pairs from a local JSONL/parquet file, a directory of them, a glob, or a hub dataset id."""
   p = pathlib.Path(path)
   # Our own JSONL reader: datasets rejects a whole file for one bad line and
   # loses line numbers, which strict errors must report.
   if p.is_file() and p.suffix in (".jsonl", ".json"):
     return _jsonl_rows(p)
-  builder = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}.get(p.suffix)
-  with _quiet_datasets() as datasets:
-    if builder:  # local file(s), possibly a glob; data_files always land in "train"
-      ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-      where = str(path)
-    else:  # hub id: pass through; HF_DATASETS_OFFLINE=1 makes it use the cache only
-      ds = datasets.load_dataset(str(path), config, split=split)
-      where = f"{path}[{split}]"
-  return ((f"{where}:row {i + 1}", row) for i, row in enumerate(ds))
+  if p.is_dir():
+    return _dir_rows(p, split, config)
+  if builder := _BUILDERS.get(p.suffix):  # local file(s), possibly a glob; data_files always land in "train"
+    return _dataset_rows(builder, str(path), data_files=str(path), split="train")
+  # A hub id: HF_DATASETS_OFFLINE=1 makes it use the cache only.
+  return _dataset_rows(str(path), f"{path}[{split}]", name=config, split=split)
 
 
 def _collect(

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -153,11 +154,18 @@ def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...]) -> Model:
   cached = _load_cache(cache, name, source)
   if cached is not None:
     return cached
-  reader = gguf.GGUFReader(str(path))
-  cfg = gguf_io.read_config(reader)
-  tensors = gguf_io.read_tensors(reader, cfg)
-  params = convert.params_from_hf(cfg, tensors.__getitem__, norm_plus_one=False)
-  tok = gguf_io.read_tokenizer(reader, cfg.family)
+  try:
+    reader = gguf.GGUFReader(str(path))
+    cfg = gguf_io.read_config(reader)
+    tensors = gguf_io.read_tensors(reader, cfg)
+    params = convert.params_from_hf(cfg, tensors.__getitem__, norm_plus_one=False)
+    tok = gguf_io.read_tokenizer(reader, cfg.family)
+  except UserError:
+    raise
+  except (ValueError, KeyError, IndexError, TypeError, OSError, struct.error) as e:
+    # The gguf reader fails on a truncated or corrupt file with whatever numpy says.
+    raise UserError(f"{path}: not a readable GGUF file, truncated or corrupt "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
   if cfg.family.startswith("gemma") and not tok.chat_template:
     tok.chat_template = GEMMA_CHAT_TEMPLATE
   eos = eos_tokens or (tok.eos_token,)

@@ -1,0 +1,130 @@
+"""Bad input through the real CLIs: exit status 2, one `error:` line naming what is at fault, no traceback.
+
+Each case is a user mistake or a damaged file that once ended in a traceback (or a silent
+success); every call is a subprocess, as a user would run it.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from tpu_reason import models
+
+TINY_SFT = ["model.spec=tiny-llama", "data.size=16", "data.eval_size=0", "train.batch_size=2",
+            "train.max_steps=1", "train.eval_generate=0"]
+
+
+def run_cli(module: str, *args: str, cwd: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
+  base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+  return subprocess.run([sys.executable, "-m", f"tpu_reason.{module}", *args], cwd=cwd, text=True,
+                        capture_output=True, timeout=600, env={**base, "JAX_PLATFORMS": "cpu", **env})
+
+
+def one_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+  """The single `error:` line of a refused command, checked to hold every needle."""
+  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert all(n in lines[0] for n in needles), lines[0]
+  return lines[0]
+
+
+def real_gguf() -> pathlib.Path:
+  return models._embedded_gguf("smollm2-135m")
+
+
+GGUF_DAMAGE = {
+    "empty": lambda b: b"",
+    "garbage": lambda b: bytes(range(256)) * 20,
+    "header_only": lambda b: b[:100],
+    "truncated": lambda b: b[: len(b) // 2],
+}
+
+
+@pytest.mark.parametrize("damage", sorted(GGUF_DAMAGE))
+def test_damaged_gguf_is_one_line_and_leaves_no_eval_dir(tmp_path, damage):
+  path = tmp_path / "model.gguf"
+  path.write_bytes(GGUF_DAMAGE[damage](real_gguf().read_bytes()))
+  proc = run_cli("eval", "--model", str(path), "--limit", "1", cwd=tmp_path)
+  one_error(proc, str(path), "not a readable GGUF file")
+  assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # a failed eval leaves nothing
+
+
+GOOD = '{"question": "What is 1 + %d?", "answer": "1 + %d = %d #### %d"}\n'
+
+
+def gsm_lines(n: int) -> bytes:
+  return b"".join((GOOD % (i, i, i + 1, i + 1)).encode() for i in range(n))
+
+
+def test_invalid_utf8_names_the_line_and_lenient_keeps_the_rest(tmp_path):
+  path = tmp_path / "rows.jsonl"
+  path.write_bytes(gsm_lines(1) + b'{"question": "\xff bad"}\n' + gsm_lines(8))
+  strict = run_cli("sft", *TINY_SFT, "data.source=gsm8k", f"data.path={path}", cwd=tmp_path)
+  one_error(strict, f"{path}:2: invalid UTF-8")
+  assert "task=" not in strict.stderr
+  lenient = run_cli("sft", *TINY_SFT, "data.source=gsm8k", f"data.path={path}", "data.strict=false",
+                    f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+  assert lenient.returncode == 0, lenient.stderr[-3000:]
+  assert "kept 9/10 (dropped: bad_encoding=1)" in lenient.stdout
+
+
+def test_empty_file_says_it_has_no_rows(tmp_path):
+  path = tmp_path / "empty.jsonl"
+  path.write_text("")
+  one_error(run_cli("sft", *TINY_SFT, "data.source=gsm8k", f"data.path={path}", cwd=tmp_path),
+            f"data.path={path} has no rows")
+
+
+def test_directory_of_files_reads_each_file_with_line_numbers(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "a.jsonl").write_bytes(gsm_lines(6))
+  (data / "b.jsonl").write_bytes(gsm_lines(3) + b"{not json\n")
+  one_error(run_cli("sft", *TINY_SFT, "data.source=gsm8k", f"data.path={data}", cwd=tmp_path),
+            f"{data / 'b.jsonl'}:4: malformed JSON")
+  lenient = run_cli("sft", *TINY_SFT, "data.source=gsm8k", f"data.path={data}", "data.strict=false",
+                    f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+  assert lenient.returncode == 0, lenient.stderr[-3000:]
+  assert "kept 9/10 (dropped: malformed_json=1)" in lenient.stdout
+
+
+def test_offline_hub_dataset_is_one_line(tmp_path):
+  proc = run_cli("sft", *TINY_SFT, "data.source=gsm8k", "data.path=no-such-org/no-such-dataset", cwd=tmp_path,
+                 HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+  one_error(proc, "no-such-org/no-such-dataset", "cannot load")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", "."], "recipe not found: ."),
+    (["train.vocab_chunk=0"], "train.vocab_chunk must be > 0"),
+    (["train.max_nonfinite=0"], "train.max_nonfinite must be > 0"),
+    (["grpo.std_ddof=2"], "grpo.std_ddof must be 0"),
+])
+def test_config_mistakes_are_one_line(tmp_path, args, needle):
+  one_error(run_cli("grpo" if args[0].startswith("grpo.") else "sft", *args, cwd=tmp_path), needle)
+
+
+def test_refused_run_leaves_no_half_run_directory(tmp_path):
+  out = tmp_path / "run"
+  proc = run_cli("sft", *TINY_SFT, "train.batch_size=64", f"output_dir={out}", cwd=tmp_path)
+  one_error(proc, "training rows survived filtering")
+  assert not out.exists()
+
+
+def test_corrupt_checkpoint_is_one_line_that_says_how_to_go_on(tmp_path):
+  out = tmp_path / "run"
+  first = run_cli("sft", *TINY_SFT, f"output_dir={out}", cwd=tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  chunks = [p for p in (out / "checkpoints" / "last" / "1" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert chunks
+  for p in chunks:
+    p.write_bytes(b"\0" * 16)
+  proc = run_cli("sft", *TINY_SFT, "train.max_steps=2", f"output_dir={out}", cwd=tmp_path)
+  one_error(proc, str(out / "checkpoints" / "last" / "1"), "checkpoint unreadable", "train.resume=none")
+  assert "Event loop is closed" not in proc.stderr
+  missing = run_cli("sft", *TINY_SFT, "train.max_steps=2", "train.resume=7", f"output_dir={out}", cwd=tmp_path)
+  one_error(missing, "no checkpoint at step 7", "saved steps: [1]")
