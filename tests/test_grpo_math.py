@@ -59,3 +59,13 @@ def test_dapo_over_micro_slices_equals_the_whole_batch():
   parts = [float(losses.aggregate(loss[i:i + 1], mask[i:i + 1], "dapo", num_tokens=4 / 2)) for i in range(2)]
   assert parts == [pytest.approx(6.0 / 2), pytest.approx(4.0 / 2)]
   assert sum(parts) / 2 == pytest.approx(float(losses.aggregate(loss, mask, "dapo")))
+
+
+def test_std_ddof_one_matches_trl():
+  # TRL: (r - mean) / (torch.std(r) + 1e-4), torch.std being the sample std (ddof=1).
+  r = np.array([1.0, 0.0, 0.0, 1.0])
+  sample_std = np.sqrt(((r - 0.5) ** 2).sum() / 3)  # 0.57735
+  trl = (r - 0.5) / (sample_std + 1e-4)
+  np.testing.assert_allclose(losses.group_advantages(r, 4, ddof=1), trl, rtol=1e-6)
+  ours = losses.group_advantages(r, 4)
+  np.testing.assert_allclose(ours / losses.group_advantages(r, 4, ddof=1), (0.57735 + 1e-4) / (0.5 + 1e-4), rtol=1e-4)

@@ -210,6 +210,16 @@ def test_process_edge_cases():
         ("x + 1", "1 + x"),
         ("2^{10}", "1024"),
         ("\\sqrt{2}/2", "\\frac{1}{\\sqrt{2}}"),
+        ("1.5\\times10^3", "1500"),
+        # Forms math_verify misreads, settled by the normaliser.
+        ("1e3", "1000"),
+        ("1.5e3", "1500"),
+        ("2.5E-1", "0.25"),
+        ("\\infty", "inf"),
+        ("∞", "\\infty"),
+        ("-\\infty", "-inf"),
+        ("1 000", "1000"),
+        ("1 234 567.5", "1234567.5"),
     ],
 )
 def test_answers_match(pred, gold):
@@ -235,6 +245,10 @@ def test_answers_match(pred, gold):
         ("3", None),
         ("answers", "3"),
         ("1" * 2000, "1" * 1999),  # long: no math_verify, still different
+        ("1e3", "100"),
+        ("-\\infty", "inf"),
+        ("3 4", "34"),  # not thousands: math_verify alone would read 4
+        ("1000 0", "10000"),
     ],
 )
 def test_answers_do_not_match(pred, gold):

@@ -205,6 +205,7 @@ class GrpoCfg:
   rewards: tuple[str, ...] = ("format", "process", "outcome")
   reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
   scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+  std_ddof: int = 0  # the std of advantages and reward_std: 0 population, 1 sample (TRL's)
   loss: str = "grpo"  # grpo | dapo | dr_grpo
   beta: float = 0.04  # KL (k3) weight against the init policy (adapter off); 0 skips the reference pass
   epsilon_low: float = 0.2
@@ -229,6 +230,7 @@ class GrpoCfg:
     _check(self.max_new_tokens > 0 and self.temperature > 0, "grpo.max_new_tokens and grpo.temperature must be > 0")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
     _check(self.scale_rewards in ("group", "batch", "none"), f"grpo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+    _check(self.std_ddof in (0, 1), f"grpo.std_ddof must be 0 (population) or 1 (sample, TRL's), got {self.std_ddof}")
     _check(self.loss in ("grpo", "dapo", "dr_grpo"), f"grpo.loss must be grpo, dapo or dr_grpo, got {self.loss!r}")
     _check(self.beta >= 0 and self.epsilon_low >= 0 and self.epsilon_high >= 0, "grpo.beta and grpo.epsilon_* must be >= 0")
     _check(self.num_iterations >= 1 and self.micro_batch >= 1 and self.mini_batch >= 0,

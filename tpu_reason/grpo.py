@@ -37,10 +37,11 @@ def rollout_key(seed: int, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def reward_metrics(total: np.ndarray, parts: dict[str, list[float]], group: int) -> dict[str, float]:
-  """TRL-named reward statistics of one rollout batch (rows grouped by prompt)."""
+def reward_metrics(total: np.ndarray, parts: dict[str, list[float]], group: int, ddof: int = 0) -> dict[str, float]:
+  """TRL-named reward statistics of one rollout batch (rows grouped by prompt); `reward_std` is
+  the mean of the groups' stds (TRL's figure when ddof=1)."""
   r = np.asarray(total, np.float64).reshape(-1, group)
-  std = r.std(axis=1)
+  std = r.std(axis=1, ddof=ddof)
   out = {"reward": float(r.mean()), "reward_std": float(std.mean()), "frac_reward_zero_std": float(np.mean(std < 1e-6))}
   for name, values in parts.items():
     out[f"rewards/{name}/mean"] = float(np.mean(values))
@@ -189,14 +190,14 @@ class Trainer:
     total, parts = rewards.score(rep(batch["prompt_text"]), texts, dict(zip(g.rewards, g.reward_weights)),
                                  answer=rep(batch["answer"]), checkpoints=rep(batch["checkpoints"]),
                                  schema=self.schema.name)
-    adv = losses.group_advantages(np.asarray(total, np.float32), g.group, scale=g.scale_rewards)
+    adv = losses.group_advantages(np.asarray(total, np.float32), g.group, scale=g.scale_rewards, ddof=g.std_ddof)
     mask = gen.mask & ~(gen.truncated[:, None] & g.mask_truncated_completions)
     width = buckets.pow2_bucket(int(gen.lengths.max()), gen.tokens.shape[1])  # right padding nobody uses
     arrays = {"prompt_tokens_BxP": np.repeat(batch["prompt_tokens_BxP"], g.group, 0),
               "prompt_mask_BxP": np.repeat(batch["prompt_mask_BxP"], g.group, 0),
               "completion_tokens_BxC": gen.tokens[:, :width], "completion_mask_BxC": mask[:, :width],
               "advantages_B": np.asarray(adv, np.float32)}
-    metrics = {**reward_metrics(total, parts, g.group), **completion_metrics(gen.lengths, gen.truncated),
+    metrics = {**reward_metrics(total, parts, g.group, g.std_ddof), **completion_metrics(gen.lengths, gen.truncated),
                "tokens_per_s/rollout": gen.tokens_per_second, "time/rollout": gen.seconds}
     return arrays, metrics, texts
 

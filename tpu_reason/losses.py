@@ -77,14 +77,17 @@ def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=
 # --------------------------------------------------------------------------- GRPO maths
 
 
-def group_advantages(rewards_B, group: int, *, scale: str = "group", eps: float = 1e-4):
-  """(r - group mean) / (std + eps); `scale`: group | batch (one std for all) | none (Dr. GRPO)."""
+def group_advantages(rewards_B, group: int, *, scale: str = "group", eps: float = 1e-4, ddof: int = 0):
+  """(r - group mean) / (std + eps); `scale`: group | batch (one std for all) | none (Dr. GRPO).
+
+  `ddof=0` is the population std; `ddof=1` the sample std TRL uses (at G=4 its advantages
+  are sqrt(3/4) = 0.866x ours)."""
   r = rewards_B.reshape(-1, group)
   centered = r - r.mean(axis=1, keepdims=True)
   if scale == "group":
-    centered = centered / (r.std(axis=1, keepdims=True) + eps)
+    centered = centered / (r.std(axis=1, keepdims=True, ddof=ddof) + eps)
   elif scale == "batch":
-    centered = centered / (rewards_B.std() + eps)
+    centered = centered / (rewards_B.std(ddof=ddof) + eps)
   elif scale != "none":
     raise ValueError(f"unknown advantage scale {scale!r}: group | batch | none")
   return centered.reshape(-1)

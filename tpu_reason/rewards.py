@@ -23,6 +23,7 @@ per-row list of either; default "reasoning") picks the tag layout.
 
 from __future__ import annotations
 
+import decimal
 import functools
 import logging
 import re
@@ -87,7 +88,25 @@ def normalize_answer(s: str | None) -> str:
   m = _NUMBER_UNIT.fullmatch(s)
   if m:
     s = m.group(1)
-  return _canonical_number(s) or s
+  s = _SPACE_GROUPED.sub("", s) if _SPACE_GROUPED_NUMBER.fullmatch(s) else s
+  return _canonical_number(s) or _scientific(s) or _INFINITY.get(s) or s
+
+
+# Forms math_verify misreads, settled before it: "1e3" parses as 1·e·3 (Euler's e), and
+# "1 000" as plain text is right but "3 4" becomes 4 (its last number), so only strict
+# three-digit groups lose their spaces.
+_SCIENTIFIC = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)e[+-]?\d{1,3}")
+_SPACE_GROUPED_NUMBER = re.compile(r"[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?")
+_SPACE_GROUPED = re.compile(r" (?=\d{3})")
+_INFINITY = {f"{sign}{name}": ("-" if sign == "-" else "") + "\\infty"
+             for sign in ("", "+", "-") for name in ("inf", "infinity", "\u221e", "\\infty", "\\inf")}
+
+
+def _scientific(s: str) -> str | None:
+  """'1.5e3' -> '1500', '2.5e-1' -> '0.25' (exact, by Decimal); None unless `s` is in e-notation."""
+  if not _SCIENTIFIC.fullmatch(s):
+    return None
+  return _canonical_number(format(decimal.Decimal(s), "f"))
 
 
 
