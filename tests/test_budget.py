@@ -199,3 +199,51 @@ def test_real_model_wait_then_cap(smollm2):
   assert (gen.extensions[0], gen.forced_closes[0], gen.thinking_tokens[0]) == (1, 1, 16)
   assert schema.parse(schema.primer + gen.texts[0]).answer is not None
   _assert_matches_reference(gen, params, m.cfg, m.tokenizer, prompt, schema, budget, m.eos_ids)
+
+
+def _guard_reference(params, cfg, prompt, max_new, close, force, guard: BudgetCfg):
+  """Greedy decoding with the repetition guard as specified, cache-free: (tokens, looped)."""
+  n, times, w = guard.repeat_ngram, guard.repeat_times, guard.repeat_window
+  out, queue, closed, looped = [], [], False, 0
+  while len(out) < max_new:
+    if queue:
+      tok = queue.pop(0)
+    else:
+      ids = np.zeros((1, len(prompt) + max_new), np.int32)
+      ids[0, :len(prompt) + len(out)] = prompt + out
+      tok = int(np.argmax(_full_logits(params, ids, cfg)[len(prompt) + len(out) - 1]))
+      closed |= len(out) >= len(close) - 1 and out[len(out) - len(close) + 1:] + [tok] == close
+    out.append(tok)
+    if not closed and not queue and len(out) >= n:
+      earlier = range(max(0, len(out) - w), len(out) - n)
+      if sum(out[s:s + n] == out[-n:] for s in earlier) >= times - 1:
+        queue, closed, looped = list(force), True, 1
+  return out, looped
+
+
+@pytest.mark.parametrize("guard", [BudgetCfg(repeat_ngram=2, repeat_times=3, repeat_window=12),
+                                   BudgetCfg(repeat_ngram=3, repeat_times=2, repeat_window=256)],
+                         ids=["2x3-in-12", "3x2-in-256"])
+def test_repetition_guard_closes_a_loop_and_leaves_the_rest(tiny, guard):
+  free = _generate(tiny, TINY, CharTok(), PROMPTS, 40)
+  assert free.unclosed.tolist() == [True, False, False]  # row 0 loops on to the cap
+  gen = _generate(tiny, TINY, CharTok(), PROMPTS, 40, guard)
+  force = CharTok().encode(CC.answer_start)
+  for i, p in enumerate(PROMPTS):
+    want, looped = _guard_reference(tiny, TINY, p, 40, CharTok().encode(CC.reasoning_close), force, guard)
+    assert gen.tokens[i, :gen.lengths[i]].tolist() == want, f"row {i}"
+    assert gen.loop_closes[i] == looped, f"row {i}"
+  assert gen.loop_closes.tolist() == [1, 0, 0] and not gen.unclosed.any()
+  t = gen.thinking_tokens[0]
+  np.testing.assert_array_equal(gen.tokens[0, :t], free.tokens[0, :t])  # the loop, up to the guard
+  assert gen.tokens[0, t:t + len(force)].tolist() == force
+  np.testing.assert_array_equal(gen.tokens[1:], free.tokens[1:])  # rows that close by themselves: untouched
+  assert gen.forced_closes.sum() == gen.extensions.sum() == 0
+
+
+def test_repetition_guard_config():
+  with pytest.raises(ValueError, match="repeat_window"):
+    BudgetCfg(repeat_ngram=8, repeat_times=4, repeat_window=16)
+  from tpu_reason import budget as budget_lib
+  assert budget_lib.label(BudgetCfg(repeat_ngram=4)) == "+guard"
+  assert budget_lib.label(BudgetCfg(max_thinking_tokens=8, repeat_ngram=4)) == "+budget+guard"

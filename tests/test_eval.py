@@ -181,12 +181,26 @@ def test_redact_thoughts_keeps_answers_and_lengths_only(tmp_path, rows_file):
     assert not reasoning or reasoning not in r["completion"]
 
 
+def test_repetition_guard_is_its_own_column(tmp_path, rows_file, capsys):
+  out = _run(tmp_path, rows_file, "budget.repeat_ngram=1", "budget.repeat_window=32", "eval.batch_size=4",
+             "sampling.max_new_tokens=32")
+  result = json.loads((out / "eval.json").read_text())
+  guarded = result["forced"]
+  assert "mean_loop_closes" not in result and 0 < guarded["mean_loop_closes"] <= 1  # random weights loop
+  assert guarded["unclosed_rate"] < result["unclosed_rate"]  # the plain column is the unguarded model
+  samples = _samples(out / "samples.jsonl")
+  assert {s["loop_closes"] for s in samples[4:]} <= {0, 1} and all("loop_closes" not in s for s in samples[:4])
+  lines = capsys.readouterr().out.splitlines()
+  assert ["tiny-llama", "tiny-llama+guard"] in [line.split() for line in lines]
+
+
 def test_budget_runs_plain_and_forced_side_by_side(tmp_path, rows_file, capsys):
   out = _run(tmp_path, rows_file, "budget.max_thinking_tokens=3", "budget.extend=1", "eval.batch_size=4",
                 "sampling.max_new_tokens=16")
   result = json.loads((out / "eval.json").read_text())
   forced = result["forced"]
-  assert forced["budget"] == {"max_thinking_tokens": 3, "extend": 1, "wait": "Wait"}
+  assert forced["budget"] == {"max_thinking_tokens": 3, "extend": 1, "wait": "Wait", "repeat_ngram": 0,
+                              "repeat_times": 3, "repeat_window": 256}
   assert "mean_thinking_tokens" not in result and forced["mean_thinking_tokens"] <= 3
   samples = _samples(out / "samples.jsonl")
   assert [s["setting"] for s in samples] == ["plain"] * 4 + ["forced"] * 4

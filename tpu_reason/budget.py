@@ -10,7 +10,10 @@ decode step as sampled text (no re-prefill). Per generated token (`step`):
     suppressed: the row rewinds over the close tokens (their cache slots are forgotten)
     and emits the `wait` tokens in their place;
   * cap: a row still thinking after `max_thinking_tokens` tokens gets the schema's
-    `answer_start` (close tag + answer opening) forced, then answers freely.
+    `answer_start` (close tag + answer opening) forced, then answers freely;
+  * repetition guard: a row still thinking whose last `repeat_ngram` tokens already
+    occurred `repeat_times - 1` times in its last `repeat_window` tokens is in a loop
+    that would run to the length cap; it gets `answer_start` forced as at the cap.
 """
 
 from __future__ import annotations
@@ -29,14 +32,22 @@ from tpu_reason.tags import TagSchema
 
 def active(budget: BudgetCfg | None) -> bool:
   """Whether `budget` forces anything (None or all-zero leaves generation untouched)."""
-  return budget is not None and (budget.max_thinking_tokens > 0 or budget.extend > 0)
+  return budget is not None and (budget.max_thinking_tokens > 0 or budget.extend > 0 or budget.repeat_ngram > 0)
+
+
+def label(budget: BudgetCfg) -> str:
+  """The eval column suffix of an active budget: +budget (cap / extend), +guard, or both."""
+  parts = ["budget"] * (budget.max_thinking_tokens > 0 or budget.extend > 0) + ["guard"] * (budget.repeat_ngram > 0)
+  return "".join(f"+{p}" for p in parts)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "close_VxN", "force_F", "force_len", "wait_F", "wait_len", "max_thinking", "extend"], meta_fields=[])
+    "close_VxN", "force_F", "force_len", "wait_F", "wait_len", "max_thinking", "extend", "repeat_times"],
+    meta_fields=["ngram", "window"])
 @dataclasses.dataclass(frozen=True)
 class Forcing:
-  """Token ids and limits of a budget; jit arguments, so other values never recompile."""
+  """Token ids and limits of a budget; jit arguments, so other values never recompile
+  (the guard's n-gram and window sizes are shapes: static)."""
 
   close_VxN: jax.Array  # tokenizations of the reasoning-close tag (all of length N)
   force_F: jax.Array  # the schema's answer_start, forced at the cap (zero-padded)
@@ -45,6 +56,9 @@ class Forcing:
   wait_len: jax.Array  # []
   max_thinking: jax.Array  # [] 0 = no cap
   extend: jax.Array  # [] closes to suppress
+  repeat_times: jax.Array  # [] occurrences of the last n-gram that make a loop
+  ngram: int = 0  # 0 = no repetition guard
+  window: int = 0
 
   @property
   def rewind(self) -> int:
@@ -53,7 +67,7 @@ class Forcing:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "queue", "head", "qlen", "closed", "thinking", "forced", "extensions"], meta_fields=[])
+    "queue", "head", "qlen", "closed", "thinking", "forced", "extensions", "looped"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class BudgetState:
   """Per-row forcing state carried by the decode loop."""
@@ -65,6 +79,7 @@ class BudgetState:
   thinking: jax.Array  # [B] tokens before the close (all tokens while open)
   forced: jax.Array  # [B] closes forced by the cap (0 or 1)
   extensions: jax.Array  # [B] closes replaced by `wait`
+  looped: jax.Array  # [B] closes forced by the repetition guard (0 or 1)
 
 
 def _close_variants(encode, close: str) -> list[list[int]]:
@@ -93,14 +108,15 @@ def forcing(tokenizer, schema: TagSchema, budget: BudgetCfg | None) -> Forcing:
   return Forcing(
       jnp.asarray(_close_variants(encode, schema.reasoning_close), jnp.int32),
       jnp.asarray(_padded(force, size)), jnp.int32(len(force)), jnp.asarray(_padded(wait, size)),
-      jnp.int32(len(wait)), jnp.int32(budget.max_thinking_tokens), jnp.int32(budget.extend))
+      jnp.int32(len(wait)), jnp.int32(budget.max_thinking_tokens), jnp.int32(budget.extend),
+      jnp.int32(budget.repeat_times), budget.repeat_ngram, budget.repeat_window if budget.repeat_ngram else 0)
 
 
 def init(f: Forcing, batch: int) -> BudgetState:
   """Every row open, nothing queued."""
   zeros = jnp.zeros((batch,), jnp.int32)
   return BudgetState(jnp.zeros((batch, f.force_F.shape[0]), jnp.int32), zeros, zeros,
-                     jnp.zeros((batch,), bool), zeros, zeros, zeros)
+                     jnp.zeros((batch,), bool), zeros, zeros, zeros, zeros)
 
 
 def _closes(f: Forcing, tokens_BxN, lengths_B, tok_B):
@@ -111,6 +127,20 @@ def _closes(f: Forcing, tokens_BxN, lengths_B, tok_B):
   recent_BxN = jnp.concatenate([prev_BxM, tok_B[:, None]], axis=1)
   match = jnp.all(recent_BxN[:, None, :] == f.close_VxN[None], axis=-1).any(-1)
   return match & (lengths_B >= n - 1)
+
+
+def _looping(f: Forcing, tokens_BxN, length_B, tok_B):
+  """Whether each row's last `ngram` tokens (`tok` the newest, `length` in all) occurred
+  `repeat_times - 1` times before within its last `window` tokens."""
+  n, w = f.ngram, f.window
+  pos_BxW = length_B[:, None] - w + jnp.arange(w)
+  win_BxW = jnp.take_along_axis(tokens_BxN, jnp.clip(pos_BxW, 0, tokens_BxN.shape[1] - 1), axis=1)
+  win_BxW = jnp.where(pos_BxW == length_B[:, None] - 1, tok_B[:, None], win_BxW)
+  win_BxW = jnp.where(pos_BxW >= 0, win_BxW, -1)  # before the first token: matches nothing
+  earlier_BxJxN = win_BxW[:, jnp.arange(w - n)[:, None] + jnp.arange(n)]
+  last_BxN = win_BxW[:, w - n:]
+  hits_BxJ = jnp.all(earlier_BxJxN == last_BxN[:, None], axis=-1) & (earlier_BxJxN[..., 0] >= 0)
+  return (length_B >= n) & (hits_BxJ.sum(-1) >= f.repeat_times - 1)
 
 
 def _enqueue(b: BudgetState, rows_B, ids_F, n, skip: int) -> BudgetState:
@@ -136,10 +166,12 @@ def step(f: Forcing, b: BudgetState, tokens_BxN, lengths_B, sampled_B, alive_B):
   length = lengths_B - rewind + alive_B  # after appending `tok`
   closed = b.closed | close
   thinking = jnp.where(close, start, jnp.where(closed, b.thinking, length))
-  cap = alive_B & ~closed & (b.head >= b.qlen) & (f.max_thinking > 0) & (length >= f.max_thinking)
-  b = _enqueue(b, cap, f.force_F, f.force_len, 0)
-  b = dataclasses.replace(b, closed=closed | cap, thinking=thinking, forced=b.forced + cap,
-                          extensions=b.extensions + wait)
+  free = alive_B & ~closed & (b.head >= b.qlen)  # thinking, nothing queued
+  cap = free & (f.max_thinking > 0) & (length >= f.max_thinking)
+  loop = free & ~cap & _looping(f, tokens_BxN, length, tok) if f.ngram else jnp.zeros_like(cap)
+  b = _enqueue(b, cap | loop, f.force_F, f.force_len, 0)
+  b = dataclasses.replace(b, closed=closed | cap | loop, thinking=thinking, forced=b.forced + cap,
+                          extensions=b.extensions + wait, looped=b.looped + loop)
   return tok, b, rewind
 
 

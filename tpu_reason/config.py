@@ -101,7 +101,7 @@ class DataCfg:
   task: str = "gsm_symbolic"  # reasoning-gym task, optionally with options: "chain_sum:min_digits=1,max_terms=2"
   size: int = 512
   seed: int = 0
-  eval_size: int = 32
+  eval_size: int = 128  # held-out rows: rates on fewer than ~100 rows move by whole percents per row
   eval_seed: int = 10_000  # far from `seed`: nearby reasoning-gym seeds share rows
   schema: str = "reasoning"  # tag schema: reasoning | think | s1
   system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -132,7 +132,7 @@ class TrainCfg:
   clip_norm: float = 1.0
   seed: int = 0
   eval_every: int = 20
-  eval_generate: int = 16  # held-out prompts generated for format / answer accuracy
+  eval_generate: int = 128  # held-out prompts generated for format / answer accuracy (before / after)
   eval_max_new_tokens: int = 256
   save_every: int = 20
   keep_last: int = 2
@@ -163,9 +163,18 @@ class BudgetCfg:
   max_thinking_tokens: int = 0  # 0 = no cap; at the cap the closing tag is forced
   extend: int = 0  # times a close of the reasoning is suppressed and `wait` appended
   wait: str = "Wait"
+  # Repetition guard: a reasoning whose last `repeat_ngram` tokens already occurred
+  # `repeat_times - 1` times in its last `repeat_window` tokens is looping: its close is forced.
+  repeat_ngram: int = 0  # 0 = off
+  repeat_times: int = 3
+  repeat_window: int = 256
 
   def __post_init__(self):
     _check(self.max_thinking_tokens >= 0 and self.extend >= 0, "budget.max_thinking_tokens and budget.extend must be >= 0")
+    _check(self.repeat_ngram >= 0 and self.repeat_times >= 2, "budget.repeat_ngram must be >= 0 and budget.repeat_times >= 2")
+    _check(not self.repeat_ngram or self.repeat_window >= self.repeat_ngram * self.repeat_times,
+           f"budget.repeat_window={self.repeat_window} must hold repeat_times={self.repeat_times} "
+           f"n-grams of repeat_ngram={self.repeat_ngram} tokens")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,7 +181,7 @@ def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tu
   params, lora = policy.place(pol, mesh, cfg.model.dtype)
   examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
   result, all_samples, columns = {"model": spec, "source": pol.source}, [], {}
-  settings = {"": None, "+budget": cfg.budget} if budget_lib.active(cfg.budget) else {"": None}
+  settings = {"": None, budget_lib.label(cfg.budget): cfg.budget} if budget_lib.active(cfg.budget) else {"": None}
   for suffix, budget in settings.items():
     with jax.set_mesh(mesh):  # each chip decodes its own rows
       metrics, samples = evaluate.evaluate(

@@ -24,7 +24,7 @@ from tpu_reason.data.buckets import Example, build_prompts, render
 from tpu_reason.tags import TagSchema
 
 # Per-row counters the sampler's Generation carries when given a tag schema.
-BUDGET_FIELDS = ("thinking_tokens", "unclosed", "forced_closes", "extensions")
+BUDGET_FIELDS = ("thinking_tokens", "unclosed", "forced_closes", "extensions", "loop_closes")
 
 
 @dataclasses.dataclass
@@ -162,7 +162,7 @@ def evaluate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
   # The sampler knows when forcing kept a block open; without forcing the text tells.
   unclosed = comps.budget.get("unclosed", np.array([not p.closed_reasoning for p in parsed]))
   metrics = summarize(scores, [p.answer for p in parsed], [e.answer for e in examples], k, comps.lengths, unclosed)
-  for name in ("thinking_tokens", "forced_closes", "extensions"):
+  for name in ("thinking_tokens", "forced_closes", "extensions", "loop_closes"):
     if name in comps.budget:
       metrics[f"mean_{name}"] = float(np.mean(comps.budget[name]))
   metrics["seconds"] = comps.seconds
@@ -197,4 +197,5 @@ def generate_and_score(model, params, examples, schema: TagSchema, *, lora=None,
                    batch_size=batch_size, dtype=dtype or jnp.float32)
   scores = score_texts(schema, comps.texts, [e.answer for e in examples], [list(e.checkpoints) for e in examples])
   scores["mean_completion_tokens"] = float(np.mean(comps.lengths)) if len(comps.lengths) else 0.0
+  scores["rows"] = len(examples)
   return scores, comps.texts

@@ -238,7 +238,7 @@ class Trainer:
                                  schema=self.schema.name)
     return {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],
             "reward": float(np.mean(total)), **{f"reward/{k}": float(np.mean(v)) for k, v in parts.items()},
-            "mean_completion_tokens": scores["mean_completion_tokens"]}
+            "mean_completion_tokens": scores["mean_completion_tokens"], "rows": scores["rows"]}
 
 
 def _take(it, n: int):

@@ -274,9 +274,10 @@ def trend(history: list[dict], key: str = "reward") -> dict:
 
 
 def table(before: dict, after: dict, keys: list[str]) -> str:
-  """Held-out scores before and after training, one row per key both have."""
-  keys = [k for k in keys if k in before and k in after]
+  """Held-out scores before and after training, one row per key both have; the header says on how many rows."""
+  keys = [k for k in keys if k in before and k in after and k != "rows"]
   width = max([24] + [len(k) + 2 for k in keys])
-  lines = [f"{'held-out':<{width}}{'before':>10}{'after':>10}"]
+  title = f"held-out ({after['rows']} rows)" if "rows" in after else "held-out"
+  lines = [f"{title:<{width}}{'before':>10}{'after':>10}"]
   lines += [f"{k:<{width}}{before[k]:>10.3f}{after[k]:>10.3f}" for k in keys]
   return "\n".join(lines)

@@ -62,6 +62,7 @@ class Generation:
   forced_closes: np.ndarray | None = None  # [B*G] closes forced by the thinking cap (0 or 1)
   extensions: np.ndarray | None = None  # [B*G] closes replaced by the budget's wait string
   unclosed: np.ndarray | None = None  # [B*G] the reasoning was never (completely) closed
+  loop_closes: np.ndarray | None = None  # [B*G] closes forced by the repetition guard (0 or 1)
 
   @property
   def truncated(self) -> np.ndarray:
@@ -229,7 +230,8 @@ def _result(tokenizer, state: DecodeState, stop_len: np.ndarray, pad: int, secon
   if b is None:
     return gen
   return dataclasses.replace(gen, thinking_tokens=np.minimum(b.thinking, lengths), forced_closes=b.forced,
-                             extensions=b.extensions, unclosed=~b.closed | (b.head < b.qlen))
+                             extensions=b.extensions, unclosed=~b.closed | (b.head < b.qlen),
+                             loop_closes=b.looped)
 
 
 def generate(

@@ -126,7 +126,7 @@ class Trainer:
     return {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.1e}", "tok_s": f"{row['tokens_per_s']:.0f}"}
 
   def table(self, before: dict, after: dict) -> str:
-    return loop.table(before, after, ["eval_loss", "format_accuracy", "answer_accuracy", "mean_completion_tokens"])
+    return loop.table(before, after, ["eval_loss", "format_accuracy", "unclosed_rate", "answer_accuracy", "mean_completion_tokens"])
 
   def place_batch(self, batch: dict) -> dict:
     return distributed.global_batch(device_batch(batch), self.mesh)
