@@ -145,9 +145,21 @@ def test_unknown_key_is_named():
     ("data.completion_buckets=[128,1024]", "data.completion_buckets"),
     ("data.completion_buckets=[a,b]", "data.completion_buckets"),
     ("mesh.tp=0", "mesh"),
+    ("grpo.importance_level=word", "grpo.importance_level"),
+    ("grpo.gspo_epsilon_high=-1", "grpo.gspo_epsilon"),
+    ("grpo.overlong_buffer=-1", "grpo.overlong_buffer"),
+    ("grpo.overlong_buffer=193", "grpo.overlong_buffer"),  # more than max_new_tokens (192)
+    ("grpo.overlong_penalty=-1", "grpo.overlong_penalty"),
+    ("grpo.reward_aggregation=mean", "grpo.reward_aggregation"),
 ])
 def test_bad_values_are_user_errors(override, field):
   assert field in _user_error([override])
+
+
+def test_unknown_reward_is_one_line_listing_the_known_ones():
+  msg = _user_error(["grpo.rewards=[format,proces]", "grpo.reward_weights=[1,1]"])
+  assert "grpo.rewards" in msg and "proces" in msg
+  assert "known: format, format_soft, process, outcome" in msg
 
 
 def test_malformed_overrides():

@@ -133,7 +133,8 @@ def test_eval_writes_metrics_and_samples(tmp_path, rows_file, capsys):
   golds, texts = [s["gold"] for s in samples], [s["completion"] for s in samples]
   scores = evaluate.score_rows(REASONING, texts, golds, [["2 + 3 = 5"], [], [], []])
   for i, s in enumerate(samples):
-    assert s["scores"] == {n: float(v[i]) for n, v in scores.items()}
+    assert s["scores"] == {n: float(v[i]) for n, v in scores.items() if not np.isnan(v[i])}
+    assert ("process" in s["scores"]) == (i == 0)  # only the first row has checkpoints
     assert s["answer"] == REASONING.parse(s["completion"]).answer
   assert result["mean_completion_tokens"] == pytest.approx(np.mean([s["tokens"] for s in samples]))
   assert result["accuracy"] == pytest.approx(np.mean(scores["outcome"]))
@@ -366,3 +367,11 @@ def test_eval_on_a_file_source_never_sees_a_training_row(tmp_path, leaky_file, c
   out = tmp_path / "out"
   eval_cli.main(["--model", "tiny-llama", "--out", str(out), *TINY_ARGS, *overrides])
   assert [s["id"] for s in _samples(out / "samples.jsonl")] == ["fresh-1", "fresh-2"]
+
+
+def test_reward_means_cover_the_rows_a_reward_applies_to():
+  from tpu_reason import evaluate
+  got = evaluate._reward_means({"format": np.array([1.0, 0.0]), "process": np.array([np.nan, 0.5])})
+  assert got == {"format_accuracy": 0.5, "reward/format": 0.5, "reward/process": 0.5}
+  none = evaluate._reward_means({"format": np.array([1.0, 1.0]), "process": np.array([np.nan, np.nan])})
+  assert "reward/process" not in none  # no row has checkpoints: no figure, not a NaN

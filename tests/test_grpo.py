@@ -7,6 +7,7 @@ x G=4 = 8 rows. The GRPO maths itself is tested by hand in test_grpo_math.py.
 """
 
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -78,6 +79,26 @@ def test_reward_metrics_by_hand():
   assert m["rewards/outcome/std"] == pytest.approx(np.sqrt(0.25 * 0.75))
 
 
+def test_reward_metrics_skip_rows_a_reward_does_not_apply_to():
+  # process applies to the first group only (its prompt has checkpoints): mean over those 2 rows
+  parts = {"format": [1, 1, 0, 0], "process": [0.5, 1.0, None, None]}
+  m = grpo.reward_metrics([1.5, 2.0, 0.0, 0.0], parts, group=2)
+  assert m["rewards/process/mean"] == 0.75 and m["rewards/process/std"] == 0.25 and m["rewards/process/rows"] == 2
+  assert m["rewards/format/mean"] == 0.5 and "rewards/format/rows" not in m
+  m = grpo.reward_metrics([1.0, 0.0], {"process": [None, None]}, group=2)  # a task without checkpoints
+  assert m["rewards/process/rows"] == 0 and "rewards/process/mean" not in m and "rewards/process/std" not in m
+
+
+def test_advantage_rewards_sum_or_normalize_each():
+  g = config.GrpoCfg(group=4, reward_weights=(1.0, 1.0, 2.0))  # format, process, outcome
+  parts = {"format": [1, 0, 1, 0], "process": [None] * 4, "outcome": [0, 0, 1, 1]}
+  total = [1.0, 0.0, 3.0, 2.0]  # format + 2 * outcome; process does not apply
+  np.testing.assert_array_equal(grpo.advantage_rewards(total, parts, g), total)
+  # format -> [1,-1,1,-1], process -> 0, outcome -> [-1,-1,1,1] (x2): [-1,-3,3,1] (eps 1e-4 shrinks it a hair)
+  each = dataclasses.replace(g, reward_aggregation="normalize_each")
+  np.testing.assert_allclose(grpo.advantage_rewards(total, parts, each), [-1, -3, 3, 1], rtol=1e-3)
+
+
 def test_completion_metrics():
   m = grpo.completion_metrics(np.array([3, 8, 5, 8]), np.array([False, True, False, True]))
   assert m == {"completions/mean_length": 6.0, "completions/min_length": 3.0, "completions/max_length": 8.0,
@@ -104,6 +125,7 @@ def test_optimizer_counts_updates():
     (["grpo.rewards=[format]"], "same length"),
     (["grpo.loss=ppo"], "grpo.loss"),
     (["grpo.curriculum_steps=3"], "curriculum"),
+    (["grpo.rewards=[format,nope,outcome]"], "unknown nope; known: format, format_soft, process, outcome"),
 ])
 def test_bad_grpo_config_is_a_user_error(override, needle):
   with pytest.raises(UserError, match=needle):
@@ -198,6 +220,55 @@ def test_logprobs_do_not_depend_on_padding_width(trainer):
   np.testing.assert_allclose(wide_logp[:, :mask.shape[1]][mask], narrow_logp[mask], atol=1e-5)
 
 
+@pytest.mark.parametrize("loss,level", [("dr_grpo", "token"), ("grpo", "sequence")])
+def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
+  """The same rollout gives the same loss at its trimmed width and padded 8 columns wider: dr_grpo
+  divides by grpo.max_new_tokens, and GSPO's sequence ratio averages over real tokens only."""
+  tr = trainer
+  state = fresh_state(tr)
+  arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
+  c = arrays["completion_tokens_BxC"].shape[1]
+  cols = ("completion_tokens_BxC", "completion_mask_BxC")
+  wide = {**arrays, **{k: np.pad(arrays[k], ((0, 0), (0, 8))) for k in cols},
+          "advantages_B": np.where(np.arange(16) % 2 == 0, 1.0, -1.0).astype(np.float32)}
+  wide["ref_logp_BxC"] = tr.score_logprobs(None, wide)
+  noise = 0.05 * np.random.default_rng(0).standard_normal(wide["ref_logp_BxC"].shape)
+  wide["old_logp_BxC"] = (wide["ref_logp_BxC"] + noise).astype(np.float32)  # off-policy: ratios differ from 1
+  narrow = {**wide, **{k: wide[k][:, :c] for k in (*cols, "ref_logp_BxC", "old_logp_BxC")}}
+  g = dataclasses.replace(tr.cfg.grpo, loss=loss, importance_level=level)
+  fn = jax.jit(functools.partial(grpo.policy_loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
+                                 remat=False, chunk=tr.cfg.train.vocab_chunk, on_policy=False))
+
+  def loss_at(a):
+    mb = {**a, "num_tokens_B": np.full(16, a["completion_mask_BxC"].sum(), np.float32)}
+    return float(fn(state.lora, tr.params, tr.place(mb))[0])
+
+  narrow_loss = loss_at(narrow)
+  assert narrow_loss != 0.0 and loss_at(wide) == pytest.approx(narrow_loss, rel=1e-5)
+
+
+def test_overlong_penalty_and_normalize_each_in_the_rollout(trainer):
+  tr = trainer
+  state, batch = fresh_state(tr), first_batch(tr)
+  g = dataclasses.replace(tr.cfg.grpo, overlong_buffer=4, reward_aggregation="normalize_each")
+  shaped = dataclasses.replace(tr, cfg=dataclasses.replace(tr.cfg, grpo=g))
+  arrays, m, _ = shaped.rollout(state.lora, batch, 0)
+  _, plain, _ = tr.rollout(state.lora, batch, 0)  # the same key: the same completions
+  lengths = arrays["completion_mask_BxC"].sum(1)
+  penalty = -np.clip((lengths - (8 - 4)) / 4, 0.0, 1.0)  # cap 8, buffer 4
+  assert m["rewards/overlong/mean"] == pytest.approx(penalty.mean())
+  assert m["reward"] == pytest.approx(plain["reward"] + penalty.mean(), abs=1e-6)
+  np.testing.assert_allclose(arrays["advantages_B"].reshape(4, 4).sum(1), 0.0, atol=1e-5)
+
+
+def test_rollouts_record_keeps_the_reasoning_only_by_length_when_redacted(trainer):
+  text = "<reasoning>\n4 + 4 = 8, so it is 8\n</reasoning>\n<answer>8</answer>"  # the tests' schema: reasoning
+  assert trainer.record(["a"], [text]) == {"ids": ["a"], "completions": [text]}
+  redacted = dataclasses.replace(trainer, cfg=dataclasses.replace(trainer.cfg, redact_thoughts=True))
+  (line,) = redacted.record(["a"], [text])["completions"]
+  assert line == trainer.schema.redact(text) and "4 + 4" not in line and "chars of reasoning redacted" in line
+
+
 def test_reference_logprobs_equal_the_base_model(trainer):
   tr = trainer
   arrays, _, _ = tr.rollout(fresh_state(tr).lora, first_batch(tr), 0)
@@ -260,6 +331,9 @@ def test_run_writes_all_outputs(straight_run):
   assert set(summary["before"]) == set(summary["after"]) >= {"accuracy", "format_accuracy", "reward",
                                                              "reward/format", "mean_completion_tokens"}
   assert "first_20pct_reward" in summary and summary["last_step"] == 2
+  # these prompts have no checkpoints: the process reward applies to no row and says so
+  assert train[0]["rewards/process/rows"] == 0 and "rewards/process/mean" not in train[0]
+  assert "reward/process" not in summary["after"]
   assert len((out / "rollouts.jsonl").read_text().splitlines()) == 2
 
 

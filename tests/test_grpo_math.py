@@ -69,3 +69,56 @@ def test_std_ddof_one_matches_trl():
   np.testing.assert_allclose(losses.group_advantages(r, 4, ddof=1), trl, rtol=1e-6)
   ours = losses.group_advantages(r, 4)
   np.testing.assert_allclose(ours / losses.group_advantages(r, 4, ddof=1), (0.57735 + 1e-4) / (0.5 + 1e-4), rtol=1e-4)
+
+
+def test_dr_grpo_normaliser_is_the_cap_not_the_width():
+  # the same two rows trimmed to width 3 or padded to the cap 8: token-sum 10 / (2 rows * 8) either way
+  loss = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+  mask = jnp.array([[True, True, True], [True, False, False]])
+  padded_loss, padded_mask = jnp.pad(loss, ((0, 0), (0, 5))), jnp.pad(mask, ((0, 0), (0, 5)))
+  trimmed = float(losses.aggregate(loss, mask, "dr_grpo", max_tokens=8))
+  assert trimmed == float(losses.aggregate(padded_loss, padded_mask, "dr_grpo", max_tokens=8)) == pytest.approx(10 / 16)
+
+
+def test_sequence_level_ratio_by_hand():
+  # row 0: log-ratios ln2, 0 (and a masked-out 5) -> one ratio exp(ln2 / 2) = sqrt(2) for both tokens;
+  # row 1: ln .9 on all three tokens -> .9 on each
+  d = jnp.array([[np.log(2.0), 0.0, 5.0], [np.log(0.9)] * 3])
+  mask = jnp.array([[True, True, False], [True, True, True]])
+  seq = losses.log_ratio(d, jnp.zeros_like(d), mask, level="sequence")
+  np.testing.assert_allclose(jnp.exp(seq), [[np.sqrt(2)] * 3, [0.9] * 3], rtol=1e-6)
+  np.testing.assert_allclose(losses.log_ratio(d, jnp.zeros_like(d)), d)  # token level: unchanged
+  loss, low, high = losses.clipped_surrogate(d, jnp.zeros_like(d), jnp.array([1.0, -1.0]), 0.2, 0.28,
+                                             level="sequence", mask_BxT=mask)
+  # A>0, ratio 1.414: min(1.414, 1.28) = 1.28 (clipped high); A<0, ratio .9: min(-.9, -.9) = -.9 (inside)
+  np.testing.assert_allclose(loss, [[-1.28] * 3, [0.9] * 3], rtol=1e-6)
+  assert high[0].all() and not high[1].any() and not low.any()
+  # GSPO's own clip (3e-4 / 4e-4): a sequence ratio of 1.001 is already clipped
+  _, _, high = losses.clipped_surrogate(jnp.full((1, 2), np.log(1.001)), jnp.zeros((1, 2)), jnp.array([1.0]),
+                                        3e-4, 4e-4, level="sequence", mask_BxT=jnp.ones((1, 2), bool))
+  assert high.all()
+  with pytest.raises(ValueError):
+    losses.log_ratio(d, d, mask, level="word")
+
+
+def test_overlong_penalty_by_hand():
+  # cap 10, buffer 4: free up to 6 tokens, then -1/4 per token down to -1 at the cap
+  lengths = np.array([3, 6, 7, 8, 10])
+  np.testing.assert_allclose(losses.overlong_penalty(lengths, 10, 4), [0, 0, -0.25, -0.5, -1.0], atol=1e-7)
+  np.testing.assert_allclose(losses.overlong_penalty(lengths, 10, 4, penalty=0.5), [0, 0, -0.125, -0.25, -0.5],
+                             atol=1e-7)
+  np.testing.assert_allclose(losses.overlong_penalty(np.array([9, 10]), 10, 10), [-0.9, -1.0], atol=1e-7)
+
+
+def test_normalize_each_by_hand():
+  # group 1: a = [1,0,1,0] (mean .5, std .5) -> [1,-1,1,-1]; b = [0,0,10,10] (mean 5, std 5) -> [-1,-1,1,1].
+  # Summed raw, b's scale would decide alone ([1,0,11,10]); normalised first: [0,-2,2,0].
+  # group 2: constant rewards carry no signal -> 0.
+  a = [1, 0, 1, 0, 1, 1, 1, 1]
+  b = [0, 0, 10, 10, 0, 0, 0, 0]
+  r = np.array([a, b], np.float64)
+  np.testing.assert_allclose(losses.normalize_each(r, (1.0, 1.0), 4, eps=1e-12), [0, -2, 2, 0, 0, 0, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(losses.normalize_each(r, (2.0, 1.0), 4, eps=1e-12), [1, -3, 3, -1, 0, 0, 0, 0], atol=1e-6)
+  # ddof 1: both stds grow by sqrt(4/3), so every value shrinks by sqrt(3/4)
+  np.testing.assert_allclose(losses.normalize_each(r, (1.0, 1.0), 4, eps=1e-12, ddof=1),
+                             np.array([0, -2, 2, 0, 0, 0, 0, 0]) * np.sqrt(0.75), atol=1e-6)

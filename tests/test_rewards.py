@@ -159,12 +159,14 @@ def test_process_edge_cases():
   text = completion("4 * 2 = 8")
   assert one(process_reward, "4 * 2 = 8 without tags", checkpoints=CHECKPOINTS) == 0.0
   assert one(process_reward, "<answer>4 * 2 = 8</answer>", checkpoints=CHECKPOINTS) == 0.0
-  assert one(process_reward, text, checkpoints=[]) == 0.0
-  assert one(process_reward, text, checkpoints=None) == 0.0
-  assert one(process_reward, text, checkpoints=["", "  "]) == 0.0
+  # without checkpoints the reward does not apply (None, as TRL allows), whatever the text
+  assert one(process_reward, text, checkpoints=[]) is None
+  assert one(process_reward, text, checkpoints=None) is None
+  assert one(process_reward, text, checkpoints=["", "  "]) is None
+  assert one(process_reward, "garbage", checkpoints=[]) is None
   assert one(process_reward, text, checkpoints=("4*2=8", None)) == 1.0  # tuples, None entries
   assert one(process_reward, text, checkpoints="4 * 2 = 8") == 1.0  # a bare string is one checkpoint
-  assert process_reward([PROMPT], [text]) == [0.0]  # column missing
+  assert process_reward([PROMPT], [text]) == [None]  # column missing
   # Only the reasoning block counts, and an unclosed block still counts.
   assert one(process_reward, completion("nothing", answer="4 * 2 = 8"), checkpoints=["4*2=8"]) == 0.0
   assert one(process_reward, "<reasoning>4 * 2 = 8 and then", checkpoints=["4*2=8", "1+1"]) == 0.5
@@ -312,6 +314,15 @@ def test_score_weights_and_components():
     score([PROMPT], texts[:1], {"fromat": 1.0})
 
 
+def test_score_leaves_out_rewards_that_do_not_apply():
+  # row b has no checkpoints: its total is format + outcome alone, not a process 0 on top
+  texts = [completion("4 * 2 = 8", "3"), completion("4 * 2 = 8", "3")]
+  totals, parts = score([PROMPT] * 2, texts, {"format": 1.0, "process": 2.0, "outcome": 1.0},
+                        answer=["3", "3"], checkpoints=[CHECKPOINTS, []])
+  assert parts["process"] == [0.25, None]
+  assert totals == [1.0 + 2.0 * 0.25 + 1.0, 1.0 + 1.0]
+
+
 def test_registry_and_factory():
   assert set(REWARDS) == {"format", "format_soft", "process", "outcome"}
   bound = make_rewards("think")
@@ -348,7 +359,10 @@ checkpoint_lists = st.one_of(st.none(), st.lists(checkpoint, max_size=5))
 @given(text=texts, gold=golds, checkpoints=checkpoint_lists, schema=st.sampled_from(sorted(SCHEMAS)))
 def test_rewards_bounded_on_any_text(name, text, gold, checkpoints, schema):
   (value,) = REWARDS[name]([PROMPT], [text], answer=[gold], checkpoints=[checkpoints], schema=schema)
-  assert isinstance(value, float) and 0.0 <= value <= 1.0
+  if name == "process" and not any(normalize_step(str(c)) for c in checkpoints or []):
+    assert value is None  # no checkpoints: process does not apply
+  else:
+    assert isinstance(value, float) and 0.0 <= value <= 1.0
 
 
 @settings(max_examples=2000, deadline=None)

@@ -215,10 +215,16 @@ class GrpoCfg:
   reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
   scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
   std_ddof: int = 0  # the std of advantages and reward_std: 0 population, 1 sample (TRL's)
-  loss: str = "grpo"  # grpo | dapo | dr_grpo
+  loss: str = "grpo"  # grpo | dapo | dr_grpo (token-sum / (batch x max_new_tokens))
   beta: float = 0.04  # KL (k3) weight against the init policy (adapter off); 0 skips the reference pass
   epsilon_low: float = 0.2
   epsilon_high: float = 0.2
+  importance_level: str = "token"  # token | sequence (GSPO: one length-normalised ratio per completion)
+  gspo_epsilon_low: float = 3e-4  # the clip of sequence-level ratios, which sit near 1 (GSPO paper, sec. 5.1)
+  gspo_epsilon_high: float = 4e-4
+  overlong_buffer: int = 0  # DAPO: N tokens before max_new_tokens over which a reward penalty grows (0 = off)
+  overlong_penalty: float = 1.0  # that penalty: 0 at max_new_tokens - N tokens, linear to -this at the cap
+  reward_aggregation: str = "sum"  # sum | normalize_each (GDPO: each reward normalised in its group first)
   num_iterations: int = 1  # μ: optimizer passes over each rollout batch
   mini_batch: int = 0  # prompts per optimizer update (0 = all prompts of the step)
   micro_batch: int = 1  # prompts per forward/backward (gradient accumulation inside a mini-batch)
@@ -238,10 +244,23 @@ class GrpoCfg:
     _check(self.group >= 2, f"grpo.group must be >= 2 (advantages compare samples), got {self.group}")
     _check(self.max_new_tokens > 0 and self.temperature > 0, "grpo.max_new_tokens and grpo.temperature must be > 0")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
+    # imported here, not at the top: only GRPO's config needs the registry
+    from tpu_reason.rewards import REWARDS
+
+    unknown = [r for r in self.rewards if r not in REWARDS]
+    _check(not unknown, f"grpo.rewards: unknown {', '.join(unknown)}; known: {', '.join(REWARDS)}")
+    _check(self.reward_aggregation in ("sum", "normalize_each"),
+           f"grpo.reward_aggregation must be sum or normalize_each, got {self.reward_aggregation!r}")
     _check(self.scale_rewards in ("group", "batch", "none"), f"grpo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
     _check(self.std_ddof in (0, 1), f"grpo.std_ddof must be 0 (population) or 1 (sample, TRL's), got {self.std_ddof}")
     _check(self.loss in ("grpo", "dapo", "dr_grpo"), f"grpo.loss must be grpo, dapo or dr_grpo, got {self.loss!r}")
     _check(self.beta >= 0 and self.epsilon_low >= 0 and self.epsilon_high >= 0, "grpo.beta and grpo.epsilon_* must be >= 0")
+    _check(self.importance_level in ("token", "sequence"),
+           f"grpo.importance_level must be token or sequence, got {self.importance_level!r}")
+    _check(self.gspo_epsilon_low >= 0 and self.gspo_epsilon_high >= 0, "grpo.gspo_epsilon_* must be >= 0")
+    _check(0 <= self.overlong_buffer <= self.max_new_tokens and self.overlong_penalty >= 0,
+           f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens={self.max_new_tokens}] and grpo.overlong_penalty "
+           f">= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
     _check(self.num_iterations >= 1 and self.micro_batch >= 1 and self.mini_batch >= 0,
            "grpo.num_iterations and grpo.micro_batch must be >= 1, grpo.mini_batch >= 0")
     _check(self.prompts % self.mini == 0 and self.mini % self.micro_batch == 0,

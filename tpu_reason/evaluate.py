@@ -96,16 +96,17 @@ def generate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
 
 
 def score_rows(schema: TagSchema, texts: list[str], answers: list[str], checkpoints: list) -> dict[str, np.ndarray]:
-  """Every training reward (`rewards.REWARDS`) of each full assistant text, as {name: [R]}."""
+  """Every training reward (`rewards.REWARDS`) of each full assistant text, as {name: [R]}; NaN
+  where a reward does not apply (process, for a row without checkpoints)."""
   kw = dict(answer=list(answers), checkpoints=list(checkpoints), schema=schema)
   blank = [""] * len(texts)
   return {name: np.asarray(fn(blank, texts, **kw), np.float64) for name, fn in rewards.REWARDS.items()}
 
 
 def _reward_means(scores: dict[str, np.ndarray]) -> dict[str, float]:
-  """format_accuracy (strict format reward == 1) and the mean of every reward."""
+  """format_accuracy (strict format reward == 1) and the mean of every reward over the rows it applies to."""
   return {"format_accuracy": float(np.mean(scores["format"] == 1.0)),
-          **{f"reward/{name}": float(np.mean(v)) for name, v in scores.items()}}
+          **{f"reward/{name}": float(np.nanmean(v)) for name, v in scores.items() if not np.isnan(v).all()}}
 
 
 def majority(answers: list[str | None]) -> str | None:
@@ -171,7 +172,7 @@ def evaluate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
   for r, (e, text, p) in enumerate(zip(rows, comps.texts, parsed)):
     sample = {"id": e.id, "sample": r % k, "prompt": e.prompt_text,
               "completion": schema.redact(text) if redact else text, "answer": p.answer, "gold": e.answer,
-              "scores": {name: float(v[r]) for name, v in scores.items()}, "tokens": int(comps.lengths[r]),
+              "scores": {name: float(v[r]) for name, v in scores.items() if not np.isnan(v[r])}, "tokens": int(comps.lengths[r]),
               "unclosed": bool(unclosed[r])}
     sample.update({name: np.asarray(v[r]).item() for name, v in comps.budget.items() if name != "unclosed"})
     samples.append(sample)

@@ -37,16 +37,37 @@ def rollout_key(seed: int, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def reward_metrics(total: np.ndarray, parts: dict[str, list[float]], group: int, ddof: int = 0) -> dict[str, float]:
+def reward_metrics(total: np.ndarray, parts: dict[str, list[float | None]], group: int,
+                   ddof: int = 0) -> dict[str, float]:
   """TRL-named reward statistics of one rollout batch (rows grouped by prompt); `reward_std` is
-  the mean of the groups' stds (TRL's figure when ddof=1)."""
+  the mean of the groups' stds (TRL's figure when ddof=1). A reward's mean and std cover the rows
+  it applies to (not None); one that skipped rows also logs how many it scored, `rewards/<fn>/rows`."""
   r = np.asarray(total, np.float64).reshape(-1, group)
   std = r.std(axis=1, ddof=ddof)
   out = {"reward": float(r.mean()), "reward_std": float(std.mean()), "frac_reward_zero_std": float(np.mean(std < 1e-6))}
   for name, values in parts.items():
-    out[f"rewards/{name}/mean"] = float(np.mean(values))
-    out[f"rewards/{name}/std"] = float(np.std(values))
+    scored = applicable(values)
+    if len(scored) < len(values):
+      out[f"rewards/{name}/rows"] = float(len(scored))
+    if scored:  # no NaN for a reward that applied to no row
+      out[f"rewards/{name}/mean"] = float(np.mean(scored))
+      out[f"rewards/{name}/std"] = float(np.std(scored))
   return out
+
+
+def applicable(values: list[float | None]) -> list[float]:
+  """The values of the rows a reward applies to (None: it does not)."""
+  return [v for v in values if v is not None]
+
+
+def advantage_rewards(total_B, parts: dict[str, list[float | None]], g: GrpoCfg) -> np.ndarray:
+  """The per-completion reward the advantages come from: the weighted total (`sum`), or the weighted
+  sum of the rewards each normalised within its group (`normalize_each`)."""
+  if g.reward_aggregation == "sum":
+    return np.asarray(total_B, np.float32)
+  # a reward skips whole groups (one prompt, one set of columns): as 0s there it normalises to 0
+  r_KxB = np.array([[0.0 if v is None else v for v in parts[name]] for name in g.rewards], np.float32)
+  return np.asarray(losses.normalize_each(r_KxB, g.reward_weights, g.group, ddof=g.std_ddof), np.float32)
 
 
 def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, float]:
@@ -60,10 +81,15 @@ def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, 
                                     chunk=chunk, temperature=g.temperature)
   # μ = 1: the rollout policy is the current one, so its log-probs are these (ratio 1)
   old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logp_BxC"]
-  per_token, low, high = losses.clipped_surrogate(logp, old, mb["advantages_B"], g.epsilon_low, g.epsilon_high)
   mask = mb["completion_mask_BxC"]
+  sequence = g.importance_level == "sequence"  # GSPO's ratios sit near 1: they have their own clip range
+  eps = (g.gspo_epsilon_low, g.gspo_epsilon_high) if sequence else (g.epsilon_low, g.epsilon_high)
+  per_token, low, high = losses.clipped_surrogate(logp, old, mb["advantages_B"], *eps, level=g.importance_level,
+                                                  mask_BxT=mask)
   kl = losses.kl_k3(logp, mb["ref_logp_BxC"]) if g.beta else jnp.zeros_like(logp)
-  loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, num_tokens=mb["num_tokens_B"][0])
+  # dr_grpo divides by the cap, not by this step's trimmed width: the same batch, the same loss
+  loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, max_tokens=g.max_new_tokens,
+                          num_tokens=mb["num_tokens_B"][0])
   aux = {"kl": losses.masked_mean(kl, mask), "clip_ratio/low_mean": losses.masked_mean(low, mask),
          "clip_ratio/high_mean": losses.masked_mean(high, mask)}
   return loss, aux
@@ -142,7 +168,13 @@ class Trainer:
     """Rollout, scoring and updates: (state, metrics row, the step's completions)."""
     state, m, texts = grpo_step(self, state, batch, step)
     m["lr"] = float(train_lib.schedule(optimizer_cfg(self.cfg))(int(state.step) - 1))
-    return state, m, {"ids": batch["id"], "completions": texts}
+    return state, m, self.record(batch["id"], texts)
+
+  def record(self, ids: list, texts: list[str]) -> dict:
+    """The step's line of rollouts.jsonl; `redact_thoughts` keeps only each reasoning's length."""
+    if self.cfg.redact_thoughts:
+      texts = [self.schema.redact(t) for t in texts]
+    return {"ids": ids, "completions": texts}
 
   def held_out(self, lora, full: bool) -> dict:
     return self.evaluate(lora)
@@ -190,7 +222,14 @@ class Trainer:
     total, parts = rewards.score(rep(batch["prompt_text"]), texts, dict(zip(g.rewards, g.reward_weights)),
                                  answer=rep(batch["answer"]), checkpoints=rep(batch["checkpoints"]),
                                  schema=self.schema.name)
-    adv = losses.group_advantages(np.asarray(total, np.float32), g.group, scale=g.scale_rewards, ddof=g.std_ddof)
+    overlong = (np.asarray(losses.overlong_penalty(gen.lengths, g.max_new_tokens, g.overlong_buffer,
+                                                   g.overlong_penalty), np.float32)
+                if g.overlong_buffer else np.zeros(len(texts), np.float32))
+    adv = losses.group_advantages(advantage_rewards(total, parts, g) + overlong, g.group, scale=g.scale_rewards,
+                                  ddof=g.std_ddof)
+    total = np.asarray(total, np.float32) + overlong
+    if g.overlong_buffer:  # logged like a reward: rewards/overlong/mean
+      parts = {**parts, "overlong": overlong.tolist()}
     mask = gen.mask & ~(gen.truncated[:, None] & g.mask_truncated_completions)
     width = buckets.pow2_bucket(int(gen.lengths.max()), gen.tokens.shape[1])  # right padding nobody uses
     arrays = {"prompt_tokens_BxP": np.repeat(batch["prompt_tokens_BxP"], g.group, 0),
@@ -237,7 +276,8 @@ class Trainer:
                                  answer=[r.answer for r in rows], checkpoints=[list(r.checkpoints) for r in rows],
                                  schema=self.schema.name)
     return {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],
-            "reward": float(np.mean(total)), **{f"reward/{k}": float(np.mean(v)) for k, v in parts.items()},
+            "reward": float(np.mean(total)),
+            **{f"reward/{k}": float(np.mean(applicable(v))) for k, v in parts.items() if applicable(v)},
             "mean_completion_tokens": scores["mean_completion_tokens"], "rows": scores["rows"]}
 
 

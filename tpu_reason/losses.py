@@ -99,13 +99,29 @@ def kl_k3(logp_BxT, ref_logp_BxT):
   return jnp.exp(d) - d - 1.0
 
 
-def clipped_surrogate(logp_BxT, old_logp_BxT, adv_B, eps_low: float, eps_high: float):
+def log_ratio(logp_BxT, old_logp_BxT, mask_BxT=None, level: str = "token"):
+  """log(pi / pi_old) per token, or GSPO's (`level="sequence"`) one per completion: the mean over its
+  tokens, given to each of them. The reward is per sequence, so GSPO weighs the whole sequence; the
+  mean (not the sum) keeps long completions' ratios near 1."""
+  d = logp_BxT - old_logp_BxT
+  if level == "token":
+    return d
+  if level == "sequence":
+    mask = mask_BxT.astype(jnp.float32)
+    per_seq = (d * mask).sum(1, keepdims=True) / jnp.maximum(mask.sum(1, keepdims=True), 1.0)
+    return jnp.broadcast_to(per_seq, d.shape)
+  raise ValueError(f"unknown importance level {level!r}: token | sequence")
+
+
+def clipped_surrogate(logp_BxT, old_logp_BxT, adv_B, eps_low: float, eps_high: float, *, level: str = "token",
+                      mask_BxT=None):
   """Per-token PPO objective to MINIMISE: -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
 
-  Returns (loss_BxT, clipped_low_BxT, clipped_high_BxT) where the clip flags mark tokens whose
-  gradient the clip removed (ratio below 1-eps_low with A<0, above 1+eps_high with A>0).
+  `level`/`mask_BxT`: the ratio per token or per sequence (`log_ratio`). Returns (loss_BxT,
+  clipped_low_BxT, clipped_high_BxT) where the clip flags mark tokens whose gradient the clip
+  removed (ratio below 1-eps_low with A<0, above 1+eps_high with A>0).
   """
-  ratio = jnp.exp(logp_BxT - old_logp_BxT)
+  ratio = jnp.exp(log_ratio(logp_BxT, old_logp_BxT, mask_BxT, level))
   adv = adv_B[:, None]
   unclipped = ratio * adv
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
@@ -129,3 +145,16 @@ def aggregate(loss_BxT, mask_BxT, mode: str, max_tokens: int | None = None, num_
   if mode == "dr_grpo":
     return tokens.sum() / (loss_BxT.shape[0] * (max_tokens or loss_BxT.shape[1]))
   raise ValueError(f"unknown loss aggregation {mode!r}: grpo | dapo | dr_grpo")
+
+
+def overlong_penalty(lengths_B, max_tokens: int, buffer: int, penalty: float = 1.0):
+  """DAPO's soft overlong penalty: 0 up to `max_tokens - buffer` tokens, then linear down to
+  -`penalty` at the cap, so a completion nearing the cap is told so before it is cut."""
+  excess = jnp.asarray(lengths_B, jnp.float32) - (max_tokens - buffer)
+  return -penalty * jnp.clip(excess / buffer, 0.0, 1.0)
+
+
+def normalize_each(rewards_KxB, weights_K, group: int, *, eps: float = 1e-4, ddof: int = 0):
+  """GDPO-style sum: each of K rewards normalised within its groups, then weighted: [B]. A reward
+  with a wide range (or one that rarely varies) then no longer drowns the others' signal."""
+  return sum(w * group_advantages(r, group, eps=eps, ddof=ddof) for r, w in zip(rewards_KxB, weights_K))

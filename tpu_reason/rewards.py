@@ -2,7 +2,9 @@
 
 Every reward has the TRL/Tunix signature
 
-    fn(prompts, completions, **columns) -> list[float]
+    fn(prompts, completions, **columns) -> list[float | None]
+
+(None: the reward does not apply to that row, as TRL allows.)
 
 `completions` are full assistant texts (primer + generated, including any stop
 string: re-append it if the sampler strips it, or `format` cannot reach 1.0).
@@ -17,7 +19,8 @@ per-row list of either; default "reasoning") picks the tag layout.
   format_soft  1.0 if the reasoning block is closed and a non-empty answer
                follows it (anything allowed around the tags), else 0.0.
   process      fraction of the row's checkpoints found in the reasoning block,
-               compared after `normalize_step`; 0.0 without block or checkpoints.
+               compared after `normalize_step`; 0.0 without block, None (does not
+               apply: neither a penalty nor a credit) for a row without checkpoints.
   outcome      1.0 if `answers_match(parsed answer, gold)`, else 0.0.
 """
 
@@ -38,7 +41,7 @@ from math_verify import verify as mv_verify
 
 from tpu_reason.tags import Parsed, TagSchema, get_schema, last_boxed
 
-Reward = Callable[..., list[float]]
+Reward = Callable[..., list[float | None]]
 
 # --------------------------------------------------------------- answers
 
@@ -208,10 +211,18 @@ def _step_pattern(step: str) -> re.Pattern:
   return re.compile(first + before + rest + after)
 
 
+def _steps(checkpoints: Sequence[str]) -> list[str]:
+  """The non-empty checkpoints, normalised."""
+  steps = [normalize_step(str(c)) for c in checkpoints if c is not None]
+  return [s for s in steps if s]
+
+
 def checkpoint_fraction(reasoning: str | None, checkpoints: Sequence[str]) -> float:
   """Fraction of non-empty checkpoints found in `reasoning`."""
-  steps = [normalize_step(str(c)) for c in checkpoints if c is not None]
-  steps = [s for s in steps if s]
+  return _fraction(reasoning, _steps(checkpoints))
+
+
+def _fraction(reasoning: str | None, steps: list[str]) -> float:
   if reasoning is None or not steps:
     return 0.0
   text = normalize_step(reasoning)
@@ -275,11 +286,12 @@ def format_reward_soft(prompts, completions, schema="reasoning", **columns) -> l
   return [float(p.closed_reasoning and p.answer is not None) for p in _parsed(completions, schema)]
 
 
-def process_reward(prompts, completions, schema="reasoning", **columns) -> list[float]:
-  """Fraction of the row's checkpoints that appear in the reasoning block."""
+def process_reward(prompts, completions, schema="reasoning", **columns) -> list[float | None]:
+  """Fraction of the row's checkpoints that appear in the reasoning block; None for a row without
+  checkpoints (a 0 would penalise every completion of a task that has none)."""
   parsed = _parsed(completions, schema)
-  rows = _pad(columns.get("checkpoints"), len(parsed))
-  return [checkpoint_fraction(p.reasoning, _checkpoint_list(c)) for p, c in zip(parsed, rows)]
+  steps = [_steps(_checkpoint_list(c)) for c in _pad(columns.get("checkpoints"), len(parsed))]
+  return [_fraction(p.reasoning, s) if s else None for p, s in zip(parsed, steps)]
 
 
 def outcome_reward(prompts, completions, schema="reasoning", **columns) -> list[float]:
@@ -311,13 +323,14 @@ def make_rewards(schema: str = "reasoning") -> dict[str, Reward]:
 
 def score(
     prompts, completions, weights: dict[str, float], **columns
-) -> tuple[list[float], dict[str, list[float]]]:
-  """Weighted total per row, and each weighted reward's raw per-row values."""
+) -> tuple[list[float], dict[str, list[float | None]]]:
+  """Weighted total per row over the rewards that apply to it (None: skipped), and each weighted
+  reward's raw per-row values."""
   unknown = set(weights) - set(REWARDS)
   if unknown:
     raise ValueError(f"Unknown rewards {sorted(unknown)}; valid: {', '.join(REWARDS)}")
   parts = {name: REWARDS[name](prompts, completions, **columns) for name in weights}
   totals = [0.0] * len(completions)
   for name, values in parts.items():
-    totals = [t + weights[name] * v for t, v in zip(totals, values)]
+    totals = [t if v is None else t + weights[name] * v for t, v in zip(totals, values)]
   return totals, parts
