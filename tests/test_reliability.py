@@ -6,6 +6,7 @@ success); every call is a subprocess, as a user would run it.
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -128,3 +129,22 @@ def test_corrupt_checkpoint_is_one_line_that_says_how_to_go_on(tmp_path):
   assert "Event loop is closed" not in proc.stderr
   missing = run_cli("sft", *TINY_SFT, "train.max_steps=2", "train.resume=7", f"output_dir={out}", cwd=tmp_path)
   one_error(missing, "no checkpoint at step 7", "saved steps: [1]")
+
+
+def test_ctrl_c_dropped_by_a_gc_callback_stops_the_run_at_the_next_step():
+  """A signal that lands in a GC callback raises there and Python drops it ('Exception ignored');
+  the run must still stop, at the next step boundary."""
+  from tpu_reason import errors, loop
+
+  class Collected:
+    def __del__(self):
+      errors._on_interrupt(signal.SIGINT, None)  # as the CLI's handler would, inside a finaliser
+
+  saved = list(errors._pending)
+  try:
+    Collected()  # finalised at once: the KeyboardInterrupt is printed and lost
+    with pytest.raises(KeyboardInterrupt):
+      with loop.interrupt_after_step():
+        pytest.fail("a step ran after a Ctrl-C")
+  finally:
+    errors._pending[:] = saved

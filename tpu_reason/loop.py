@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from tpu_reason import checkpoint, config, distributed, lora as lora_lib, runs, train as train_lib
 from tpu_reason.config import Config
-from tpu_reason.errors import UserError
+from tpu_reason.errors import UserError, check_interrupt
 from tpu_reason.metrics import MetricsLog
 
 
@@ -118,6 +118,7 @@ def interrupt_after_step():
     hit.append(signum)
     print("\ninterrupt: finishing this step so that it can be saved (Ctrl-C again to stop now)", file=sys.stderr)
 
+  check_interrupt()  # one that an earlier GC callback swallowed
   previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     yield
@@ -160,6 +161,9 @@ class Loop:
       if after:
         self.log.log(a.steps, after, "eval")
         self.ckpts.save_best(a.steps, state, meta(self.cfg, a.steps), after)
+    except BaseException:
+      self.log.close()  # TensorBoard's buffered events: the CLI then exits without teardown
+      raise
     finally:
       self.ckpts.close()
     return self.summary(state, before, after, finished)

@@ -98,6 +98,7 @@ class MetricsLog:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._tb = None
 
 
 def _num(v):
