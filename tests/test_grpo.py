@@ -11,8 +11,10 @@ import functools
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.test_sft import host, write_rows
-from tpu_reason import checkpoint, config, grpo, lora as lora_lib, loop, runs, sft
+from tpu_reason import checkpoint, config, grpo, lora as lora_lib, loop, losses, runs, sft
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
 from tpu_reason.models import transformer
@@ -99,6 +101,57 @@ def test_advantage_rewards_sum_or_normalize_each():
   np.testing.assert_allclose(grpo.advantage_rewards(total, parts, each), [-1, -3, 3, 1], rtol=1e-3)
 
 
+def test_informative_groups_by_hand():
+  # stds: .5, 0, ~7e-8 (below the 1e-6 of frac_reward_zero_std), .433
+  r = [1, 0, 0, 1, 2, 2, 2, 2, 0.5, 0.5, 0.5, 0.5 + 1.6e-7, 0, 0, 0, 1]
+  np.testing.assert_array_equal(grpo.informative_groups(r, 4), [True, False, False, True])
+  np.testing.assert_array_equal(grpo.informative_groups(r, 4, ddof=1), [True, False, False, True])
+  assert grpo.reward_metrics(r, {}, 4)["frac_reward_zero_std"] == 0.5  # the same tolerance
+
+
+def test_keep_groups_by_hand():
+  informative, prompts = [True, False, True, True, True], ["a", "b", "c", "a", "d"]
+  # "c" is in the batch already, the second "a" repeats the first, "b" has no signal
+  np.testing.assert_array_equal(grpo.keep_groups(informative, prompts, {"c"}, 5), [1, 0, 0, 0, 1])
+  np.testing.assert_array_equal(grpo.keep_groups(informative, prompts, set(), 2), [1, 0, 1, 0, 0])  # room for 2
+  taken = {"c"}
+  grpo.keep_groups(informative, prompts, taken, 5)
+  assert taken == {"c"}  # the caller's set is left alone
+
+
+def test_fill_batch_by_hand():
+  # group 2, 3 prompts a step; round A keeps its 2nd group, round B its 1st: one filler group
+  a = {"prompt_tokens_BxP": np.array([[0, 1], [0, 1], [0, 2], [0, 2]]),
+       "prompt_mask_BxP": np.array([[0, 1], [0, 1], [0, 1], [0, 1]], bool),
+       "completion_tokens_BxC": np.array([[5, 6], [7, 0], [8, 0], [9, 9]]),
+       "completion_mask_BxC": np.array([[1, 1], [1, 0], [1, 0], [1, 1]], bool),
+       "advantages_B": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
+  b = {"prompt_tokens_BxP": np.array([[3, 3, 4]] * 2 + [[0, 0, 5]] * 2),
+       "prompt_mask_BxP": np.array([[1, 1, 1]] * 2 + [[0, 0, 1]] * 2, bool),
+       "completion_tokens_BxC": np.array([[1, 2, 3, 4], [1, 0, 0, 0], [6, 0, 0, 0], [6, 0, 0, 0]]),
+       "completion_mask_BxC": np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], bool),
+       "advantages_B": np.array([2.0, -2.0, 0.0, 0.0], np.float32)}
+  out = grpo.fill_batch([a, b], [np.array([False, True]), np.array([True, False])], prompts=3, group=2)
+  np.testing.assert_array_equal(out["prompt_tokens_BxP"], [[0, 0, 2], [0, 0, 2], [3, 3, 4], [3, 3, 4],
+                                                           [0, 0, 1], [0, 0, 1]])  # left-padded to 3
+  np.testing.assert_array_equal(out["prompt_mask_BxP"].sum(1), [1, 1, 3, 3, 1, 1])
+  np.testing.assert_array_equal(out["completion_tokens_BxC"], [[8, 0, 0, 0], [9, 9, 0, 0], [1, 2, 3, 4],
+                                                               [1, 0, 0, 0], [5, 6, 0, 0], [7, 0, 0, 0]])
+  np.testing.assert_array_equal(out["completion_mask_BxC"].sum(1), [1, 2, 4, 1, 0, 0])  # the filler: masked
+  np.testing.assert_array_equal(out["advantages_B"], [0.5, -0.5, 2.0, -2.0, 0.0, 0.0])
+  # the filler adds nothing: dapo's token-mean is the kept rows' own; grpo's mean over rows counts 6 rows
+  per_token = jnp.asarray(np.arange(24, dtype=np.float32).reshape(6, 4))
+  mask = jnp.asarray(out["completion_mask_BxC"])
+  kept = float(losses.aggregate(per_token[:4], mask[:4], "dapo"))
+  assert float(losses.aggregate(per_token, mask, "dapo")) == kept == (0 + 4 + 5 + 8 + 9 + 10 + 11 + 12) / 8
+  assert float(losses.aggregate(per_token, mask, "grpo")) == pytest.approx(
+      float(losses.aggregate(per_token[:4], mask[:4], "grpo")) * 4 / 6)
+  # every group kept: the rows as they were, no filler
+  full = grpo.fill_batch([a], [np.array([True, True])], prompts=2, group=2)
+  for key, value in a.items():
+    np.testing.assert_array_equal(full[key], value)
+
+
 def test_completion_metrics():
   m = grpo.completion_metrics(np.array([3, 8, 5, 8]), np.array([False, True, False, True]))
   assert m == {"completions/mean_length": 6.0, "completions/min_length": 3.0, "completions/max_length": 8.0,
@@ -110,6 +163,10 @@ def test_rollout_key_is_fresh_each_step_and_reproducible():
   assert len({tuple(np.asarray(x).ravel()) for x in k}) == 4
   np.testing.assert_array_equal(k[2], jax.random.key_data(grpo.rollout_key(0, 2)))
   assert not np.array_equal(k[0], jax.random.key_data(grpo.rollout_key(1, 0)))
+  # resample rounds: round 0 is the step's key, later rounds their own
+  rounds = [np.asarray(jax.random.key_data(grpo.rollout_key(0, 2, r))).tobytes() for r in range(3)]
+  assert rounds[0] == np.asarray(k[2]).tobytes() and len(set(rounds)) == 3
+  assert not set(rounds[1:]) & {np.asarray(x).tobytes() for x in k}  # nor another step's
 
 
 def test_optimizer_counts_updates():
@@ -126,6 +183,7 @@ def test_optimizer_counts_updates():
     (["grpo.loss=ppo"], "grpo.loss"),
     (["grpo.curriculum_steps=3"], "curriculum"),
     (["grpo.rewards=[format,nope,outcome]"], "unknown nope; known: format, format_soft, process, outcome"),
+    (["grpo.max_resample_rounds=-1"], "grpo.max_resample_rounds"),
 ])
 def test_bad_grpo_config_is_a_user_error(override, needle):
   with pytest.raises(UserError, match=needle):
@@ -273,8 +331,6 @@ def test_reference_logprobs_equal_the_base_model(trainer):
   tr = trainer
   arrays, _, _ = tr.rollout(fresh_state(tr).lora, first_batch(tr), 0)
   ref = tr.score_logprobs(None, arrays)
-  from tpu_reason import losses
-
   placed = tr.place({k: arrays[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP", "completion_tokens_BxC",
                                            "completion_mask_BxC")})
   direct = losses.completion_logprobs(tr.params, tr.model.cfg, placed, temperature=tr.cfg.grpo.temperature)
@@ -355,22 +411,111 @@ def test_interrupted_run_resumes_exactly(trainer, straight_run, tmp_path, monkey
       grpo.run(cfg)
   summary = grpo.run(cfg)
   assert "resumed from" in capsys.readouterr().out and summary["last_step"] == 2
-
-  def train_rows(path):
-    return {r["step"]: r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "train"}
-
   a, b = train_rows(out_a), train_rows(out)
   assert [a[s]["reward"] for s in (1, 2)] == [b[s]["reward"] for s in (1, 2)]
   assert a[2]["loss"] == b[2]["loss"]
-  restored = []
-  for path in (out_a, out):
-    ckpts = checkpoint.Checkpoints(path / "checkpoints", 2)
-    state, meta = ckpts.restore(2, fresh_state(trainer))
+  (lora_a, meta_a), (lora_b, meta_b) = saved(trainer, out_a, 2), saved(trainer, out, 2)
+  assert meta_a["step"] == meta_b["step"] == 2 and meta_a["data_position"] == meta_b["data_position"] == 2
+  for x, y in zip(jax.tree.leaves(lora_a), jax.tree.leaves(lora_b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def train_rows(path) -> dict[int, dict]:
+  return {r["step"]: r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())
+          if r["split"] == "train"}
+
+
+def saved(tr, path, step: int):
+  """(host LoRA, meta) of the `last` checkpoint `step` of the run at `path`."""
+  ckpts = checkpoint.Checkpoints(path / "checkpoints", 2)
+  try:
+    state, meta = ckpts.restore(step, fresh_state(tr))
+  finally:
     ckpts.close()
-    restored.append(host(state.lora))
-    assert meta["step"] == 2
-  for x, y in zip(jax.tree.leaves(restored[0]), jax.tree.leaves(restored[1])):
+  return host(state.lora), meta
+
+
+# --------------------------------------------------------------------------- dynamic sampling
+
+
+def sparse_reward(prompts, completions, weights, **columns):
+  """Stands in for rewards.score: a 0/1 reward that varies within a group only for the prompts "What is a plus
+  b?" with a % 3 == 0 (a third of them); every other group scores 0 throughout, with nothing to learn."""
+  def one(prompt, text):
+    a = int(re.search(r"What is (\d+) plus", prompt).group(1))
+    return float(zlib.crc32(text.encode()) % 2) if a % 3 == 0 else 0.0
+
+  values = [one(p, t) for p, t in zip(prompts, completions)]
+  return values, {"format": values, "process": [None] * len(values), "outcome": [0.0] * len(values)}
+
+
+def dynamic_cfg(tr, out) -> Config:
+  g = dataclasses.replace(tr.cfg.grpo, steps=3, dynamic_sampling=True, max_resample_rounds=2)
+  return dataclasses.replace(tr.cfg, output_dir=str(out), grpo=g, train=dataclasses.replace(tr.cfg.train, keep_last=3))
+
+
+@pytest.fixture(scope="module")
+def dynamic_run(trainer, tmp_path_factory):
+  out = tmp_path_factory.mktemp("dynamic")
+  with pytest.MonkeyPatch.context() as mp:
+    reuse_build(mp, trainer)
+    mp.setattr(grpo.rewards, "score", sparse_reward)
+    summary = grpo.run(dynamic_cfg(trainer, out))
+  return out, summary
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_counts_them(trainer, dynamic_run):
+  out, summary = dynamic_run
+  assert summary["last_step"] == 3
+  rows = train_rows(out)
+  records = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
+  position, counts = 0, []
+  for step, rec in zip((1, 2, 3), records):
+    m = rows[step]
+    drawn, kept, dropped, rounds = (m[f"dynamic/{k}"] for k in ("groups_drawn", "groups_kept", "groups_dropped",
+                                                                 "rounds"))
+    assert drawn == kept + dropped == 4 * (1 + rounds) and kept <= 4 and 0 <= rounds <= 2
+    assert round(m["frac_reward_zero_std"] * drawn) <= dropped and (m["time/resample"] > 0) == (rounds > 0)
+    assert np.isfinite(m["loss"]) and np.isfinite(m["kl"])
+    # rollouts.jsonl: every group drawn, and which were kept: distinct prompts with a reward that varies
+    assert rec["step"] == step and len(rec["ids"]) == drawn and len(rec["completions"]) == 4 * drawn
+    kept_ids = [i for i, k in zip(rec["ids"], rec["kept"]) if k]
+    assert len(kept_ids) == len(set(kept_ids)) == kept and all((int(i[1:]) + 2) % 3 == 0 for i in kept_ids)
+    position += 1 + rounds
+    counts.append((kept, rounds))
+    # the checkpoint records the batches drawn, not the steps: a resumed run reads on from there
+    assert saved(trainer, out, step)[1]["data_position"] == position
+  # this seed and reward cover each way a step ends (a change in sampling may need another reward rule):
+  # full before the cap, full at it, short at it (trained with a masked filler group)
+  assert (4, 1) in counts and (4, 2) in counts and any(k < 4 for k, _ in counts), counts
+
+
+def test_dynamic_sampling_resumes_exactly(trainer, dynamic_run, tmp_path, monkeypatch, capsys):
+  """Interrupted in step 2's first resample round, after the stream had moved on: the resumed run ends as
+  the uninterrupted one did (steps 2 and 3 run again from the step-1 checkpoint and its data position)."""
+  out_a, _ = dynamic_run
+  out = tmp_path / "run"
+  real = grpo.Trainer.sample_round
+
+  def crash_in_a_resample(self, lora, batch, step, round=0):
+    if (step, round) == (1, 1):
+      raise KeyboardInterrupt
+    return real(self, lora, batch, step, round)
+
+  reuse_build(monkeypatch, trainer)
+  monkeypatch.setattr(grpo.rewards, "score", sparse_reward)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(grpo.Trainer, "sample_round", crash_in_a_resample)
+    with pytest.raises(KeyboardInterrupt):
+      grpo.run(dynamic_cfg(trainer, out))
+  summary = grpo.run(dynamic_cfg(trainer, out))
+  assert "resumed from" in capsys.readouterr().out and summary["last_step"] == 3
+  a, b = train_rows(out_a), train_rows(out)
+  keys = ("reward", "loss", "dynamic/groups_drawn", "dynamic/groups_kept", "dynamic/rounds")
+  assert [[a[s][k] for k in keys] for s in (1, 2, 3)] == [[b[s][k] for k in keys] for s in (1, 2, 3)]
+  (lora_a, meta_a), (lora_b, meta_b) = saved(trainer, out_a, 3), saved(trainer, out, 3)
+  assert meta_a["data_position"] == meta_b["data_position"] > 2
+  for x, y in zip(jax.tree.leaves(lora_a), jax.tree.leaves(lora_b)):
     np.testing.assert_array_equal(x, y)
 
 

@@ -225,6 +225,10 @@ class GrpoCfg:
   overlong_buffer: int = 0  # DAPO: N tokens before max_new_tokens over which a reward penalty grows (0 = off)
   overlong_penalty: float = 1.0  # that penalty: 0 at max_new_tokens - N tokens, linear to -this at the cap
   reward_aggregation: str = "sum"  # sum | normalize_each (GDPO: each reward normalised in its group first)
+  # DAPO dynamic sampling: drop groups whose rewards are all equal (no gradient) and sample fresh prompts,
+  # further along the stream, until `prompts` groups are kept or `max_resample_rounds` extra rounds are spent
+  dynamic_sampling: bool = False
+  max_resample_rounds: int = 2
   num_iterations: int = 1  # μ: optimizer passes over each rollout batch
   mini_batch: int = 0  # prompts per optimizer update (0 = all prompts of the step)
   micro_batch: int = 1  # prompts per forward/backward (gradient accumulation inside a mini-batch)
@@ -261,6 +265,7 @@ class GrpoCfg:
     _check(0 <= self.overlong_buffer <= self.max_new_tokens and self.overlong_penalty >= 0,
            f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens={self.max_new_tokens}] and grpo.overlong_penalty "
            f">= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
+    _check(self.max_resample_rounds >= 0, f"grpo.max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
     _check(self.num_iterations >= 1 and self.micro_batch >= 1 and self.mini_batch >= 0,
            "grpo.num_iterations and grpo.micro_batch must be >= 1, grpo.mini_batch >= 0")
     _check(self.prompts % self.mini == 0 and self.mini % self.micro_batch == 0,

@@ -32,9 +32,14 @@ from tpu_reason.errors import UserError, cli
 # --------------------------------------------------------------------------- pure pieces
 
 
-def rollout_key(seed: int, step: int) -> jax.Array:
-  """The sampling key of step `step`: fresh every step, the same on a resumed run."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+ZERO_STD = 1e-6  # a group whose rewards' std is below this has nothing to learn from
+
+
+def rollout_key(seed: int, step: int, round: int = 0) -> jax.Array:
+  """The sampling key of step `step` (and of its resample `round` > 0 with dynamic sampling): fresh every
+  step and round, the same on a resumed run."""
+  key = jax.random.fold_in(jax.random.key(seed), step)
+  return jax.random.fold_in(key, round) if round else key
 
 
 def reward_metrics(total: np.ndarray, parts: dict[str, list[float | None]], group: int,
@@ -44,7 +49,8 @@ def reward_metrics(total: np.ndarray, parts: dict[str, list[float | None]], grou
   it applies to (not None); one that skipped rows also logs how many it scored, `rewards/<fn>/rows`."""
   r = np.asarray(total, np.float64).reshape(-1, group)
   std = r.std(axis=1, ddof=ddof)
-  out = {"reward": float(r.mean()), "reward_std": float(std.mean()), "frac_reward_zero_std": float(np.mean(std < 1e-6))}
+  out = {"reward": float(r.mean()), "reward_std": float(std.mean()),
+         "frac_reward_zero_std": float(np.mean(std < ZERO_STD))}
   for name, values in parts.items():
     scored = applicable(values)
     if len(scored) < len(values):
@@ -70,9 +76,90 @@ def advantage_rewards(total_B, parts: dict[str, list[float | None]], g: GrpoCfg)
   return np.asarray(losses.normalize_each(r_KxB, g.reward_weights, g.group, ddof=g.std_ddof), np.float32)
 
 
+def informative_groups(rewards_B, group: int, ddof: int = 0) -> np.ndarray:
+  """bool[groups]: whether a group's rewards differ (std >= ZERO_STD, the tolerance of frac_reward_zero_std).
+  The others have advantages 0 in every scaling: no gradient."""
+  return np.asarray(rewards_B, np.float64).reshape(-1, group).std(axis=1, ddof=ddof) >= ZERO_STD
+
+
+def keep_groups(informative, prompts: list[str], taken: set[str], room: int) -> np.ndarray:
+  """bool[groups]: which groups of one round join the step's batch: the informative ones, in order, whose
+  prompt is not in it yet (`taken`, nor earlier in this round), at most `room` of them."""
+  keep, taken = np.zeros(len(prompts), bool), set(taken)
+  for i, (ok, prompt) in enumerate(zip(informative, prompts)):
+    if ok and prompt not in taken and room > 0:
+      keep[i], room = True, room - 1
+      taken.add(prompt)
+  return keep
+
+
+def fill_batch(rounds: list[dict], keep: list[np.ndarray], prompts: int, group: int) -> dict:
+  """One batch of exactly `prompts` groups (rows of `group`) from several rounds' arrays: the kept groups in
+  order, widths padded to the widest round (`_BxP` on the left, `_BxC` on the right, False / 0), then, for any
+  group still missing, a filler: the first group's rows with completion mask off and advantage 0, so it adds
+  nothing to the loss, its gradient or the masked metrics, and the batch keeps its one shape."""
+  kept = sum(int(k.sum()) for k in keep)
+  assert kept <= prompts, (kept, prompts)
+  fillers = np.tile(np.arange(group), prompts - kept)
+  out = {}
+  for key, first in rounds[0].items():
+    parts = [a[key][np.repeat(k, group)] for a, k in zip(rounds, keep)] + [first[fillers]]
+    if first.ndim == 2:
+      width = max(p.shape[1] for p in parts)
+      parts = [_pad_columns(p, width, left=key.endswith("_BxP")) for p in parts]
+    out[key] = np.concatenate(parts)
+  out["completion_mask_BxC"][kept * group:] = False
+  out["advantages_B"][kept * group:] = 0.0
+  return out
+
+
+def _pad_columns(x: np.ndarray, width: int, left: bool) -> np.ndarray:
+  pad = (width - x.shape[1], 0) if left else (0, width - x.shape[1])
+  return np.pad(x, ((0, 0), pad))
+
+
 def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, float]:
   return {"completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
           "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float(truncated.mean())}
+
+
+@dataclasses.dataclass
+class Round:
+  """One rollout round: a prompt batch sampled G times each, scored, with its advantages."""
+
+  batch: dict  # the prompt batch (ids, prompt texts, answers), its shared left padding trimmed
+  arrays: dict  # the train arrays, advantages_B included
+  rewards_B: np.ndarray  # what the advantages come from: advantage_rewards + the overlong penalty
+  total_B: np.ndarray  # the logged reward: the weighted total + the overlong penalty
+  parts: dict  # each reward's values per row (None: it does not apply), `overlong` too when on
+  gen: sampler.Generation
+  texts: list[str]  # the completions, primer first
+
+
+def rollout_metrics(rounds: list[Round], g: GrpoCfg) -> dict[str, float]:
+  """Reward and completion statistics over every row the rounds drew; rollout time and speed of the first."""
+  total = np.concatenate([r.total_B for r in rounds])
+  parts = {name: [v for r in rounds for v in r.parts[name]] for name in rounds[0].parts}
+  lengths = np.concatenate([r.gen.lengths for r in rounds])
+  truncated = np.concatenate([r.gen.truncated for r in rounds])
+  return {**reward_metrics(total, parts, g.group, g.std_ddof), **completion_metrics(lengths, truncated),
+          "tokens_per_s/rollout": rounds[0].gen.tokens_per_second, "time/rollout": rounds[0].gen.seconds}
+
+
+class Stream:
+  """Prompt batches in order, counting those handed out: `position` is where a resumed run picks them up
+  (the checkpoint's data_position; more than one batch a step with dynamic sampling)."""
+
+  def __init__(self, batches, position: int):
+    self.batches, self.position = batches, position
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self.batches)
+    self.position += 1
+    return batch
 
 
 def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, chunk, on_policy: bool):
@@ -141,6 +228,7 @@ class Trainer:
   lora_scale: float
   state_sharding: Any
   init: str  # "base" or the run dir whose adapter is merged into `params`
+  stream: Stream | None = dataclasses.field(default=None, repr=False)  # set by `batches`
   kind = "grpo"
   lr_key = "grpo.lr"
   samples_file = "rollouts.jsonl"
@@ -166,15 +254,16 @@ class Trainer:
 
   def step(self, state, batch: dict, step: int):
     """Rollout, scoring and updates: (state, metrics row, the step's completions)."""
-    state, m, texts = grpo_step(self, state, batch, step)
+    state, m, drawn = grpo_step(self, state, batch, step)
     m["lr"] = float(train_lib.schedule(optimizer_cfg(self.cfg))(int(state.step) - 1))
-    return state, m, self.record(batch["id"], texts)
+    return state, m, self.record(**drawn)
 
-  def record(self, ids: list, texts: list[str]) -> dict:
-    """The step's line of rollouts.jsonl; `redact_thoughts` keeps only each reasoning's length."""
+  def record(self, ids: list, texts: list[str], kept: list[bool] | None = None) -> dict:
+    """The step's line of rollouts.jsonl (with dynamic sampling every group drawn, and whether it was kept);
+    `redact_thoughts` keeps only each reasoning's length."""
     if self.cfg.redact_thoughts:
       texts = [self.schema.redact(t) for t in texts]
-    return {"ids": ids, "completions": texts}
+    return {"ids": ids, "completions": texts, **({} if kept is None else {"kept": kept})}
 
   def held_out(self, lora, full: bool) -> dict:
     return self.evaluate(lora)
@@ -199,23 +288,80 @@ class Trainer:
     """Rows over the data axes; on several hosts each process hands jax only its own rows."""
     return distributed.global_batch(arrays, self.mesh)
 
-  def batches(self, start: int):
-    """Prompt batches from step `start` on: curriculum first, then the main task."""
+  def batches(self, start: int) -> Stream:
+    """The prompt stream from batch `start` on (the saved data_position): one batch a step, more with dynamic
+    sampling, whose resample rounds draw from this same stream."""
+    self.stream = Stream(self.prompt_batches(start), start)
+    return self.stream
+
+  @property
+  def data_position(self) -> int | None:
+    """Prompt batches drawn so far (after a step: where a resumed run starts reading)."""
+    return None if self.stream is None else self.stream.position
+
+  def prompt_batches(self, start: int):
+    """Prompt batches from batch `start` of the stream on: the first grpo.curriculum_steps from the curriculum
+    (one a step unless dynamic sampling draws more), then the main task."""
     g = self.cfg.grpo
     seed = self.cfg.train.seed
     if start < g.curriculum_steps:
       yield from _take(buckets.batches(self.warmup, g.prompts, seed=seed, start_step=start), g.curriculum_steps - start)
     yield from buckets.batches(self.train, g.prompts, seed=seed, start_step=max(0, start - g.curriculum_steps))
 
+  def sample(self, lora, batch: dict, step: int) -> tuple[dict, dict, dict]:
+    """The step's train arrays, metrics, and what rollouts.jsonl records: one rollout, or with
+    grpo.dynamic_sampling as many rounds of fresh prompts as it takes to fill the batch."""
+    if self.cfg.grpo.dynamic_sampling:
+      return self.dynamic_rollout(lora, batch, step)
+    arrays, metrics, texts = self.rollout(lora, batch, step)
+    return arrays, metrics, {"ids": batch["id"], "texts": texts}
+
   def rollout(self, lora, batch: dict, step: int) -> tuple[dict, dict, list[str]]:
     """Sample, score and compute advantages: (train arrays, metrics, completions)."""
+    r = self.sample_round(lora, batch, step)
+    return r.arrays, rollout_metrics([r], self.cfg.grpo), r.texts
+
+  def dynamic_rollout(self, lora, batch: dict, step: int) -> tuple[dict, dict, dict]:
+    """DAPO's dynamic sampling: keep the informative groups of `batch`, then of further batches of the stream
+    (each round its own key), until grpo.prompts are kept or grpo.max_resample_rounds extra rounds are spent;
+    a batch still short is filled with masked groups (`fill_batch`). Advantages are those of the kept rows."""
+    g = self.cfg.grpo
+    rounds, keep, taken, extra = [], [], set(), 0.0
+    while True:
+      t0 = time.perf_counter()
+      if rounds:
+        batch = next(self.stream)  # fresh prompts, further along the stream
+      r = self.sample_round(lora, batch, step, len(rounds))
+      k = keep_groups(informative_groups(r.rewards_B, g.group, g.std_ddof), r.batch["prompt_text"], taken,
+                      g.prompts - len(taken))
+      taken |= {p for p, kept in zip(r.batch["prompt_text"], k) if kept}
+      extra += (time.perf_counter() - t0) if rounds else 0.0
+      rounds.append(r)
+      keep.append(k)
+      if len(taken) == g.prompts or len(rounds) > g.max_resample_rounds:
+        break
+    arrays = fill_batch([{**r.arrays, "rewards_B": r.rewards_B} for r in rounds], keep, g.prompts, g.group)
+    rewards_B, n = arrays.pop("rewards_B"), len(taken) * g.group
+    if n:  # the same per group; with scale_rewards=batch, one std over the rows that train
+      arrays["advantages_B"][:n] = losses.group_advantages(rewards_B[:n], g.group, scale=g.scale_rewards,
+                                                           ddof=g.std_ddof)
+    drawn = g.prompts * len(rounds)
+    metrics = {**rollout_metrics(rounds, g), "time/resample": extra, "dynamic/groups_drawn": float(drawn),
+               "dynamic/groups_kept": float(len(taken)), "dynamic/groups_dropped": float(drawn - len(taken)),
+               "dynamic/rounds": float(len(rounds) - 1)}
+    record = {"ids": [i for r in rounds for i in r.batch["id"]], "texts": [t for r in rounds for t in r.texts],
+              "kept": [bool(x) for k in keep for x in k]}
+    return arrays, metrics, record
+
+  def sample_round(self, lora, batch: dict, step: int, round: int = 0) -> Round:
+    """Sample G completions per prompt (the key of `step` and `round`), score them, compute advantages."""
     g, m = self.cfg.grpo, self.model
     batch = trim_prompts(batch)
     sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
     prompts = self.place({k: batch[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP")})
     gen = sampler.generate(self.params, m.cfg, m.tokenizer, prompts["prompt_tokens_BxP"], prompts["prompt_mask_BxP"],
-                           eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step), lora=lora,
-                           lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
+                           eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step, round),
+                           lora=lora, lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
                            dtype=self.dtype)
     texts = [self.schema.primer + t for t in gen.texts]
     rep = lambda xs: [x for x in xs for _ in range(g.group)]  # noqa: E731
@@ -225,8 +371,8 @@ class Trainer:
     overlong = (np.asarray(losses.overlong_penalty(gen.lengths, g.max_new_tokens, g.overlong_buffer,
                                                    g.overlong_penalty), np.float32)
                 if g.overlong_buffer else np.zeros(len(texts), np.float32))
-    adv = losses.group_advantages(advantage_rewards(total, parts, g) + overlong, g.group, scale=g.scale_rewards,
-                                  ddof=g.std_ddof)
+    rewards_B = advantage_rewards(total, parts, g) + overlong
+    adv = losses.group_advantages(rewards_B, g.group, scale=g.scale_rewards, ddof=g.std_ddof)
     total = np.asarray(total, np.float32) + overlong
     if g.overlong_buffer:  # logged like a reward: rewards/overlong/mean
       parts = {**parts, "overlong": overlong.tolist()}
@@ -236,9 +382,7 @@ class Trainer:
               "prompt_mask_BxP": np.repeat(batch["prompt_mask_BxP"], g.group, 0),
               "completion_tokens_BxC": gen.tokens[:, :width], "completion_mask_BxC": mask[:, :width],
               "advantages_B": np.asarray(adv, np.float32)}
-    metrics = {**reward_metrics(total, parts, g.group, g.std_ddof), **completion_metrics(gen.lengths, gen.truncated),
-               "tokens_per_s/rollout": gen.tokens_per_second, "time/rollout": gen.seconds}
-    return arrays, metrics, texts
+    return Round(batch, arrays, rewards_B, total, parts, gen, texts)
 
   def score_logprobs(self, lora, arrays: dict) -> np.ndarray:
     """Log-probs of the sampled completions under `lora` (None = reference), micro-batch by micro-batch."""
@@ -360,14 +504,15 @@ def jitted(model_cfg, cfg: Config, mesh):
   return optimizer, step_fn, logp_fn, state_sh
 
 
-def grpo_step(tr: Trainer, state, batch: dict, step: int) -> tuple[Any, dict, list[str]]:
-  """Rollout, reference / old log-probs, updates: the new state and every metric of the step."""
+def grpo_step(tr: Trainer, state, batch: dict, step: int) -> tuple[Any, dict, dict]:
+  """Rollout, reference / old log-probs, updates: the new state, every metric of the step, and the rollouts
+  drawn (`Trainer.record`'s arguments)."""
   g = tr.cfg.grpo
-  arrays, metrics, texts = tr.rollout(state.lora, batch, step)
+  arrays, metrics, drawn = tr.sample(state.lora, batch, step)
   t0 = time.perf_counter()
-  c = arrays["completion_tokens_BxC"].shape[1]
-  arrays["ref_logp_BxC"] = tr.score_logprobs(None, arrays) if g.beta else np.zeros((len(texts), c), np.float32)
-  arrays["old_logp_BxC"] = (np.zeros((len(texts), c), np.float32) if tr.on_policy
+  b, c = arrays["completion_tokens_BxC"].shape
+  arrays["ref_logp_BxC"] = tr.score_logprobs(None, arrays) if g.beta else np.zeros((b, c), np.float32)
+  arrays["old_logp_BxC"] = (np.zeros((b, c), np.float32) if tr.on_policy
                             else tr.score_logprobs(state.lora, arrays))
   metrics["time/reference"] = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -375,7 +520,7 @@ def grpo_step(tr: Trainer, state, batch: dict, step: int) -> tuple[Any, dict, li
   metrics["time/train"] = time.perf_counter() - t0
   tokens = g.num_iterations * (arrays["prompt_mask_BxP"].sum() + arrays["completion_mask_BxC"].sum())
   metrics["tokens_per_s/train"] = float(tokens) / metrics["time/train"]
-  return state, {**train_metrics, **metrics}, texts
+  return state, {**train_metrics, **metrics}, drawn
 
 
 def run(cfg: Config) -> dict:

@@ -48,6 +48,9 @@ class Algorithm(Protocol):
   lr_key: str  # the setting to lower when steps go non-finite
   samples_file: str | None  # a JSONL of per-step records (GRPO's rollouts), or None
   plot: tuple[list[tuple[str, str]], str]  # ((split, key) panels, file name)
+  # Optional: batches drawn so far, for a trainer whose steps may draw more than one (GRPO's dynamic
+  # sampling); `batches(start)` then takes that count. Without it the data position is the step.
+  # data_position: int | None
 
   @property
   def steps(self) -> int: ...
@@ -129,9 +132,10 @@ def interrupt_after_step():
     raise KeyboardInterrupt
 
 
-def meta(cfg: Config, step: int) -> dict:
-  """The JSON saved beside each checkpoint: where the data stream stands, and the run's config."""
-  return {"step": step, "data_position": step, "config": config.to_dict(cfg)}
+def meta(cfg: Config, step: int, position: int | None = None) -> dict:
+  """The JSON saved beside each checkpoint: where the data stream stands (batches drawn: the step unless
+  the trainer says otherwise), and the run's config."""
+  return {"step": step, "data_position": step if position is None else position, "config": config.to_dict(cfg)}
 
 
 class Loop:
@@ -143,6 +147,7 @@ class Loop:
     self.log = MetricsLog(self.out, write=self.main)
     self.ckpts = checkpoint.Checkpoints(self.out / "checkpoints", self.cfg.train.keep_last, *runs.BEST[algo.kind])
     self.saved_at = 0
+    self.position = 0  # batches drawn after the last whole step: what `batches` resumes from
 
   def run(self) -> dict:
     a = self.algo
@@ -152,6 +157,7 @@ class Loop:
     try:
       state, saved = initial_state(a, self.ckpts)
       start = saved.get("step", 0)
+      self.position = saved.get("data_position", start)
       self.log.truncate(start)  # steps after the checkpoint are run (and logged) again
       print(lora_lib.describe(a.params, state.lora))
       before = self.before(state, start)
@@ -160,7 +166,7 @@ class Loop:
       after = a.held_out(state.lora, full=True) if finished else {}
       if after:
         self.log.log(a.steps, after, "eval")
-        self.ckpts.save_best(a.steps, state, meta(self.cfg, a.steps), after)
+        self.ckpts.save_best(a.steps, state, self.meta(a.steps), after)
     except BaseException:
       self.log.close()  # TensorBoard's buffered events: the CLI then exits without teardown
       raise
@@ -191,10 +197,12 @@ class Loop:
     records = (self.out / a.samples_file).open("a") if a.samples_file and self.main else open(os.devnull, "w")
     try:
       with records:
-        for step, batch in zip(bar, a.batches(start)):
+        for step, batch in zip(bar, a.batches(self.position)):
           done = step + 1
           with interrupt_after_step():  # the step and its logs: a saved step keeps its metrics
             state, row, record = a.step(state, batch, step)
+            drawn = getattr(a, "data_position", None)
+            self.position = done if drawn is None else drawn
             self.log.log(done, row)
             if record is not None:
               records.write(json.dumps({"step": done, **record}) + "\n")
@@ -227,12 +235,16 @@ class Loop:
       ev = a.held_out(state.lora, full=False)
       if ev:
         self.log.log(done, ev, "eval")
-        self.ckpts.save_best(done, state, meta(self.cfg, done), ev)
+        self.ckpts.save_best(done, state, self.meta(done), ev)
     if done % a.save_every == 0 or done == a.steps:
       self.save(state, done)
 
+  def meta(self, done: int) -> dict:
+    """`meta` at step `done`, which is the last whole step (its data position is the one `self.position` holds)."""
+    return meta(self.cfg, done, self.position)
+
   def save(self, state, done: int):
-    self.ckpts.save(done, state, meta(self.cfg, done))
+    self.ckpts.save(done, state, self.meta(done))
     self.saved_at = done
 
   def rescue(self, state):
