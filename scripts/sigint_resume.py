@@ -86,6 +86,8 @@ def trial(kind: str, out: pathlib.Path, span: tuple[float, float], rng: random.R
     return "missed", "finished before the signal"
   proc.send_signal(signal.SIGINT)
   err = finish(proc, out)
+  if proc.returncode == -signal.SIGINT and (out / "summary.json").exists():
+    return "missed", "the run had finished: the signal hit the interpreter's exit (Python's default handler)"
   if proc.returncode != 130 or "Traceback" in err:
     return "FAIL", f"interrupted run exited {proc.returncode}: {err[-1500:]}"
   said = [ln.strip() for ln in err.replace("\r", "\n").splitlines()]
