@@ -77,17 +77,29 @@ def same(a: dict, b: dict) -> bool:
       x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a["leaves"], b["leaves"]))
 
 
-def trial(kind: str, out: pathlib.Path, span: tuple[float, float], rng: random.Random) -> tuple[str, str]:
-  """(outcome, detail): interrupt one run at a random moment of its training, then resume it."""
-  delay = rng.uniform(*span)
+def logged_steps(out: pathlib.Path) -> int:
+  metrics = out / "metrics.jsonl"
+  return metrics.read_text().count('"split": "train"') if metrics.exists() else 0
+
+
+def trial(kind: str, out: pathlib.Path, steps: int, per_step: float, rng: random.Random) -> tuple[str, str]:
+  """(outcome, detail): interrupt one run at a random moment of its training, then resume it.
+
+  The moment: once a random number of steps (0 included) is logged, a random delay of up to two
+  steps' time, so the signal lands mid-step, between steps or during a checkpoint write.
+  """
+  after, delay = rng.randrange(steps), rng.uniform(0, 2 * per_step)
   proc = launch(kind, out)
+  while proc.poll() is None and logged_steps(out) < after:
+    time.sleep(0.02)
   time.sleep(delay)
   if proc.poll() is not None:
     return "missed", "finished before the signal"
   proc.send_signal(signal.SIGINT)
   err = finish(proc, out)
-  if proc.returncode == -signal.SIGINT and (out / "summary.json").exists():
-    return "missed", "the run had finished: the signal hit the interpreter's exit (Python's default handler)"
+  if proc.returncode in (0, -signal.SIGINT) and (out / "summary.json").exists():
+    # every step ran and was saved: the signal came during the closing summary or the interpreter's exit
+    return "missed", f"the run had finished (exit {proc.returncode})"
   if proc.returncode != 130 or "Traceback" in err:
     return "FAIL", f"interrupted run exited {proc.returncode}: {err[-1500:]}"
   said = [ln.strip() for ln in err.replace("\r", "\n").splitlines()]
@@ -96,7 +108,7 @@ def trial(kind: str, out: pathlib.Path, span: tuple[float, float], rng: random.R
   err = finish(resumed, out)
   if resumed.returncode != 0:
     return "FAIL", f"resume exited {resumed.returncode}: {err[-1500:]}"
-  return "ok", f"signal at {delay:.1f}s: {saved}"
+  return "ok", f"signal {delay:.1f}s after step {after} was logged: {saved}"
 
 
 def main():
@@ -117,14 +129,15 @@ def main():
       assert proc.returncode == 0, err[-3000:]
       wall = time.monotonic() - t0
       want, want_loss = final_state(ref), train_rows(ref)
-      print(f"{kind}: reference run {wall:.1f}s, {want['step']} steps, the first logged at {first:.1f}s; "
-            f"signals drawn from [{0.8 * first:.1f}s, {wall:.1f}s]", flush=True)
+      per_step = (wall - first) / max(want["step"] - 1, 1)
+      print(f"{kind}: reference run {wall:.1f}s, {want['step']} steps, the first logged at {first:.1f}s, "
+            f"then {per_step:.1f}s a step", flush=True)
       ok = missed = 0
       for i in itertools.count(1):
         if ok == args.trials or i > 3 * args.trials:
           break
         out = pathlib.Path(tmp) / f"{kind}-{i}"
-        outcome, detail = trial(kind, out, (0.8 * first, wall), rng)
+        outcome, detail = trial(kind, out, want["step"], per_step, rng)
         if outcome == "ok" and not same(final_state(out), want):
           outcome, detail = "FAIL", f"the resumed run's final state differs from the reference ({detail})"
         elif outcome == "ok" and train_rows(out) != want_loss:
