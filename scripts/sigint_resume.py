@@ -100,15 +100,20 @@ def trial(kind: str, out: pathlib.Path, steps: int, per_step: float, rng: random
   if proc.returncode in (0, -signal.SIGINT) and (out / "summary.json").exists():
     # every step ran and was saved: the signal came during the closing summary or the interpreter's exit
     return "missed", f"the run had finished (exit {proc.returncode})"
-  if proc.returncode != 130 or "Traceback" in err:
+  if proc.returncode == -signal.SIGINT and not (out / "config.yaml").exists():
+    # Ctrl-C while Python was still importing the CLI's modules: Python's own handler prints the
+    # KeyboardInterrupt and exits; no run had started, so nothing was there to save
+    detail = "interrupted while importing (before the run started)"
+  elif proc.returncode != 130 or "Traceback" in err:
     return "FAIL", f"interrupted run exited {proc.returncode}: {err[-1500:]}"
-  said = [ln.strip() for ln in err.replace("\r", "\n").splitlines()]
-  saved = next((ln for ln in said if "saved step" in ln or "last checkpoint" in ln), "interrupted before any step")
+  else:
+    said = [ln.strip() for ln in err.replace("\r", "\n").splitlines()]
+    detail = next((ln for ln in said if "saved step" in ln or "last checkpoint" in ln), "interrupted before any step")
   resumed = launch(kind, out)
   err = finish(resumed, out)
   if resumed.returncode != 0:
     return "FAIL", f"resume exited {resumed.returncode}: {err[-1500:]}"
-  return "ok", f"signal {delay:.1f}s after step {after} was logged: {saved}"
+  return "ok", f"signal {delay:.1f}s after step {after} was logged: {detail}"
 
 
 def main():
