@@ -108,7 +108,8 @@ def trial(kind: str, out: pathlib.Path, steps: int, per_step: float, rng: random
     return "FAIL", f"interrupted run exited {proc.returncode}: {err[-1500:]}"
   else:
     said = [ln.strip() for ln in err.replace("\r", "\n").splitlines()]
-    detail = next((ln for ln in said if "saved step" in ln or "last checkpoint" in ln), "interrupted before any step")
+    quiet = "its last step was already saved" if logged_steps(out) else "interrupted before any step"
+    detail = next((ln for ln in said if "saved step" in ln or "last checkpoint" in ln), quiet)
   resumed = launch(kind, out)
   err = finish(resumed, out)
   if resumed.returncode != 0:
