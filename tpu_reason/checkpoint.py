@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from tpu_reason.errors import UserError
+from tpu_reason.errors import UserError, first_line
 
 
 class Checkpoints:
@@ -64,7 +64,7 @@ class Checkpoints:
                                                       meta=ocp.args.JsonRestore()))
     except Exception as e:  # a corrupt or half-copied step: orbax/tensorstore raise many kinds
       _settle_reads()
-      raise UserError(f"{where}: checkpoint unreadable ({_first_line(e)}); train.resume=none starts afresh, "
+      raise UserError(f"{where}: checkpoint unreadable ({first_line(e)}); train.resume=none starts afresh, "
                       f"train.resume=<step> picks another of {saved}") from None
     return out["state"], out["meta"]
 
@@ -80,10 +80,6 @@ def _settle_reads(seconds: float = 1.0):
   event loop closed and would print a stray 'Event loop is closed' traceback after our error."""
   with contextlib.redirect_stderr(io.StringIO()):
     time.sleep(seconds)
-
-
-def _first_line(e: BaseException) -> str:
-  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def _steps(manager_dir: Path) -> list[int]:
@@ -135,5 +131,5 @@ def restore_lora(step_dir: Path) -> tuple[Any, dict]:
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
   except Exception as e:
     _settle_reads()
-    raise UserError(f"{step_dir}: checkpoint unreadable ({_first_line(e)})") from None
+    raise UserError(f"{step_dir}: checkpoint unreadable ({first_line(e)})") from None
   return state["lora"], meta

@@ -13,6 +13,11 @@ class UserError(ValueError):
   """A mistake in the user's input (config, path, model spec): shown as one line."""
 
 
+def first_line(e: BaseException) -> str:
+  """`Type: first line of the message` (at most 200 characters): a library error inside one error line."""
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 _pending: list[int] = []  # Ctrl-Cs received: their KeyboardInterrupt may have been dropped
 
 

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from tpu_reason.errors import UserError
+from tpu_reason.errors import UserError, first_line
 from tpu_reason.tags import last_boxed
 
 FILTERS = frozenset({"no_delimiter", "answer_mismatch", "no_short_answer"})
@@ -220,10 +220,10 @@ def _dataset_rows(path: str, where: str, **load_kwargs: Any) -> Rows:
     try:
       ds = datasets.load_dataset(path, **load_kwargs)
     except (FileNotFoundError, ConnectionError) as e:
-      raise UserError(f"{where}: cannot load ({str(e).splitlines()[0]})") from None
+      raise UserError(f"{where}: cannot load ({first_line(e)})") from None
     except Exception as e:  # datasets wraps a corrupt file's error in its own generic ones
       cause = e.__cause__ or e
-      raise UserError(f"{where}: cannot read ({type(cause).__name__}: {str(cause).splitlines()[0]})") from None
+      raise UserError(f"{where}: cannot read ({first_line(cause)})") from None
   return ((f"{where}:row {i + 1}", row) for i, row in enumerate(ds))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tpu_reason.errors import UserError
+from tpu_reason.errors import UserError, first_line
 from tpu_reason.models.transformer import ModelConfig, Params, flatten, unflatten
 
 # Gemma's template (the GGUF of the 270m base model carries none).
@@ -165,7 +165,7 @@ def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...]) -> Model:
   except (ValueError, KeyError, IndexError, TypeError, OSError, struct.error) as e:
     # The gguf reader fails on a truncated or corrupt file with whatever numpy says.
     raise UserError(f"{path}: not a readable GGUF file, truncated or corrupt "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                    f"({first_line(e)})") from None
   if cfg.family.startswith("gemma") and not tok.chat_template:
     tok.chat_template = GEMMA_CHAT_TEMPLATE
   eos = eos_tokens or (tok.eos_token,)
