@@ -99,11 +99,11 @@ def test_overrides_are_coerced_to_field_types():
   assert cfg.data.completion_buckets == (128, 256)
   assert all(type(b) is int for b in cfg.data.completion_buckets)
   cfg = config.load(Config, None, [
-      "sampling.temperature=1", "lora.alpha=8", "lora.rank=16.0", "model.remat=yes",
+      "sampling.temperature=1", "lora.alpha=8", "lora.rank=16.0", "model.remat=yes", "data.strict=no",
       "data.completion_buckets=64,128", "name=run1", "data.system_prompt=Think step by step"])
   assert type(cfg.sampling.temperature) is float and cfg.sampling.temperature == 1.0
   assert type(cfg.lora.alpha) is float and type(cfg.lora.rank) is int and cfg.lora.rank == 16
-  assert cfg.model.remat is True
+  assert cfg.model.remat == "full" and cfg.data.strict is False  # yes/no: YAML's booleans
   assert cfg.data.completion_buckets == (64, 128)
   assert cfg.name == "run1" and cfg.data.system_prompt == "Think step by step"
 

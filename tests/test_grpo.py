@@ -295,7 +295,7 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   narrow = {**wide, **{k: wide[k][:, :c] for k in (*cols, "ref_logp_BxC", "old_logp_BxC")}}
   g = dataclasses.replace(tr.cfg.grpo, loss=loss, importance_level=level)
   fn = jax.jit(functools.partial(grpo.policy_loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
-                                 remat=False, chunk=tr.cfg.train.vocab_chunk, on_policy=False))
+                                 remat="none", chunk=tr.cfg.train.vocab_chunk, on_policy=False))
 
   def loss_at(a):
     mb = {**a, "num_tokens_B": np.full(16, a["completion_mask_BxC"].sum(), np.float32)}

@@ -174,15 +174,15 @@ def test_merge_with_qkv_bias():
       last_logits(merged, cfg, tokens, n=5), last_logits(params, cfg, tokens, adapters, 0.5, n=5), atol=1e-5)
 
 
-def _loss(adapters, params, cfg, tokens, targets, scale):
+def _loss(adapters, params, cfg, tokens, targets, scale, remat="none"):
   pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  hidden = forward(params, cfg, tokens, pos, lora=adapters, lora_scale=scale)
+  hidden = forward(params, cfg, tokens, pos, lora=adapters, lora_scale=scale, remat=remat)
   lp = jax.nn.log_softmax(logits(params, cfg, hidden), axis=-1)
   return -jnp.take_along_axis(lp, targets[..., None], axis=-1).mean()
 
 
 # gradient w.r.t. the first argument (the adapters) only; one compile shared by the tests
-loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=(2,), compiler_options=TINY_JIT)
+loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=(2, 6), compiler_options=TINY_JIT)
 
 
 def _batch(cfg, seed):
@@ -228,3 +228,33 @@ def test_adapter_gradient_matches_finite_difference():
   numeric = (loss_at(1) - loss_at(-1)) / (2 * eps)
   assert abs(analytic) > 1e-3
   assert abs(numeric - analytic) < 2e-2 * abs(analytic) + 1e-4, (numeric, analytic)
+
+
+def test_low_rank_backward_equals_autodiff_of_the_plain_product():
+  rng = np.random.default_rng(7)
+  x, a, b, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((6, 5), (5, 3), (3, 4), (6, 4)))
+  from tpu_reason.models.transformer import low_rank
+
+  mine = jax.vjp(low_rank, x, a, b)
+  plain = jax.vjp(lambda x, a, b: (x @ a) @ b, x, a, b)
+  np.testing.assert_allclose(mine[0], plain[0], rtol=1e-6)
+  for got, want in zip(mine[1](dy), plain[1](dy)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_policies_give_the_gradient_of_no_remat(remat):
+  cfg, params = TINY_LLAMA, tiny_params(TINY_LLAMA)
+  adapters = randomize_b(lora.init(cfg, LoraCfg(rank=4, alpha=8.0), key(8)), std=0.1)
+  tokens, targets = _batch(cfg, 2)
+  want = loss_and_grad(adapters, params, cfg, tokens, targets, 2.0)
+  got = loss_and_grad(adapters, params, cfg, tokens, targets, 2.0, remat=remat)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7), got[1], want[1])
+
+
+def test_config_remat_choices_are_the_transformers_policies():
+  from tpu_reason.config import REMAT
+  from tpu_reason.models.transformer import REMAT as POLICIES
+
+  assert tuple(POLICIES) == REMAT

@@ -39,16 +39,24 @@ def _check(cond: bool, msg: str):
     raise UserError(msg)
 
 
+REMAT = ("none", "dots", "full")  # transformer.REMAT's policies (config stays free of jax)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCfg:
   """Which checkpoint to load and how to run it."""
 
   spec: str = "smollm2-135m"
   dtype: str = "float32"  # compute/param dtype: float32 on CPU, bfloat16 on TPU
-  remat: bool = False  # recompute each layer in the backward: ~5x less activation memory, ~25% slower
+  # what the backward recomputes: none; dots (attention and elementwise: less memory, little time);
+  # full (the whole layer: least memory, slowest). true / false read as full / none.
+  remat: str = "none"
 
   def __post_init__(self):
     _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+    legacy = {**dict.fromkeys(("true", "yes", "on", "1"), "full"), **dict.fromkeys(("false", "no", "off", "0"), "none")}
+    object.__setattr__(self, "remat", legacy.get(self.remat.lower(), self.remat))
+    _check(self.remat in REMAT, f"model.remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +412,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
   if typ is str:
     if value is None:
       return ""
+    if isinstance(value, bool):  # YAML's true / false, for fields that read them (model.remat)
+      return str(value).lower()
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
       raise UserError(f"{where} must be a string, got {value!r}")
     return str(value)

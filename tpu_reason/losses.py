@@ -57,7 +57,7 @@ def sft_loss(logp_BxT, mask_BxT):
 
 
 def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
-                        remat=False, chunk=8192, temperature=1.0):
+                        remat="none", chunk=8192, temperature=1.0):
   """log p(completion token) [B, C] for a left-padded prompt + right-padded completion batch."""
   from tpu_reason.models.transformer import forward, positions
 

@@ -170,8 +170,9 @@ def activation_bytes(loss, model_cfg: ModelConfig, cfg: Config, batch: dict) -> 
   dtype = jnp.dtype(cfg.model.dtype)
   params = full_tree(param_shapes(model_cfg), dtype)
   lora = full_tree(lora_lib.shapes(model_cfg, cfg.lora), jnp.float32)  # the trainers' f32 master adapters
-  kept = {remat: residual_bytes(functools.partial(loss, remat=remat), lora, params, batch) for remat in (False, True)}
-  one_layer = (kept[False] - kept[True]) // model_cfg.num_layers
+  kept = {remat: residual_bytes(functools.partial(loss, remat=remat), lora, params, batch)
+          for remat in {"none", "full", cfg.model.remat}}
+  one_layer = (kept["none"] - kept["full"]) // model_cfg.num_layers
   return kept[cfg.model.remat] + one_layer
 
 
@@ -216,7 +217,7 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
     grads = nbytes(lora_local) * (2 if accumulating else 1)
     act = activation_bytes(loss, local, cfg, batch_of(per_dev, d.max_prompt_tokens, completion))
     items = {**resident, "LoRA gradients": grads, **gathered, "activations": act}
-    remat = "remat" if cfg.model.remat else "no remat"
+    remat = "no remat" if cfg.model.remat == "none" else f"remat {cfg.model.remat}"
     return Phase(name, items, f"{per_dev} rows/device x ({d.max_prompt_tokens}+{completion}) tokens, {remat}")
 
   # the largest completion bucket is always max_completion_tokens (data.buckets.completion_buckets)

@@ -219,9 +219,10 @@ def _forcing(tokenizer, schema: TagSchema | None, budget: BudgetCfg | None) -> F
   return None if schema is None else budget_lib.forcing(tokenizer, schema, budget)
 
 
-def _result(tokenizer, state: DecodeState, stop_len: np.ndarray, pad: int, seconds: float) -> Generation:
-  """Host-side Generation: cut at stop strings, pad after the end, decode texts."""
+def _result(tokenizer, state: DecodeState, stop_len: np.ndarray, pad: int, t0: float) -> Generation:
+  """Host-side Generation: cut at stop strings, pad after the end, decode texts; seconds since `t0`."""
   tokens, done, lengths, b = to_host((state.tokens, state.done, state.lengths, state.budget))
+  seconds = time.perf_counter() - t0  # the fetch above waited for the last decode chunk to run
   stopped = stop_len > 0
   lengths = np.where(stopped, np.minimum(stop_len, lengths), lengths).astype(np.int32)
   tokens = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, pad).astype(np.int32)
@@ -284,7 +285,7 @@ def generate(
     step = min(step + chunk, span)
     state = decode(params, lora, lora_scale, prefix, state, step, eos, pad, forcing, cfg=cfg, mode=mode,
                    span=span, dtype=dtype)
-  return _result(tokenizer, state, stop_len, pad, time.perf_counter() - t0)
+  return _result(tokenizer, state, stop_len, pad, t0)
 
 
 def left_pad(ids_list: list[list[int]], length: int | None, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
