@@ -8,6 +8,7 @@ answers, bounded by the SIGALRM budget in rewards.py rather than by length.
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -57,7 +58,8 @@ def main():
       row = []
       for name in names:
         fn = rewards.REWARDS[name]
-        call = lambda: fn([""], [text], answer=[GOLD], checkpoints=[CHECKPOINTS], schema=schema)  # noqa: E731
+        # bound now: median_ms calls it before the loop moves on, but the linter cannot know that
+        call = functools.partial(fn, [""], [text], answer=[GOLD], checkpoints=[CHECKPOINTS], schema=schema)
         ms = median_ms(call, args.repeats)
         row.append(ms)
         worst = max(worst, ms)
@@ -68,7 +70,7 @@ def main():
   print("\nmath_verify fallback on hostile short answers (first call, uncached):")
   for answer in HOSTILE_ANSWERS:
     rewards._symbolic_equal.cache_clear()
-    ms = median_ms(lambda: rewards.answers_match(answer, "2"), 1)
+    ms = median_ms(functools.partial(rewards.answers_match, answer, "2"), 1)
     print(f"  {answer[:24]!r:<30}{len(answer):>5} chars {ms:>9.1f} ms")
 
 

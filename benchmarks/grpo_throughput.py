@@ -52,6 +52,7 @@ def _args(argv=None):
   ap.add_argument("--group", type=int, default=4)
   ap.add_argument("--new-tokens", type=int, default=512)
   ap.add_argument("--prompt-tokens", type=int, default=160, help="data.max_prompt_tokens: the padded prompt length")
+  ap.add_argument("--beta", type=float, default=0.04, help="grpo.beta: KL weight (0 skips the reference pass)")
   ap.add_argument("--only", choices=("both", "ours", "tunix"), default="both",
                   help="run one side in this process (default: both, each in a subprocess)")
   ap.add_argument("--no-mem-guard", action="store_true",
@@ -66,7 +67,7 @@ def _config(a, out_dir: str):
   return config.load(Config, None, [
       f"output_dir={out_dir}", "model.spec=smollm2-135m", "model.dtype=float32", "grpo.init=base",
       f"grpo.prompts={a.prompts}", f"grpo.group={a.group}", f"grpo.max_new_tokens={a.new_tokens}",
-      f"grpo.steps={a.steps + 1}", "grpo.warmup_steps=0", "grpo.micro_batch=1",
+      f"grpo.steps={a.steps + 1}", "grpo.warmup_steps=0", "grpo.micro_batch=1", f"grpo.beta={a.beta}",
       f"data.max_prompt_tokens={a.prompt_tokens}", f"data.size={max(64, a.prompts * (a.steps + 1))}",
       "data.eval_size=0"])
 
@@ -104,9 +105,10 @@ def _step_result(parts: list[dict], rows: int, prompt_len: int, new_tokens: int)
 
 def run_ours(a) -> dict:
   import jax
-
   from bench_generate import copy_bandwidth
-  from tpu_reason import grpo, lora as lora_lib, sampler
+
+  from tpu_reason import grpo, sampler
+  from tpu_reason import lora as lora_lib
   from tpu_reason import train as train_lib
   from tpu_reason.config import SamplingCfg
 
@@ -173,7 +175,8 @@ def _ours_xla_memory(tr, state, rows: int, prompt_len: int, new_tokens: int) -> 
 def run_tunix(a) -> dict:
   import _tunix  # benchmarks/_tunix.py; imported here so the `ours` process never loads Tunix
 
-  from tpu_reason import grpo, mesh as mesh_lib, models, rewards, tags
+  from tpu_reason import grpo, models, rewards, tags
+  from tpu_reason import mesh as mesh_lib
   from tpu_reason.data import buckets
 
   cfg = _config(a, tempfile.mkdtemp(prefix="grpo_bench_"))
@@ -276,7 +279,7 @@ def report(side: str, r: dict, a) -> dict:
 
 def _child(side: str, a) -> dict | None:
   argv = ["--steps", str(a.steps), "--reps", str(a.reps), "--prompts", str(a.prompts), "--group", str(a.group),
-          "--new-tokens", str(a.new_tokens), "--prompt-tokens", str(a.prompt_tokens)] + (
+          "--new-tokens", str(a.new_tokens), "--prompt-tokens", str(a.prompt_tokens), "--beta", str(a.beta)] + (
               ["--no-mem-guard"] if a.no_mem_guard else [])
   return run_side(os.path.abspath(__file__), side, argv)
 

@@ -64,7 +64,8 @@ def run_ours(a) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from tpu_reason import lora as lora_lib, models, sft
+  from tpu_reason import lora as lora_lib
+  from tpu_reason import models, sft
   from tpu_reason.config import LoraCfg, TrainCfg
 
   m = models.load("smollm2-135m")
@@ -76,7 +77,8 @@ def run_ours(a) -> dict:
   n_lora = sum(x.size for x in jax.tree.leaves(lora))
   state = sft.init_state(lora, opt, 0)
   step = jax.jit(functools.partial(sft._train_step, cfg=m.cfg, optimizer=opt, lora_scale=lora_lib.scale(lcfg),
-                                   dtype=jnp.float32, remat=a.remat, chunk=8192, accum=1), donate_argnums=0)
+                                   dtype=jnp.float32, remat="full" if a.remat else "none", chunk=8192,
+                                   accum=1), donate_argnums=0)
   prompt, completion = _tokens(a, m.cfg.vocab_size)
   batch = {
       "prompt_tokens_BxP": prompt,
