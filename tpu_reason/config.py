@@ -414,7 +414,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
       return ""
     if isinstance(value, bool):  # YAML's true / false, for fields that read them (model.remat)
       return str(value).lower()
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+    if not isinstance(value, (str, int, float)):
       raise UserError(f"{where} must be a string, got {value!r}")
     return str(value)
   return value
