@@ -116,6 +116,7 @@ class DataCfg:
   max_prompt_tokens: int = 160  # TPU recipes: 256 / 512; the CPU default trims padding
   max_completion_tokens: int = 256
   completion_buckets: tuple[int, ...] = (128, 256)  # () = one bucket of max_completion_tokens
+  pack: bool = False  # SFT: several examples per row of max_prompt + max_completion tokens (buckets unused)
   strict: bool = True
 
   def __post_init__(self):

@@ -74,6 +74,26 @@ def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=
   return token_logprobs(h, w, completion, chunk=chunk, softcap=cfg.final_softcap, temperature=temperature)
 
 
+def packed_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32, remat="none", chunk=8192):
+  """log p(completion token) [B, C] for packed rows (see `data.buckets.pack`): each segment sees only itself."""
+  from tpu_reason.models.transformer import forward
+
+  tokens, segments, at = batch["tokens_BxL"], batch["segments_BxL"], batch["target_at_BxC"]
+  hidden = forward(params, cfg, tokens, batch["positions_BxL"], valid_BxT=segments > 0, lora=lora,
+                   lora_scale=lora_scale, dtype=dtype, remat=remat, segment_BxT=segments)
+  # the vocabulary head runs only where the loss looks, not on the prompts in between
+  h = jnp.take_along_axis(hidden, at[..., None], axis=1)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  return token_logprobs(h, w, jnp.take_along_axis(tokens, at + 1, axis=1), chunk=chunk, softcap=cfg.final_softcap)
+
+
+def sft_logprobs(params, cfg, batch, **kw):
+  """log p of each completion token [B, C] in either batch layout (packed rows or prompt + completion)."""
+  if "tokens_BxL" in batch:
+    return packed_logprobs(params, cfg, batch, **kw)
+  return completion_logprobs(params, cfg, batch, **kw)
+
+
 # --------------------------------------------------------------------------- GRPO maths
 
 

@@ -134,6 +134,20 @@ def abstract_batch(rows: int, prompt: int, completion: int, sharding=None) -> di
           "completion_tokens_BxC": spec(completion, jnp.int32), "completion_mask_BxC": spec(completion, bool)}
 
 
+def packed_batch(rows: int, prompt: int, completion: int, sharding=None) -> dict:
+  """The arrays of a packed SFT batch (`data.pack`): rows of prompt + completion tokens."""
+  spec = lambda n, dt: jax.ShapeDtypeStruct((rows, n), dt, sharding=sharding)  # noqa: E731
+  width = prompt + completion
+  return {"tokens_BxL": spec(width, jnp.int32), "segments_BxL": spec(width, jnp.int32),
+          "positions_BxL": spec(width, jnp.int32), "target_at_BxC": spec(completion, jnp.int32),
+          "completion_mask_BxC": spec(completion, bool)}
+
+
+def sft_batch(cfg: Config):
+  """`abstract_batch` or `packed_batch`, as the recipe's SFT step sees it."""
+  return packed_batch if cfg.data.pack else abstract_batch
+
+
 def grpo_batch(rows: int, prompt: int, completion: int) -> dict:
   """A GRPO update's micro-batch: rollout tokens plus advantages and stored log-probs."""
   per_row, per_token = jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows, completion), jnp.float32)
@@ -221,7 +235,7 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
     return Phase(name, items, f"{per_dev} rows/device x ({d.max_prompt_tokens}+{completion}) tokens, {remat}")
 
   # the largest completion bucket is always max_completion_tokens (data.buckets.completion_buckets)
-  sft_phase = train_phase("SFT step", sft_loss(local, cfg), abstract_batch, t.batch_size // t.grad_accum,
+  sft_phase = train_phase("SFT step", sft_loss(local, cfg), sft_batch(cfg), t.batch_size // t.grad_accum,
                           d.max_completion_tokens, t.grad_accum > 1)
   prompts, rows = rows_per_device(g.prompts, mesh), rows_per_device(g.prompts * g.group, mesh)
   kv = kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype) + kv_cache_bytes(local, rows, g.max_new_tokens, dtype)
@@ -299,7 +313,7 @@ def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowe
   step, state_sh = sft.jit_train_step(cfg, model_cfg, optimizer, mesh)
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
   params = full_tree(param_shapes(model_cfg), jnp.dtype(cfg.model.dtype), mesh)
-  batch = abstract_batch(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
+  batch = sft_batch(cfg)(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
                          mesh_lib.rows_sharding(mesh, (cfg.train.batch_size, 1)))
   # the forward's sharding constraints read the context mesh; eager work (above) must stay outside it
   with jax.set_mesh(mesh):

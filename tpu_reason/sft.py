@@ -29,14 +29,14 @@ from tpu_reason.errors import UserError, cli
 
 
 def device_batch(batch: dict) -> dict:
-  """The array part of a collated batch (lists of strings stay on the host)."""
-  return {k: np.asarray(v) for k, v in batch.items() if k.endswith(("_BxP", "_BxC"))}
+  """The array part of a collated or packed batch (lists of strings stay on the host)."""
+  return {k: np.asarray(v) for k, v in batch.items() if k.endswith(("_BxP", "_BxC", "_BxL"))}
 
 
 def loss(lora, params, batch, *, cfg, lora_scale, dtype, remat, chunk):
   """Token-mean NLL of the completions (the SFT objective) and no aux."""
-  logp = losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype,
-                                    remat=remat, chunk=chunk)
+  logp = losses.sft_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype, remat=remat,
+                             chunk=chunk)
   return losses.sft_loss(logp, batch["completion_mask_BxC"]), {}
 
 
@@ -102,7 +102,7 @@ class Trainer:
   def step(self, state, batch: dict, step: int):
     """One optimizer step: (state, metrics row, no record)."""
     t = self.cfg.train
-    tokens = int(batch["prompt_mask_BxP"].sum() + batch["completion_mask_BxC"].sum())
+    tokens = buckets.real_tokens(batch)
     t0 = time.perf_counter()
     state, m = self.step_fn(state, self.params, self.place_batch(batch))
     m = jax.device_get(m)
@@ -158,6 +158,8 @@ def build(cfg: Config) -> Trainer:
   train, evals, reports = prepare(cfg.data, model)
   for r in reports.values():
     print(r.summary())
+  if cfg.data.pack:
+    train = pack_rows(train, cfg.data, model)
   if len(train) < cfg.train.batch_size:
     raise UserError(f"only {len(train)} training rows survived filtering; need >= train.batch_size={cfg.train.batch_size}")
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -170,6 +172,17 @@ def build(cfg: Config) -> Trainer:
   scale = lora_lib.scale(cfg.lora)
   eval_fn = jax.jit(functools.partial(_eval_sums, cfg=model.cfg, lora_scale=scale, dtype=dtype, chunk=cfg.train.vocab_chunk))
   return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale, state_sh)
+
+
+def pack_rows(examples: list, d, model) -> list:
+  """The training examples packed into rows of max_prompt + max_completion tokens; prints the fill."""
+  width = d.max_prompt_tokens + d.max_completion_tokens
+  rows = buckets.pack(examples, width, d.max_completion_tokens, buckets.pad_id(model), seed=d.seed)
+  real = sum(int((r.segments_L > 0).sum()) for r in rows)
+  padded = sum(ex.bucket + d.max_prompt_tokens for ex in examples)
+  print(f"packed {len(examples)} examples into {len(rows)} rows of {width} tokens: {real / (len(rows) * width):.0%} "
+        f"real tokens ({len(rows) * width} in all; {padded} unpacked in completion buckets)")
+  return rows
 
 
 def check_micro_batch(t: TrainCfg, fsdp: int):

@@ -19,6 +19,12 @@ its answer (`target_unparseable`). A batch holds rows of one bucket only:
   example_mask_B         bool    False on filler rows (only with drop_remainder=False)
   answer, checkpoints, prompt_text, id   python lists of length B (for rewards)
 
+With `data.pack` the trainer lays several examples end to end in rows of one width
+L = P + max_completion_tokens instead (`pack`; attention stays within each example):
+
+  tokens_BxL, segments_BxL (0 on padding), positions_BxL
+  target_at_BxC, completion_mask_BxC   where the completion tokens are: the loss reads only those
+
 Batch order is a pure function of (bucket sizes, batch size, seed, epoch), so a
 trainer resumes exactly by restarting `batches(..., start_step=k)`.
 """
@@ -401,8 +407,89 @@ def collate(rows: Sequence[Example], batch_size: int) -> dict[str, Any]:
   }
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedRow:
+  """Several examples laid end to end in one row of fixed width (see `pack`)."""
+
+  ids: tuple[str, ...]
+  tokens_L: np.ndarray  # int32: prompt, completion, prompt, completion, ..., pad
+  segments_L: np.ndarray  # int32: 1, 1, ..., 2, 2, ..., 0 on padding
+  positions_L: np.ndarray  # int32: restart at 0 in each segment
+  target_at_C: np.ndarray  # int32: the row positions whose next token is a completion token (then 0s)
+  completion_mask_C: np.ndarray  # bool: True on the used entries of target_at_C
+
+  @property
+  def bucket(self) -> int:  # one shape for every row: batches() groups by it
+    return len(self.tokens_L)
+
+
+def pack(examples: Sequence[Example], length: int, targets: int, pad: int, seed: int = 0) -> list[PackedRow]:
+  """First-fit packing of each example's prompt + completion (unpadded) into rows of `length` tokens
+  holding at most `targets` completion tokens (the loss reads only those: the vocabulary head runs on
+  `targets` positions per row, as for an unpacked row of the widest bucket).
+
+  A pure function of (examples, length, targets, seed): examples are visited in a seeded shuffle and
+  each goes to the first row with room, so rows mix lengths and a resumed run rebuilds the same rows.
+  """
+  rows: list[list[Example]] = []
+  room: list[list[int]] = []  # per row: free tokens, free completion tokens
+  for i in np.random.default_rng([seed, length]).permutation(len(examples)):
+    ex = examples[i]
+    need = (ex.prompt_len + ex.completion_len, ex.completion_len)
+    if need[0] > length or need[1] > targets:
+      raise UserError(f"example {ex.id} has {need[0]} tokens ({need[1]} in its completion), more than a packed "
+                      f"row holds ({length}, {targets})")
+    slot = next((r for r, (free, free_c) in enumerate(room) if free >= need[0] and free_c >= need[1]), None)
+    if slot is None:
+      rows.append([])
+      room.append([length, targets])
+      slot = len(rows) - 1
+    rows[slot].append(ex)
+    room[slot][0] -= need[0]
+    room[slot][1] -= need[1]
+  return [_packed_row(r, length, targets, pad) for r in rows]
+
+
+def _packed_row(examples: Sequence[Example], length: int, targets: int, pad: int) -> PackedRow:
+  tokens, segments, positions = np.full(length, pad, np.int32), np.zeros(length, np.int32), np.zeros(length, np.int32)
+  target_at = []
+  at = 0
+  for seg, ex in enumerate(examples, start=1):
+    ids = np.concatenate([ex.prompt_tokens_P[ex.prompt_mask_P], ex.completion_tokens_C[ex.completion_mask_C]])
+    end = at + len(ids)
+    tokens[at:end], segments[at:end], positions[at:end] = ids, seg, np.arange(len(ids))
+    # the hidden state at t predicts token t + 1: from the prompt's last token to the one before EOS
+    target_at += range(at + ex.prompt_len - 1, end - 1)
+    at = end
+  target_at_C, mask_C = right_pad(target_at, targets, 0)
+  return PackedRow(tuple(ex.id for ex in examples), tokens, segments, positions, target_at_C, mask_C)
+
+
+def collate_packed(rows: Sequence[PackedRow], batch_size: int) -> dict[str, Any]:
+  """Stacks packed rows into one batch; short batches are filled with loss-free copies (as `collate`)."""
+  real = len(rows)
+  rows = list(rows) + [rows[0]] * (batch_size - real)
+  example_mask_B = np.arange(batch_size) < real
+  return {
+    "tokens_BxL": np.stack([r.tokens_L for r in rows]),
+    "segments_BxL": np.stack([r.segments_L for r in rows]),
+    "positions_BxL": np.stack([r.positions_L for r in rows]),
+    "target_at_BxC": np.stack([r.target_at_C for r in rows]),
+    "completion_mask_BxC": np.stack([r.completion_mask_C for r in rows]) & example_mask_B[:, None],
+    "example_mask_B": example_mask_B,
+    "id": [list(r.ids) for r in rows],
+  }
+
+
+def real_tokens(batch: Mapping[str, Any]) -> int:
+  """Non-padding tokens of a batch in either layout."""
+  if "segments_BxL" in batch:
+    return int((batch["segments_BxL"] > 0).sum())
+  return int(batch["prompt_mask_BxP"].sum() + batch["completion_mask_BxC"].sum())
+
+
 def batches(
-  examples: Sequence[Example],
+  examples: Sequence[Example] | Sequence[PackedRow],
   batch_size: int,
   *,
   seed: int = 0,
@@ -422,6 +509,7 @@ def batches(
   groups = group_by_bucket(examples)
   sizes = {b: len(g) for b, g in groups.items()}
   per_epoch = steps_per_epoch(sizes, batch_size, drop_remainder)
+  stack = collate_packed if examples and isinstance(examples[0], PackedRow) else collate
   if per_epoch == 0:
     raise UserError(f"no full batch of {batch_size}: buckets hold {sizes or 'no examples'};"
                     " lower the batch size or add data")
@@ -430,5 +518,5 @@ def batches(
     epoch, first = divmod(step, per_epoch)
     for bucket, idx in batch_order(sizes, batch_size, seed, epoch, shuffle=shuffle,
                                    drop_remainder=drop_remainder)[first:]:
-      yield collate([groups[bucket][i] for i in idx], batch_size)
+      yield stack([groups[bucket][i] for i in idx], batch_size)
       step += 1

@@ -314,8 +314,12 @@ def attention(q_BxTxNxH, blocks, cfg: ModelConfig):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, is_global, caches):
-  """One decoder block; attends to itself and to `caches` [(k, v, pos, valid, group)] of this layer."""
+def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, is_global, caches,
+           segment_BxT=None):
+  """One decoder block; attends to itself and to `caches` [(k, v, pos, valid, group)] of this layer.
+
+  With `segment_BxT` (packed rows) a token attends only within its own segment.
+  """
   act = jax.nn.silu if cfg.act == "silu" else (lambda z: jax.nn.gelu(z, approximate=True))
   x = constrain(x, RESIDUAL)
   h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
@@ -337,7 +341,10 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_Bx
     m = _mask(qpos, cpos, cvalid, cfg.sliding_window, is_global)
     blocks.append((ck, cv, m.reshape(pos_BxT.shape[0], pos_BxT.shape[1], -1), g))
   k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T] and [B, K, T, H]: the cache layout
-  blocks.append((k, v, _mask(pos_BxT, pos_BxT, valid_BxT, cfg.sliding_window, is_global), 1))
+  own = _mask(pos_BxT, pos_BxT, valid_BxT, cfg.sliding_window, is_global)
+  if segment_BxT is not None:
+    own = own & (segment_BxT[:, :, None] == segment_BxT[:, None, :])
+  blocks.append((k, v, own, 1))
   out = constrain(attention(q, blocks, cfg), OUT_AXES["q"])
   out = project("o", out, layer, lora_layer, lora_scale)
   if cfg.post_norms:
@@ -386,13 +393,15 @@ def forward(
     dtype=jnp.float32,
     remat: str = "none",
     return_kv: bool = False,
+    segment_BxT=None,
 ):
   """Final-norm hidden states [B, T, D]; with `return_kv` also this call's keys/values.
 
   The T tokens attend causally (by position) to each other and to every valid slot of
   `caches`; padding tokens (valid=False) are never attended to. Keys/values come back
   in the cache layout ([L, B, K, H, T], [L, B, K, T, H]) so the caller decides where to
-  store them (`write`).
+  store them (`write`). `segment_BxT` (packed rows: several sequences per row, positions
+  restarting in each) keeps attention within a segment.
   """
   if valid_BxT is None:
     valid_BxT = jnp.ones(tokens_BxT.shape, bool)
@@ -409,7 +418,7 @@ def forward(
     layer = {k: constrain(w, layer_axes[k]) for k, w in layer.items()}
     # caches are sliced here rather than scanned over, so a `span` reads fewer slots
     per_layer = [c.layer(index) for c in caches]
-    y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer)
+    y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer, segment_BxT)
     return y, (kv if return_kv else None)
 
   if REMAT[remat] is not None:
