@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from tpu_reason import checkpoint, config, distributed, lora as lora_lib, runs, train as train_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, check_interrupt
-from tpu_reason.metrics import MetricsLog
+from tpu_reason.metrics import MetricsLog, compiles
 
 
 class NonFinite(UserError):
@@ -200,7 +200,9 @@ class Loop:
         for step, batch in zip(bar, a.batches(self.position)):
           done = step + 1
           with interrupt_after_step():  # the step and its logs: a saved step keeps its metrics
-            state, row, record = a.step(state, batch, step)
+            with compiles() as compiled:
+              state, row, record = a.step(state, batch, step)
+            row["compiles"] = compiled.n  # 0 once each shape has been stepped
             drawn = getattr(a, "data_position", None)
             self.position = done if drawn is None else drawn
             self.log.log(done, row)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
+import jax
 import numpy as np
 
 
@@ -107,3 +109,25 @@ def _num(v):
   except (TypeError, ValueError):
     return v
   return int(f) if isinstance(v, int) else f
+
+
+class CompileCount:
+  """XLA compiles (backend compiles, not jit-cache hits) while a `compiles()` block is open."""
+
+  n = 0
+
+
+@contextlib.contextmanager
+def compiles():
+  """Counts the XLA programs compiled inside the block: a step of a shape seen before compiles none."""
+  count = CompileCount()
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      count.n += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield count
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)

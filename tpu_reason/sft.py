@@ -109,8 +109,7 @@ class Trainer:
     dt = time.perf_counter() - t0
     row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(t)(step)),
            "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": int(not m["finite"]),
-           "mfu": 6 * self.model.cfg.num_params * tokens / dt / (t.peak_flops * jax.device_count()),
-           "compiles": self.step_fn._cache_size()}
+           "mfu": 6 * self.model.cfg.num_params * tokens / dt / (t.peak_flops * jax.device_count())}
     return state, row, None
 
   def held_out(self, lora, full: bool) -> dict:
