@@ -8,14 +8,15 @@ sides with theirs_s / ours_s (> 1: ours is faster) beside each shape, also writt
 benchmarks/peers/last_run.md.
 
   sft         4 rows x 768 tokens (256 prompt + 512 completion), loss on the completion, median of 3 steps
+  sft_ckpt    the same with checkpointing on both sides (TRL gradient checkpointing, ours model.remat=full)
   generate16  4 prompts x G=4 x 512 new tokens (16 rows), temperature 1 / top-k 50, no early stop
   generate4   1 prompt x G=4 x 512 new tokens
   grpo1x4     1 prompt x G=4 x 512 new tokens, beta 0.04, median of 2 steps
-  grpo4x4     4 prompts x G=4 x 512 new tokens, beta 0.04, median of 2 steps
+  grpo4x4     4 prompts x G=4 x 512 new tokens, beta 0.04, 1 timed step
 --small shrinks them all for a smoke run (64 new / 64 + 128 SFT tokens, 1 timed step).
 TRL's GRPO runs with gradient checkpointing (TRL's default; --theirs-no-grad-ckpt turns it off): without
 it the 4x4x512 step needs ~30 GiB (peak RSS 6.7 GiB at 4x4x64, 10.0 at 4x4x128; 6.1 with it, and the step
-was no slower: 46.7 s with, 48.9 s without, at 4x4x128). Our side and TRL's SFT run without it.
+was no slower: 46.7 s with, 48.9 s without, at 4x4x128). Our GRPO side and `sft` run without it.
 
 Usage: python benchmarks/peers/compare.py [--rounds 1] [--only sft,generate16,...] [--small]
 """
@@ -56,11 +57,13 @@ class Shape:
   group: int = 0
   new: int = 0
   beta: float = 0.04
+  ckpt: bool = False  # sft: checkpointing on both sides
 
   def describe(self) -> str:
     if self.kind == "sft":
-      return (f"{self.batch} rows x {self.prompt + self.completion} tokens ({self.prompt} + {self.completion}), "
-              f"median of {self.steps}")
+      ckpt = ", checkpointing both sides" if self.ckpt else ""
+      return (f"{self.batch} rows x {self.prompt + self.completion} tokens ({self.prompt} + {self.completion})"
+              f"{ckpt}, median of {self.steps}")
     rows = f"{self.prompts} prompt{'s' if self.prompts > 1 else ''} x G={self.group} x {self.new} new"
     if self.kind == "generate":
       return f"{rows} ({self.prompts * self.group} rows), median of {self.steps}"
@@ -75,11 +78,12 @@ def shapes(small: bool) -> dict[str, Shape]:
   new, steps = (64, 1) if small else (512, 2)
   sft = Shape("sft", "sft", 1, batch=4, prompt=64, completion=128) if small else \
       Shape("sft", "sft", 3, batch=4, prompt=256, completion=512)
-  return {"sft": sft,
+  return {"sft": sft, "sft_ckpt": dataclasses.replace(sft, name="sft_ckpt", ckpt=True),
           "generate16": Shape("generate16", "generate", 1, prompts=4, group=4, new=new),
           "generate4": Shape("generate4", "generate", 1, prompts=1, group=4, new=new),
           "grpo1x4": Shape("grpo1x4", "grpo", steps, prompts=1, group=4, new=new),
-          "grpo4x4": Shape("grpo4x4", "grpo", steps, prompts=4, group=4, new=new)}
+          # one timed step: the 16-row step takes TRL ~4 min (warm-up step included, 8 min a side)
+          "grpo4x4": Shape("grpo4x4", "grpo", 1, prompts=4, group=4, new=new)}
 
 
 # --------------------------------------------------------------------------- commands
@@ -89,6 +93,8 @@ def command(side: str, s: Shape, grpo_ckpt: bool = True) -> list[str]:
   """The side's command line for this shape (ours: the repo's benchmark scripts with --only ours)."""
   if s.kind == "sft":
     flags = ["--batch", s.batch, "--prompt", s.prompt, "--completion", s.completion, "--steps", s.steps]
+    if s.ckpt:
+      flags += ["--remat"] if side == "ours" else ["--grad-ckpt"]
     script = (BENCH / "sft_throughput.py", "--only", "ours") if side == "ours" else (HERE / "trl_sft.py",)
   elif s.kind == "generate":
     flags = ["--prompts", s.prompts, "--group", s.group, "--new", s.new, "--reps", s.steps]
