@@ -387,13 +387,18 @@ def steps_per_epoch(n_per_bucket: Mapping[int, int], batch_size: int, drop_remai
   return sum(-(-n // batch_size) for n in n_per_bucket.values())
 
 
+def _filled(rows: Sequence, batch_size: int) -> tuple[list, np.ndarray]:
+  """(rows + copies of the first up to `batch_size`, example_mask_B: False on the copies).
+
+  Copies of a real row (not all-pad rows) keep attention well defined; the collators clear
+  their completion mask so they add no loss.
+  """
+  return list(rows) + [rows[0]] * (batch_size - len(rows)), np.arange(batch_size) < len(rows)
+
+
 def collate(rows: Sequence[Example], batch_size: int) -> dict[str, Any]:
   """Stacks rows into one batch; short batches are filled with masked-out copies."""
-  real = len(rows)
-  # Copies of a real row (not all-pad rows) keep attention well defined; their
-  # completion mask is cleared so they add no loss.
-  rows = list(rows) + [rows[0]] * (batch_size - real)
-  example_mask_B = np.arange(batch_size) < real
+  rows, example_mask_B = _filled(rows, batch_size)
   return {
     "prompt_tokens_BxP": np.stack([r.prompt_tokens_P for r in rows]),
     "prompt_mask_BxP": np.stack([r.prompt_mask_P for r in rows]),
@@ -431,22 +436,26 @@ def pack(examples: Sequence[Example], length: int, targets: int, pad: int, seed:
   A pure function of (examples, length, targets, seed): examples are visited in a seeded shuffle and
   each goes to the first row with room, so rows mix lengths and a resumed run rebuilds the same rows.
   """
+  needs = [(ex.prompt_len + ex.completion_len, ex.completion_len) for ex in examples]
+  for ex, (n, c) in zip(examples, needs):
+    if n > length or c > targets:
+      raise UserError(f"example {ex.id} has {n} tokens ({c} in its completion), more than a packed row holds "
+                      f"({length}, {targets})")
+  smallest = (min((n for n, _ in needs), default=0), min((c for _, c in needs), default=0))
   rows: list[list[Example]] = []
-  room: list[list[int]] = []  # per row: free tokens, free completion tokens
+  room: dict[int, list[int]] = {}  # rows that can still take the smallest example: free tokens, free completion
   for i in np.random.default_rng([seed, length]).permutation(len(examples)):
-    ex = examples[i]
-    need = (ex.prompt_len + ex.completion_len, ex.completion_len)
-    if need[0] > length or need[1] > targets:
-      raise UserError(f"example {ex.id} has {need[0]} tokens ({need[1]} in its completion), more than a packed "
-                      f"row holds ({length}, {targets})")
-    slot = next((r for r, (free, free_c) in enumerate(room) if free >= need[0] and free_c >= need[1]), None)
+    n, c = needs[i]
+    slot = next((r for r, (free, free_c) in room.items() if free >= n and free_c >= c), None)
     if slot is None:
+      slot = len(rows)
       rows.append([])
-      room.append([length, targets])
-      slot = len(rows) - 1
-    rows[slot].append(ex)
-    room[slot][0] -= need[0]
-    room[slot][1] -= need[1]
+      room[slot] = [length, targets]
+    rows[slot].append(examples[i])
+    room[slot][0] -= n
+    room[slot][1] -= c
+    if room[slot][0] < smallest[0] or room[slot][1] < smallest[1]:
+      del room[slot]  # full: dropping it keeps the scan short without changing where anything goes
   return [_packed_row(r, length, targets, pad) for r in rows]
 
 
@@ -467,9 +476,7 @@ def _packed_row(examples: Sequence[Example], length: int, targets: int, pad: int
 
 def collate_packed(rows: Sequence[PackedRow], batch_size: int) -> dict[str, Any]:
   """Stacks packed rows into one batch; short batches are filled with loss-free copies (as `collate`)."""
-  real = len(rows)
-  rows = list(rows) + [rows[0]] * (batch_size - real)
-  example_mask_B = np.arange(batch_size) < real
+  rows, example_mask_B = _filled(rows, batch_size)
   return {
     "tokens_BxL": np.stack([r.tokens_L for r in rows]),
     "segments_BxL": np.stack([r.segments_L for r in rows]),
