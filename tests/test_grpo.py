@@ -12,8 +12,10 @@ import gc
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zlib
 
 import jax
@@ -29,12 +31,16 @@ from tpu_reason.models import transformer
 
 
 def make_cfg(out, data_path, *overrides) -> Config:
-  return config.load(Config, None, [
+  return config.load(Config, None, cfg_args(out, data_path, *overrides))
+
+
+def cfg_args(out, data_path, *overrides) -> list[str]:
+  return [
       f"output_dir={out}", "model.spec=tiny-llama", "data.source=jsonl", f"data.path={data_path}",
       "data.size=32", "data.eval_size=4", "data.system_prompt=", "data.max_prompt_tokens=56",
       "grpo.init=base", "grpo.steps=2", "grpo.prompts=4", "grpo.micro_batch=2", "grpo.max_new_tokens=8",
       "grpo.lr=1e-2", "grpo.warmup_steps=0", "grpo.save_every=1", "grpo.eval_every=1", "train.eval_generate=2",
-      "train.eval_max_new_tokens=4", "grpo.temperature=1.0", "grpo.top_k=0", *overrides])
+      "train.eval_max_new_tokens=4", "grpo.temperature=1.0", "grpo.top_k=0", *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -519,6 +525,90 @@ def test_dynamic_sampling_resumes_exactly(trainer, dynamic_run, tmp_path, monkey
     np.testing.assert_array_equal(x, y)
 
 
+def test_sampling_budget_ends_the_run_where_the_completions_run_out(trainer, tmp_path, monkeypatch):
+  """grpo.max_completions = 5 prompt batches: however many a dynamic step draws, the run stops at 5, saves
+  that step and evaluates it as a finished run."""
+  cfg = dynamic_cfg(trainer, tmp_path / "budget")
+  cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, steps=10, max_completions=5 * 4 * 4))
+  reuse_build(monkeypatch, trainer)
+  monkeypatch.setattr(grpo.rewards, "score", sparse_reward)
+  summary = grpo.run(cfg)
+  rows = train_rows(tmp_path / "budget")
+  last = max(rows)
+  assert summary["finished"] and summary["last_step"] == last < 10 and summary["after"]
+  assert sum(r["dynamic/groups_drawn"] for r in rows.values()) == 5 * 4  # not a batch more
+  assert saved(trainer, tmp_path / "budget", last)[1]["data_position"] == 5
+  evals = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in evals if r["split"] == "eval"]  # eval_every=1: each step, then the after eval
+  assert steps == [0, *range(1, last + 1), last]
+
+
+def latest_saved(out) -> int | None:
+  ckpts = checkpoint.Checkpoints(out / "checkpoints", 3)
+  try:
+    return ckpts.latest_step()
+  finally:
+    ckpts.close()
+
+
+KILL_DRIVER = """
+import os, sys, time
+from tests.test_grpo import sparse_reward
+from tpu_reason import grpo
+
+grpo.rewards.score = sparse_reward
+real = grpo.Trainer.sample_round
+
+def hang_in_a_resample(self, lora, batch, step, round=0):
+  if os.environ.get("HANG") and (step, round) == (1, 1):  # step 2's first resample round
+    print("hanging", flush=True)
+    time.sleep(3600)
+  return real(self, lora, batch, step, round)
+
+grpo.Trainer.sample_round = hang_in_a_resample
+grpo.main(sys.argv[1:])
+"""
+
+
+def test_dynamic_sampling_killed_with_sigkill_resumes_exactly(trainer, data_path, tmp_path):
+  """kill -9 while step 2 resamples (no handler runs, nothing is saved on the way out): the same command
+  resumes from step 1's checkpoint and its data position and ends with an uninterrupted run's adapters."""
+  driver = tmp_path / "driver.py"
+  driver.write_text(KILL_DRIVER)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
+
+  def launch(out, **extra):
+    args = cfg_args(out, data_path, "grpo.steps=3", "grpo.dynamic_sampling=true", "grpo.max_resample_rounds=2",
+                    "train.keep_last=3")
+    return subprocess.Popen([sys.executable, str(driver), *args], cwd=root, env={**env, **extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  ref, out = tmp_path / "ref", tmp_path / "killed"
+  proc = launch(out, HANG="1")
+  for line in proc.stdout:  # step 1 is done (and its checkpoint written) before step 2 samples
+    if line.startswith("hanging"):
+      break
+  assert proc.poll() is None, "the run ended before it reached step 2"
+  deadline = time.time() + 60
+  while latest_saved(out) != 1 and time.time() < deadline:
+    time.sleep(0.5)  # Orbax may still be finishing step 1's write in the background
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  logs = [run.communicate(timeout=600)[0] for run in (launch(out), launch(ref))]
+  assert "resumed from" in logs[0] and "step 1\n" in logs[0], logs[0]
+  assert "Traceback" not in logs[0] + logs[1] and latest_saved(ref) == latest_saved(out) == 3, logs
+  a, b = train_rows(ref), train_rows(out)
+  keys = ("reward", "loss", "dynamic/groups_drawn", "dynamic/groups_kept", "dynamic/rounds")
+  assert [[a[s][k] for k in keys] for s in (1, 2, 3)] == [[b[s][k] for k in keys] for s in (1, 2, 3)]
+  (lora_a, meta_a), (lora_b, meta_b) = saved(trainer, ref, 3), saved(trainer, out, 3)
+  assert meta_a["data_position"] == meta_b["data_position"] > 3  # step 2 or 3 resampled
+  for x, y in zip(jax.tree.leaves(lora_a), jax.tree.leaves(lora_b)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_curriculum_comes_first(trainer):
   cfg = dataclasses.replace(trainer.cfg, grpo=dataclasses.replace(
       trainer.cfg.grpo, curriculum=("basic_arithmetic",), curriculum_steps=2))
@@ -552,8 +642,6 @@ def fake_sft_run(root, name, spec, lora, trainer_name="sft", finished=True):
 
 
 def test_latest_finished_sft_run_is_found(tmp_path):
-  import time
-
   fake_sft_run(tmp_path, "a", "tiny-llama", None)
   time.sleep(0.01)
   newest = fake_sft_run(tmp_path, "b", "tiny-llama", None)

@@ -42,7 +42,9 @@ class Checkpoints:
     self.last.save(step, args=self._args(state, meta), force=True)
 
   def save_best(self, step: int, state: Any, meta: dict, metrics: dict):
-    if self.best is not None:
+    """Offer `step` for `best`; a step already offered keeps its first metrics (a run whose batches ran out at
+    an eval step is evaluated again as finished: same adapters)."""
+    if self.best is not None and step not in self.best.all_steps():
       self.best.save(step, args=self._args(state, meta), metrics=metrics, force=True)
 
   def latest_step(self) -> int | None:

@@ -238,6 +238,9 @@ class GrpoCfg:
   # further along the stream, until `prompts` groups are kept or `max_resample_rounds` extra rounds are spent
   dynamic_sampling: bool = False
   max_resample_rounds: int = 2
+  # A sampling budget: the run ends after the step whose prompt batches bring the completions sampled to this
+  # (0 = none; `steps` still caps it). Compares variants that sample at different rates at equal cost.
+  max_completions: int = 0
   num_iterations: int = 1  # μ: optimizer passes over each rollout batch
   mini_batch: int = 0  # prompts per optimizer update (0 = all prompts of the step)
   micro_batch: int = 1  # prompts per forward/backward (gradient accumulation inside a mini-batch)
@@ -275,6 +278,9 @@ class GrpoCfg:
            f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens={self.max_new_tokens}] and grpo.overlong_penalty "
            f">= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
     _check(self.max_resample_rounds >= 0, f"grpo.max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
+    _check(self.max_completions >= 0 and self.max_completions % (self.prompts * self.group) == 0,
+           f"grpo.max_completions must be 0 (no budget) or a multiple of grpo.prompts x grpo.group = "
+           f"{self.prompts * self.group}, got {self.max_completions}")
     _check(self.num_iterations >= 1 and self.micro_batch >= 1 and self.mini_batch >= 0,
            "grpo.num_iterations and grpo.micro_batch must be >= 1, grpo.mini_batch >= 0")
     _check(self.prompts % self.mini == 0 and self.mini % self.micro_batch == 0,

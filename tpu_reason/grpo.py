@@ -303,7 +303,13 @@ class Trainer:
     """Prompt batches from batch `start` of the stream on: the first grpo.curriculum_steps from the curriculum
     (one a step unless dynamic sampling draws more), then the main task."""
     g = self.cfg.grpo
-    seed = self.cfg.train.seed
+    if g.max_completions:  # the sampling budget, in prompt batches
+      yield from _take(self.unbudgeted_batches(start), g.max_completions // (g.prompts * g.group) - start)
+    else:
+      yield from self.unbudgeted_batches(start)
+
+  def unbudgeted_batches(self, start: int):
+    g, seed = self.cfg.grpo, self.cfg.train.seed
     if start < g.curriculum_steps:
       yield from _take(buckets.batches(self.warmup, g.prompts, seed=seed, start_step=start), g.curriculum_steps - start)
     yield from buckets.batches(self.train, g.prompts, seed=seed, start_step=max(0, start - g.curriculum_steps))
@@ -330,7 +336,9 @@ class Trainer:
     while True:
       t0 = time.perf_counter()
       if rounds:
-        batch = next(self.stream)  # fresh prompts, further along the stream
+        batch = next(self.stream, None)  # fresh prompts, further along the stream
+        if batch is None:  # grpo.max_completions is spent: train on what was kept
+          break
       r = self.sample_round(lora, batch, step, len(rounds))
       k = keep_groups(informative_groups(r.rewards_B, g.group, g.std_ddof), r.batch["prompt_text"], taken,
                       g.prompts - len(taken))

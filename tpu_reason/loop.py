@@ -165,8 +165,8 @@ class Loop:
       state, finished = self.train(state, start)
       after = a.held_out(state.lora, full=True) if finished else {}
       if after:
-        self.log.log(a.steps, after, "eval")
-        self.ckpts.save_best(a.steps, state, self.meta(a.steps), after)
+        self.log.log(self.saved_at, after, "eval")  # saved_at: the last step (a finished run saves it)
+        self.ckpts.save_best(self.saved_at, state, self.meta(self.saved_at), after)
     except BaseException:
       self.log.close()  # TensorBoard's buffered events: the CLI then exits without teardown
       raise
@@ -195,6 +195,7 @@ class Loop:
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.kind, dynamic_ncols=True,
                disable=not self.main)
     records = (self.out / a.samples_file).open("a") if a.samples_file and self.main else open(os.devnull, "w")
+    done = start
     try:
       with records:
         for step, batch in zip(bar, a.batches(self.position)):
@@ -228,6 +229,10 @@ class Loop:
       raise
     finally:
       bar.close()
+    if done < a.steps:  # the trainer's batches ran out first (GRPO's grpo.max_completions)
+      if done > self.saved_at:
+        self.save(state, done)
+      print(f"the run's batches ran out after step {done} of {a.steps} (its sampling budget)")
     return state, True
 
   def cadence(self, state, done: int):
