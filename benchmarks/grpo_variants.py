@@ -28,6 +28,8 @@ import yaml
 VARIANTS = {
     "grpo": [],  # the no-argument run
     "dynamic": ["grpo.dynamic_sampling=true"],
+    # the same number of updates as `grpo` (30 steps of 2 kept groups), whatever it samples: no budget
+    "dynamic_steps": ["grpo.dynamic_sampling=true", "grpo.max_completions=0"],
     "grpo_mb1": ["grpo.mini_batch=1"],
     "gspo": ["grpo.mini_batch=1", "grpo.importance_level=sequence"],
 }
