@@ -4,6 +4,8 @@ transformers' logits; their merged LoRA export reads back and gives transformers
 same merge. Regenerate with tests/golden/make_family_golden.py (needs torch)."""
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -14,6 +16,8 @@ import pytest
 from tests.conftest import TINY_JIT
 from tpu_reason import export, lora as lora_lib, models, policy
 from tpu_reason.config import LoraCfg
+from tpu_reason.errors import UserError
+from tpu_reason.models import hf
 from tpu_reason.models.transformer import forward, logits, unflatten
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "families"
@@ -103,17 +107,49 @@ def test_merged_export_matches_transformers_merge(family, tmp_path):
 ROPE_VARIANTS = {"llama-rope-llama3": "llama", "gemma3-rope-linear": "gemma3"}
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="hf.config_from_hf ignores rope scaling (rope_type llama3 / linear): "
-                   "Llama-3.1+ and Gemma-3 4B+ load with silently wrong logits (max diff 0.95 / 2.2 here)")
-@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
-def test_scaled_rope_matches_transformers(variant, tmp_path):
-  import json
-  import shutil
-
-  golden = np.load(GOLDEN / f"{variant}.npz")
+def _with_rope(variant, tmp_path, rope_parameters):
+  """The family checkpoint of `variant` with `rope_parameters` written into its config.json."""
   path = shutil.copytree(GOLDEN / ROPE_VARIANTS[variant], tmp_path / variant)
   config = json.loads((path / "config.json").read_text())
-  (path / "config.json").write_text(json.dumps({**config, "rope_parameters": json.loads(str(golden["rope_parameters"]))}))
-  model = models.load(str(path))
-  diff = np.abs(_logits(model, golden["ids"]) - golden["logits"]).max()
+  (path / "config.json").write_text(json.dumps({**config, "rope_parameters": rope_parameters}))
+  return path
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_scaled_rope_matches_transformers(variant, tmp_path):
+  golden = np.load(GOLDEN / f"{variant}.npz")
+  model = models.load(str(_with_rope(variant, tmp_path, json.loads(str(golden["rope_parameters"])))))
+  assert model.cfg.rope_type == {"llama": "llama3", "gemma3": "linear"}[model.cfg.family]
+  ours = _logits(model, golden["ids"])
+  diff = np.abs(ours - golden["logits"]).max()
   assert diff < ATOL, f"{variant}: max |ours - transformers| = {diff:.2e}"
+  # an export keeps the scaling
+  out = export.export(policy.Policy(model, None, 1.0, None, variant, variant), tmp_path / "export")
+  back = models.load(str(out))
+  assert back.cfg == model.cfg
+  np.testing.assert_allclose(_logits(back, golden["ids"]), ours, atol=ATOL, rtol=0, err_msg=variant)
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_legacy_rope_scaling_reads_the_same(variant):
+  """Configs saved before transformers 5 (Llama-3.1, Gemma-3 4B) say rope_theta + rope_scaling."""
+  rope = json.loads(str(np.load(GOLDEN / f"{variant}.npz")["rope_parameters"]))
+  config = json.loads((GOLDEN / ROPE_VARIANTS[variant] / "config.json").read_text())
+  scaled = rope.get("full_attention", rope)
+  legacy = {k: v for k, v in config.items() if k != "rope_parameters"}
+  legacy.update(rope_theta=scaled["rope_theta"], rope_scaling={k: v for k, v in scaled.items() if k != "rope_theta"})
+  if "sliding_attention" in rope:
+    legacy["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+  assert hf.config_from_hf(legacy) == hf.config_from_hf({**config, "rope_parameters": rope})
+
+
+@pytest.mark.parametrize("rope_type, params", [
+    ("yarn", dict(factor=4.0, original_max_position_embeddings=64)), ("dynamic", dict(factor=4.0)),
+    ("longrope", dict(short_factor=[1.0] * 8, long_factor=[2.0] * 8, original_max_position_embeddings=64))])
+def test_unsupported_rope_scaling_is_a_one_line_user_error(rope_type, params, tmp_path):
+  path = _with_rope("llama-rope-llama3", tmp_path, {"rope_type": rope_type, "rope_theta": 500_000.0, **params})
+  assert models.load(str(path), weights=False).cfg.rope_type == rope_type  # tokenizer-only users may proceed
+  with pytest.raises(UserError) as e:
+    models.load(str(path))
+  msg = str(e.value)
+  assert "\n" not in msg and repr(rope_type) in msg and "not supported" in msg

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import ModelConfig
+from tpu_reason.models.transformer import ROPE_TYPES, ModelConfig
 
 # The fields `config_from_hf` reads, copied from each model's public config.json, so memory
 # plans and dry runs know the real shapes offline (the weights still come from the hub).
@@ -55,6 +55,7 @@ def config_from_hf(c: dict) -> ModelConfig:
       num_kv_heads=c.get("num_key_value_heads", n),
       head_dim=c.get("head_dim") or c["hidden_size"] // n,
       rope_theta=_rope_theta(c, "full_attention"),
+      **_rope_scaling(c, "full_attention"),
       norm_eps=c.get("rms_norm_eps", 1e-6),
       # transformers' own defaults: Gemma ties embeddings, Llama / Qwen do not
       tie_embeddings=c.get("tie_word_embeddings", family.startswith("gemma")),
@@ -74,6 +75,10 @@ def config_from_hf(c: dict) -> ModelConfig:
   if family == "gemma3":
     kw.update(qk_norm=True, global_every=_global_every(c),
               rope_local_theta=_rope_theta(c, "sliding_attention", c.get("rope_local_base_freq", 10_000.0)))
+    local = _rope_scaling(c, "sliding_attention")["rope_type"]
+    if local != "default":
+      raise UserError(f"RoPE scaling {local!r} on Gemma-3's sliding-window layers is not supported "
+                      "(only on its global layers)")
   return ModelConfig(**kw)
 
 
@@ -105,13 +110,21 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   """
   model_type, arch = _HF_CLASS[cfg.family]
   gemma = cfg.family.startswith("gemma")
+  scaling = {}
+  if cfg.rope_type in ("linear", "llama3"):
+    scaling["factor"] = cfg.rope_factor
+  if cfg.rope_type == "llama3":
+    scaling.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.rope_original_max_positions)
   c = dict(
       architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim,
       intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
       tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=MAX_POSITIONS, dtype="float32",
-      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **scaling},
   )
+  if scaling:  # transformers 4 reads the scaling here (gemma3: for its global layers)
+    c["rope_scaling"] = {"rope_type": cfg.rope_type, **scaling}
   c["hidden_activation" if gemma else "hidden_act"] = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else cfg.act
   if cfg.family == "llama":
     c.update(attention_bias=False, mlp_bias=False)
@@ -136,6 +149,48 @@ def _rope_theta(c: dict, layer_type: str, default: float = 10_000.0) -> float:
   rp = rp.get(layer_type, rp)
   theta = rp.get("rope_theta")
   return float(theta if theta is not None else default)
+
+
+def _rope_scaling(c: dict, layer_type: str) -> dict:
+  """ModelConfig's rope_type (and its parameters) of `layer_type` layers, from transformers 5
+  `rope_parameters` (maybe per layer type) or the legacy `rope_scaling` (gemma3: global layers).
+
+  An unsupported type is kept as is: loading weights refuses it (`check_rope`), while
+  tokenizer-only users need not care.
+  """
+  rp = c.get("rope_parameters") or {}
+  if "full_attention" in rp or "sliding_attention" in rp:
+    rp = rp.get(layer_type) or {}
+  legacy = (c.get("rope_scaling") or {}) if layer_type == "full_attention" else {}
+  p = {}
+  for d in (rp, legacy):  # the legacy dict wins, as in transformers; it may say "type"
+    d = dict(d)
+    if "type" in d:
+      d.setdefault("rope_type", d.pop("type"))
+    p.update(d)
+  kind = p.get("rope_type") or "default"
+  out = {"rope_type": kind}
+
+  def need(key):
+    if p.get(key) is None:
+      raise UserError(f"RoPE scaling {kind!r} needs {key!r} in the config's rope_parameters / rope_scaling")
+    return p[key]
+
+  if kind in ("linear", "llama3"):
+    out["rope_factor"] = float(need("factor"))
+  if kind == "llama3":  # the original length as transformers takes it: a top-level key wins
+    if c.get("original_max_position_embeddings") is not None or p.get("original_max_position_embeddings") is None:
+      p["original_max_position_embeddings"] = c.get("original_max_position_embeddings") or c.get("max_position_embeddings")
+    out.update(rope_low_freq_factor=float(need("low_freq_factor")), rope_high_freq_factor=float(need("high_freq_factor")),
+               rope_original_max_positions=int(need("original_max_position_embeddings")))
+  return out
+
+
+def check_rope(cfg: ModelConfig, where: str):
+  """Refuse a RoPE scaling our forward does not implement: it would give silently wrong logits."""
+  if cfg.rope_type not in ROPE_TYPES:
+    raise UserError(f"{where}: RoPE scaling rope_type {cfg.rope_type!r} is not supported "
+                    f"(supported: {', '.join(ROPE_TYPES)}); its logits would be wrong")
 
 
 def _global_every(c: dict) -> int:
@@ -176,6 +231,7 @@ def load(spec: str, weights: bool = True):
   cfg = config_from_hf(json.loads((path / "config.json").read_text()))
   if not weights:
     return Model(path.name, cfg, None, *_tokenizer(path, cfg))
+  check_rope(cfg, str(path))
   files = sorted(path.glob("*.safetensors"))
   if not files:
     raise UserError(f"{path} has no *.safetensors weights")

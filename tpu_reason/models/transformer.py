@@ -36,7 +36,14 @@ class ModelConfig:
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10_000.0
-  rope_local_theta: float | None = None  # gemma3 sliding layers
+  rope_local_theta: float | None = None  # gemma3 sliding layers (never scaled)
+  # RoPE scaling (transformers' rope_type) of the layers that use rope_theta: "default" (none),
+  # "linear" (Gemma-3 4B+, global layers) or "llama3" (Llama-3.1+, with the three fields after factor).
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float | None = None
+  rope_high_freq_factor: float | None = None
+  rope_original_max_positions: int | None = None
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   qkv_bias: bool = False
@@ -156,11 +163,42 @@ def rms_norm(x, w, eps):
   return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x_BxTxNxH, pos_BxT, theta):
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(cfg: ModelConfig, is_global=True):
+  """RoPE inverse frequencies [head_dim / 2] of a global layer (rope_theta, scaled by rope_type) or,
+  where `is_global` (a layer's flag, maybe traced) is false, of gemma3's local ones (unscaled).
+
+  Built at trace time from the config in float32 with transformers' operations
+  (modeling_rope_utils), so they match its frequencies; positions only multiply them.
+  """
+  h = cfg.head_dim
+  theta = cfg.rope_theta
+  if cfg.rope_local_theta is not None:
+    theta = jnp.where(is_global, cfg.rope_theta, cfg.rope_local_theta)
+  inv = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if cfg.rope_type == "default":
+    return inv
+  if cfg.rope_type == "linear":
+    scaled = inv / cfg.rope_factor
+  elif cfg.rope_type == "llama3":  # long wavelengths / factor, short ones kept, smooth in between
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_positions
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    scaled = jnp.where(medium, smoothed, scaled)
+  else:
+    raise ValueError(f"unsupported rope_type {cfg.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+  return scaled if cfg.rope_local_theta is None else jnp.where(is_global, scaled, inv)
+
+
+def rope(x_BxTxNxH, pos_BxT, inv_freq_H2):
   """Rotary embedding, HF 'rotate_half' layout (first half / second half)."""
-  h = x_BxTxNxH.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  ang_BxTxH2 = pos_BxT[..., None].astype(jnp.float32) * inv_freq
+  ang_BxTxH2 = pos_BxT[..., None].astype(jnp.float32) * inv_freq_H2
   sin, cos = jnp.sin(ang_BxTxH2)[:, :, None, :], jnp.cos(ang_BxTxH2)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -330,10 +368,8 @@ def _layer(cfg: ModelConfig, x, layer, lora_layer, lora_scale, pos_BxT, valid_Bx
     q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
   if cfg.qk_norm:
     q, k = rms_norm(q, layer["q_norm"], cfg.norm_eps), rms_norm(k, layer["k_norm"], cfg.norm_eps)
-  theta = cfg.rope_theta
-  if cfg.rope_local_theta is not None:
-    theta = jnp.where(is_global, cfg.rope_theta, cfg.rope_local_theta)
-  q, k = rope(q, pos_BxT, theta), rope(k, pos_BxT, theta)
+  inv_freq = rope_inv_freq(cfg, is_global)
+  q, k = rope(q, pos_BxT, inv_freq), rope(k, pos_BxT, inv_freq)
 
   blocks = []
   for ck, cv, cpos, cvalid, g in caches:
