@@ -587,15 +587,17 @@ def test_dynamic_sampling_killed_with_sigkill_resumes_exactly(trainer, data_path
 
   ref, out = tmp_path / "ref", tmp_path / "killed"
   proc = launch(out, HANG="1")
-  for line in proc.stdout:  # step 1 is done (and its checkpoint written) before step 2 samples
-    if line.startswith("hanging"):
-      break
-  assert proc.poll() is None, "the run ended before it reached step 2"
-  deadline = time.time() + 60
-  while latest_saved(out) != 1 and time.time() < deadline:
-    time.sleep(0.5)  # Orbax may still be finishing step 1's write in the background
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=60)
+  try:
+    for line in proc.stdout:  # step 1 is done (and its checkpoint written) before step 2 samples
+      if line.startswith("hanging"):
+        break
+    assert proc.poll() is None, "the run ended before it reached step 2"
+    deadline = time.time() + 60
+    while latest_saved(out) != 1 and time.time() < deadline:
+      time.sleep(0.5)  # Orbax may still be finishing step 1's write in the background
+  finally:
+    proc.send_signal(signal.SIGKILL)  # also when an assert failed: never leave the hanging run behind
+    proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
   logs = [run.communicate(timeout=600)[0] for run in (launch(out), launch(ref))]
   assert "resumed from" in logs[0] and "step 1\n" in logs[0], logs[0]
