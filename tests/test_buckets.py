@@ -263,10 +263,14 @@ def test_prepare_reasoning_gym(model):
   assert sum(reports["train"].per_bucket.values()) == 16
 
 
-def test_prepare_drops_eval_rows_seen_in_train(model):
-  cfg = DataCfg(**SHAPES, size=8, eval_size=4, eval_seed=0)  # same seed: eval rows repeat train rows
-  _, evals, reports = prepare(cfg, model)
-  assert evals == [] and reports["eval"].dropped == {"in_train": 4} and reports["eval"].accounted
+def test_prepare_drops_eval_rows_seen_in_train_and_draws_on_past_them(model):
+  cfg = DataCfg(**SHAPES, size=8, eval_size=4, eval_seed=0)  # same seed: the eval stream starts with train's rows
+  train, evals, reports = prepare(cfg, model)
+  # the stream is read on (4, 8, then 16 rows) until 4 fresh rows turn up: rows 8-11, after the 8 in train
+  assert len(evals) == 4 and not {ex.id for ex in train} & {ex.id for ex in evals}
+  assert reports["eval"].dropped == {"in_train": 8} and reports["eval"].accounted
+  more, _, _ = prepare(dataclasses.replace(cfg, size=16), model)
+  assert [ex.id for ex in more[8:12]] == [ex.id for ex in evals]
 
 
 def test_prepare_file_source_holds_out_the_tail(model):

@@ -87,6 +87,23 @@ def held_out(evals: Sequence[Record], train: Sequence[Record]) -> list[Record]:
   return [r for r in evals if r.id not in ids and question_tokens(r.prompt) not in questions]
 
 
+def topped_up_eval(data: DataCfg, train: Sequence[Record]) -> tuple[list[Record], LoadReport]:
+  """A generated eval split drawn on past the rows that training also has (a small task repeats its
+  questions), so that it holds `data.eval_size` fresh rows: the shortest prefix of the `eval_seed` stream
+  with that many, within 8x the size."""
+  size = data.eval_size
+  while True:
+    evals, loaded = load_records(data, seed=data.eval_seed, size=size)
+    fresh = {id(r) for r in held_out(evals, train)}
+    if len(fresh) >= data.eval_size or size >= 8 * data.eval_size:
+      break
+    size *= 2
+  if len(fresh) > data.eval_size:  # cut after the eval_size-th fresh row: the rest was never needed
+    last = [i for i, r in enumerate(evals) if id(r) in fresh][data.eval_size - 1]
+    evals = evals[: last + 1]
+  return evals, loaded
+
+
 @dataclasses.dataclass
 class Splits:
   """Train and eval records, and the rows each split lost before tokenization."""
@@ -106,7 +123,7 @@ def split_records(data: DataCfg) -> Splits:
   if data.source in GENERATED_SOURCES:
     train = records
     if data.eval_size:
-      evals, eval_loaded = load_records(data, seed=data.eval_seed, size=data.eval_size)
+      evals, eval_loaded = topped_up_eval(data, train)
       eval_source, eval_dropped = eval_loaded.source, dict(eval_loaded.dropped)
     else:
       evals, eval_source, eval_dropped = [], "none (data.eval_size=0)", {}
