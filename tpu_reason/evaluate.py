@@ -192,7 +192,7 @@ def score_texts(schema: TagSchema, texts: list[str], answers: list[str], checkpo
 
 def generate_and_score(model, params, examples, schema: TagSchema, *, lora=None, lora_scale=1.0,
                        max_new_tokens=256, batch_size=64, dtype=None) -> tuple[dict, list[str]]:
-  """Greedy generation for `examples`, scored with the rewards. The trainers' held-out evals: batches of up
+  """Greedy generation for `examples`, scored with the rewards (the trainers' held-out evals). Batches of up
   to 64 rows: fewer, fuller decode batches (112 rows go as 2 of 56, not 7 of 16)."""
   sampling = SamplingCfg(max_new_tokens=max_new_tokens, temperature=0.0)
   comps = generate(model, params, examples, schema, sampling=sampling, lora=lora, lora_scale=lora_scale,
