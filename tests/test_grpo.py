@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -588,10 +589,12 @@ def test_dynamic_sampling_killed_with_sigkill_resumes_exactly(trainer, data_path
   ref, out = tmp_path / "ref", tmp_path / "killed"
   proc = launch(out, HANG="1")
   try:
-    for line in proc.stdout:  # step 1 is done (and its checkpoint written) before step 2 samples
-      if line.startswith("hanging"):
-        break
-    assert proc.poll() is None, "the run ended before it reached step 2"
+    # step 1 is done (and its checkpoint written) before step 2 samples; the progress bar shares the line
+    seen, deadline = "", time.time() + 600
+    while "hanging" not in seen and proc.poll() is None and time.time() < deadline:
+      if select.select([proc.stdout], [], [], 1.0)[0]:
+        seen += os.read(proc.stdout.fileno(), 1 << 16).decode(errors="replace")
+    assert "hanging" in seen and proc.poll() is None, f"the run did not reach step 2's resample: {seen[-2000:]}"
     deadline = time.time() + 60
     while latest_saved(out) != 1 and time.time() < deadline:
       time.sleep(0.5)  # Orbax may still be finishing step 1's write in the background
