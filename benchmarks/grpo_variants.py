@@ -5,7 +5,7 @@ SFT run, with the same prompt stream, seed and `grpo.max_completions` budget (de
 run's 30 steps x 2 prompts x G=4 = 240 completions), then the same greedy held-out eval: the first
 `--rows` prompts of `data.eval_seed` that do not occur in training. Prints a Markdown table.
 
-  python benchmarks/grpo_variants.py      # grpo, dynamic, grpo_mb1, gspo on one-digit a + b (grpo: 10 min idle)
+  python benchmarks/grpo_variants.py      # every variant on one-digit a + b (grpo alone: 10 min idle)
   python benchmarks/grpo_variants.py --variants grpo,dynamic \\
       --task "basic_arithmetic:min_terms=3,max_terms=3,min_digits=1,max_digits=1"   # a multi-step task
 
