@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -90,7 +89,6 @@ def main():
     sys.exit(f"error: unknown variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
   root = Path(args.out)
   root.mkdir(parents=True, exist_ok=True)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   results = []
   for name in names:
     results.append(run_variant(name, args, (root / name).resolve()))
