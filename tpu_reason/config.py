@@ -40,6 +40,7 @@ def _check(cond: bool, msg: str):
 
 
 REMAT = ("none", "dots", "full")  # transformer.REMAT's policies (config stays free of jax)
+QUANT = ("none", "int8", "int4")  # models.quant's storage formats of the base projections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +52,22 @@ class ModelCfg:
   # what the backward recomputes: none; dots (attention and elementwise: less memory, little time);
   # full (the whole layer: least memory, slowest). true / false read as full / none.
   remat: str = "none"
+  # how the base projections are stored on device (QLoRA-style; LoRA and the embedding stay in dtype):
+  # none; int8 (a scale per output channel); int4 (a scale per group of up to 128 inputs)
+  quant: str = "none"
+  # tokenizer surgery: strings (e.g. the tags) added as single tokens; their embedding rows (and untied head
+  # columns) train with the LoRA. () = the tokenizer as shipped.
+  add_tokens: tuple[str, ...] = ()
 
   def __post_init__(self):
+    _check(self.quant in QUANT, f"model.quant must be one of {', '.join(QUANT)}, got {self.quant!r}")
     _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
     legacy = {**dict.fromkeys(("true", "yes", "on", "1"), "full"), **dict.fromkeys(("false", "no", "off", "0"), "none")}
     object.__setattr__(self, "remat", legacy.get(self.remat.lower(), self.remat))
     _check(self.remat in REMAT, f"model.remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
+    _check(all(self.add_tokens), f"model.add_tokens must not contain empty strings, got {list(self.add_tokens)}")
+    dups = sorted({t for t in self.add_tokens if self.add_tokens.count(t) > 1})
+    _check(not dups, f"model.add_tokens lists {', '.join(map(repr, dups))} more than once")
 
 
 @dataclasses.dataclass(frozen=True)

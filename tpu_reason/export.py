@@ -8,7 +8,8 @@ e.g. an embedded GGUF as a Hugging Face base for the adapter). Writes, float32:
                     generation_config.json (every stop id), tokenizer files and chat template;
                     transformers' AutoModelForCausalLM and `models.load(DIR)` both read it.
   --adapter-only    adapter_model.safetensors + adapter_config.json in PEFT's LoRA layout
-                    (lora_A [r, in], lora_B [out, r], scale lora_alpha / r).
+                    (lora_A [r, in], lora_B [out, r], scale lora_alpha / r). Not for a run with
+                    model.add_tokens: its trained rows and grown vocabulary need the merged export.
 
 Gemma-derived exports carry a NOTICE with the Gemma Terms of Use.
 """
@@ -25,7 +26,7 @@ from tpu_reason import config, lora as lora_lib, policy
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models import convert, hf
-from tpu_reason.models.transformer import flatten
+from tpu_reason.models.transformer import as_computed, flatten
 
 FLAGS = {"--checkpoint": "checkpoint", "--out": "out", "--adapter-only": "adapter_only?"}
 GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
@@ -37,9 +38,9 @@ PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_att
 
 def merged_tensors(pol: policy.Policy) -> dict[str, np.ndarray]:
   """HF-named float32 tensors of the base weights with the LoRA folded in."""
-  params = pol.model.params
+  params = as_computed(pol.model.params, pol.model.cfg)  # a QLoRA run's adapter was trained on these
   if pol.lora is not None:
-    params = lora_lib.merge(params, pol.lora, pol.lora_scale)
+    params = lora_lib.merge(params, pol.lora, pol.lora_scale, pol.model.cfg.new_tokens)
   cfg = pol.model.cfg
   return convert.params_to_hf(cfg, params, norm_plus_one=cfg.family.startswith("gemma"))
 
@@ -86,6 +87,9 @@ def export(pol: policy.Policy, out: Path, adapter_only: bool = False) -> Path:
   if adapter_only:
     if pol.lora is None:
       raise UserError(f"{pol.source} has no LoRA to export: give a training run or checkpoint directory")
+    if model.cfg.new_tokens:  # PEFT would need modules_to_save: whole embedding / head copies in the adapter
+      raise UserError(f"{pol.source} added tokens (model.add_tokens), which a PEFT adapter cannot carry: "
+                      "export the merged model (drop --adapter-only)")
     if pol.base != pol.run_config.model.spec:
       print(f"note: this adapter applies to {pol.base} merged (export that run first), not to the bare base model")
     _save_tensors(adapter_tensors(pol), out / "adapter_model.safetensors")

@@ -47,7 +47,7 @@ class Streamer:
 
 def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> sampler.Generation:
   """Load the model, generate for one prompt, stream text to `out`."""
-  model = models.load(cfg.model.spec)
+  model = models.load_for(cfg.model)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   params = mesh_lib.place_params(model.params, model.cfg, mesh, jnp.dtype(cfg.model.dtype))
   text = prompt if raw or not model.tokenizer.chat_template else model.chat_prompt(prompt)

@@ -479,7 +479,8 @@ def build(cfg: Config) -> Trainer:
   # a resumed run keeps the weights it started from, whatever `auto` would pick today
   resuming = (out / "run.json").exists() and cfg.train.resume != "none"
   init = runs.info(out)["init"] if resuming else resolve_init(cfg)
-  model = models.load(cfg.model.spec)
+  runs.check_tokens(init, cfg.model.add_tokens)
+  model = models.load_for(cfg.model)
   train, warmup, evals = load_prompts(cfg, model)
   if len(train) < g.prompts:
     raise UserError(f"only {len(train)} training prompts survived filtering; need >= grpo.prompts={g.prompts}")
@@ -488,7 +489,7 @@ def build(cfg: Config) -> Trainer:
     raise UserError(f"grpo.micro_batch * grpo.group = {g.micro_batch * g.group} rows must be a multiple of the "
                     f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
   dtype = jnp.dtype(cfg.model.dtype)
-  params = runs.apply_init(init, model.params)
+  params = runs.apply_init(init, model.params, model.cfg.new_tokens)
   params = mesh_lib.place_params(params, model.cfg, mesh, dtype)
   model.params = None  # one copy of the weights: the policy and the reference both read `params`
   optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)

@@ -59,7 +59,7 @@ def sft_loss(logp_BxT, mask_BxT):
 def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
                         remat="none", chunk=8192, temperature=1.0):
   """log p(completion token) [B, C] for a left-padded prompt + right-padded completion batch."""
-  from tpu_reason.models.transformer import forward, positions
+  from tpu_reason.models.transformer import forward, head_weights, positions
 
   prompt, completion = batch["prompt_tokens_BxP"], batch["completion_tokens_BxC"]
   p, c = prompt.shape[1], completion.shape[1]
@@ -70,21 +70,21 @@ def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=
                    dtype=dtype, remat=remat)
   # hidden at t predicts token t+1: the last prompt position predicts the first completion token
   h = hidden[:, p - 1: p + c - 1]
-  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  return token_logprobs(h, w, completion, chunk=chunk, softcap=cfg.final_softcap, temperature=temperature)
+  return token_logprobs(h, head_weights(params, cfg, lora), completion, chunk=chunk, softcap=cfg.final_softcap,
+                        temperature=temperature)
 
 
 def packed_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32, remat="none", chunk=8192):
   """log p(completion token) [B, C] for packed rows (see `data.buckets.pack`): each segment sees only itself."""
-  from tpu_reason.models.transformer import forward
+  from tpu_reason.models.transformer import forward, head_weights
 
   tokens, segments, at = batch["tokens_BxL"], batch["segments_BxL"], batch["target_at_BxC"]
   hidden = forward(params, cfg, tokens, batch["positions_BxL"], valid_BxT=segments > 0, lora=lora,
                    lora_scale=lora_scale, dtype=dtype, remat=remat, segment_BxT=segments)
   # the vocabulary head runs only where the loss looks, not on the prompts in between
   h = jnp.take_along_axis(hidden, at[..., None], axis=1)
-  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  return token_logprobs(h, w, jnp.take_along_axis(tokens, at + 1, axis=1), chunk=chunk, softcap=cfg.final_softcap)
+  return token_logprobs(h, head_weights(params, cfg, lora), jnp.take_along_axis(tokens, at + 1, axis=1), chunk=chunk,
+                        softcap=cfg.final_softcap)
 
 
 def sft_logprobs(params, cfg, batch, **kw):

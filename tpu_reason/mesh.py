@@ -113,10 +113,14 @@ def place(tree, shard_tree, dtype=None):
 
 
 def place_params(params, model_cfg, mesh: Mesh, dtype=None):
-  """A model's base weights sharded by the table, cast on the host, each device given its block."""
-  from tpu_reason.models.transformer import param_shapes
+  """A model's base weights sharded by the table, cast (and quantised, `model_cfg.quant`) on the host,
+  each device given its block."""
+  from tpu_reason.models.transformer import flatten, param_dtypes, param_shapes, quantize_params, unflatten
 
-  return place(params, shardings(param_shapes(model_cfg), mesh), dtype)
+  flat = flatten(quantize_params(params, model_cfg))
+  dtypes = param_dtypes(model_cfg, dtype)
+  host = unflatten({k: np.asarray(x) if dtypes[k] is None else np.asarray(x, dtypes[k]) for k, x in flat.items()})
+  return place(host, shardings(param_shapes(model_cfg), mesh))
 
 
 

@@ -52,7 +52,8 @@ from jax.sharding import NamedSharding
 from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sampler, sft, train as train_lib
 from tpu_reason.config import Config, SamplingCfg
 from tpu_reason.errors import UserError, cli
-from tpu_reason.models.transformer import KVCache, ModelConfig, flatten, init_cache, param_shapes, unflatten
+from tpu_reason.models.transformer import (KVCache, ModelConfig, flatten, init_cache, param_dtypes, param_shapes,
+                                          unflatten)
 
 GIB = 2**30
 FLAGS = {"--devices": "devices", "--hbm-gib": "hbm_gib", "--tpu": "tpu", "--stand-in": "stand_in?"}
@@ -100,18 +101,29 @@ class Plan:
 
 def nbytes(tree) -> int:
   """Bytes of every array (or ShapeDtypeStruct) leaf of `tree`."""
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+  # in bits: int4 weights take half a byte on the TPU (packed), not numpy's whole byte
+  return sum(math.prod(x.shape) * jax.dtypes.itemsize_bits(x.dtype) for x in jax.tree.leaves(tree)) // 8
+
+
+def _dtype(dtype, name: str):
+  return dtype[name] if isinstance(dtype, dict) else dtype
 
 
 def local_tree(table: dict, dtype, mesh) -> dict:
-  """ShapeDtypeStructs of the block of every table entry that one device holds."""
-  return unflatten({k: jax.ShapeDtypeStruct(mesh_lib.shard_shape(s, a, mesh), dtype) for k, (s, a) in table.items()})
+  """ShapeDtypeStructs of the block of every table entry that one device holds (`dtype`: one, or by name)."""
+  return unflatten({k: jax.ShapeDtypeStruct(mesh_lib.shard_shape(s, a, mesh), _dtype(dtype, k))
+                    for k, (s, a) in table.items()})
 
 
 def full_tree(table: dict, dtype, mesh=None) -> dict:
-  """ShapeDtypeStructs of whole table entries (laid out over `mesh` when given)."""
+  """ShapeDtypeStructs of whole table entries (laid out over `mesh` when given; `dtype`: one, or by name)."""
   shard = flatten(mesh_lib.shardings(table, mesh)) if mesh is not None else {}
-  return unflatten({k: jax.ShapeDtypeStruct(s, dtype, sharding=shard.get(k)) for k, (s, _) in table.items()})
+  return unflatten({k: jax.ShapeDtypeStruct(s, _dtype(dtype, k), sharding=shard.get(k)) for k, (s, _) in table.items()})
+
+
+def base_params(model_cfg: ModelConfig, dtype, mesh=None) -> dict:
+  """The base weights as the trainers place them (quantised projections in their own format)."""
+  return full_tree(param_shapes(model_cfg), param_dtypes(model_cfg, dtype), mesh)
 
 
 def rows_per_device(rows: int, mesh) -> int:
@@ -182,7 +194,7 @@ def grpo_loss(model_cfg: ModelConfig, cfg: Config):
 def activation_bytes(loss, model_cfg: ModelConfig, cfg: Config, batch: dict) -> int:
   """Backward-pass memory of `loss` on `batch`: saved residuals + one layer being differentiated."""
   dtype = jnp.dtype(cfg.model.dtype)
-  params = full_tree(param_shapes(model_cfg), dtype)
+  params = base_params(model_cfg, dtype)
   lora = full_tree(lora_lib.shapes(model_cfg, cfg.lora), jnp.float32)  # the trainers' f32 master adapters
   kept = {remat: residual_bytes(functools.partial(loss, remat=remat), lora, params, batch)
           for remat in {"none", "full", cfg.model.remat}}
@@ -216,15 +228,21 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   # the adapters and their Adam moments stay float32 whatever the model dtype (master weights)
   lora_local = local_tree(lora_lib.shapes(model_cfg, cfg.lora), jnp.float32, mesh)
   resident = {
-      "base params": nbytes(local_tree(param_shapes(model_cfg), dtype, mesh)),
+      "base params": nbytes(local_tree(param_shapes(model_cfg), param_dtypes(model_cfg, dtype), mesh)),
       "LoRA adapters": nbytes(lora_local),
       "optimizer state": nbytes(jax.eval_shape(train_lib.make_optimizer(t).init, lora_local)),
   }
+  unsplit = mesh_lib.abstract_mesh(config.MeshCfg(fsdp=1, tp=mesh.shape["tp"]), mesh.shape["tp"])
+
+  def one_layer(c: ModelConfig, dtypes) -> int:  # the whole of one layer over fsdp (tp still splits it)
+    layers = {k: v for k, v in param_shapes(c).items() if k.startswith("layers/")}
+    return nbytes(local_tree(layers, dtypes, unsplit)) // c.num_layers
+
   gathered = {}
-  if mesh.shape["fsdp"] > 1:  # the whole of one layer (tp still splits it), all-gathered for its matmuls
-    unsplit = mesh_lib.abstract_mesh(config.MeshCfg(fsdp=1, tp=mesh.shape["tp"]), mesh.shape["tp"])
-    layers = {k: v for k, v in param_shapes(model_cfg).items() if k.startswith("layers/")}
-    gathered = {"gathered layer (FSDP)": nbytes(local_tree(layers, dtype, unsplit)) // model_cfg.num_layers}
+  if fsdp > 1:  # all-gathered for its matmuls
+    gathered["gathered layer (FSDP)"] = one_layer(model_cfg, param_dtypes(model_cfg, dtype))
+  if model_cfg.quant != "none":  # the layer the scan computes with, widened back to the compute dtype
+    gathered["dequantized layer"] = one_layer(dataclasses.replace(model_cfg, quant="none"), dtype)
 
   def train_phase(name: str, loss, batch_of, rows: int, completion: int, accumulating: bool) -> Phase:
     per_dev = rows_per_device(rows, mesh)
@@ -312,7 +330,7 @@ def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowe
   optimizer = train_lib.make_optimizer(cfg.train)
   step, state_sh = sft.jit_train_step(cfg, model_cfg, optimizer, mesh)
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
-  params = full_tree(param_shapes(model_cfg), jnp.dtype(cfg.model.dtype), mesh)
+  params = base_params(model_cfg, jnp.dtype(cfg.model.dtype), mesh)
   batch = sft_batch(cfg)(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
                          mesh_lib.rows_sharding(mesh, (cfg.train.batch_size, 1)))
   # the forward's sharding constraints read the context mesh; eager work (above) must stay outside it
@@ -363,7 +381,7 @@ def cache_layout(cache: KVCache, mesh) -> KVCache:
 def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
   """The sampler's prefill of `grpo.prompts` prompts and its decode loop over G samples of each, lowered."""
   g, dtype, scale = cfg.grpo, jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
-  params = full_tree(param_shapes(model_cfg), dtype, mesh)
+  params = base_params(model_cfg, dtype, mesh)
   table = lora_lib.shapes(model_cfg, cfg.lora)
   lora = laid_out(train_lib.abstract_lora(table), mesh_lib.shardings(table, mesh))  # TrainState.lora's layout
   prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, mesh_lib.rows_sharding(mesh, (g.prompts, 1)))
@@ -390,7 +408,7 @@ def lower_grpo_train(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax
   g, p, c = cfg.grpo, cfg.data.max_prompt_tokens, cfg.grpo.max_new_tokens
   optimizer, step_fn, logp_fn, state_sh = grpo.jitted(model_cfg, cfg, mesh)
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
-  params = full_tree(param_shapes(model_cfg), jnp.dtype(cfg.model.dtype), mesh)
+  params = base_params(model_cfg, jnp.dtype(cfg.model.dtype), mesh)
   micro = rows_over_fsdp(abstract_batch(g.micro_batch * g.group, p, c), mesh)
   mini = rows_over_fsdp(grpo_batch(g.mini * g.group, p, c), mesh)
   with jax.set_mesh(mesh):
@@ -518,7 +536,7 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
             out=sys.stdout) -> bool:
   """Print the plan, then compile every program for the TPU slice `tpu`; whether all of them fit."""
   chips = tpu_devices(tpu)
-  model_cfg = models.config_of(cfg.model.spec)
+  model_cfg = models.config_for(cfg.model)
   model_cfg = stand_in(model_cfg) if stand_in_model else model_cfg
   p = plan(cfg, model_cfg, len(chips), int(hbm_gib * GIB))
   print(table(p), file=out, flush=True)
@@ -553,7 +571,7 @@ def _positive(flags: dict, name: str, kind, default):
 
 def run(cfg: Config, devices: int | None = None, hbm_gib: float = V5E_HBM_GIB, out=sys.stdout) -> Plan:
   """Print the memory plan (and, with fake `devices`, the compile checks); returns the plan."""
-  model_cfg = models.config_of(cfg.model.spec)
+  model_cfg = models.config_for(cfg.model)
   n = devices or (cfg.mesh.fsdp * cfg.mesh.tp if cfg.mesh.fsdp != -1 else jax.device_count())
   p = plan(cfg, model_cfg, n, int(hbm_gib * GIB))
   print(table(p), file=out)

@@ -81,11 +81,11 @@ def load(spec: str, dtype: str = "float32") -> Policy:
   if "config" not in meta:
     raise UserError(f"{step}: the checkpoint's meta has no config (not saved by tpu_reason)")
   run_cfg = config.build(Config, meta["config"])
-  model = models.load(run_cfg.model.spec, jnp.dtype(dtype))
+  model = models.load_for(run_cfg.model, jnp.dtype(dtype))
   base, source = run_cfg.model.spec, f"{step} on {run_cfg.model.spec}"
   init = _init_run(spec)
   if init != "base":
-    model.params = jax.tree.map(np.asarray, runs.apply_init(init, model.params))
+    model.params = jax.tree.map(np.asarray, runs.apply_init(init, model.params, model.cfg.new_tokens))
     base, source = init, f"{source} + {init}"
   lora = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), lora)
   return Policy(model, lora, lora_lib.scale(run_cfg.lora), run_cfg, source, base)

@@ -59,16 +59,25 @@ def load_lora(run_dir: Path, which: str = "best") -> tuple[Any, float, int]:
   return lora, lora_lib.scale(read_config(run_dir).lora), int(step_dir.name)
 
 
-def apply_init(init: str, params):
-  """Weights with the adapter chain of run `init` merged in ("base": unchanged)."""
+def apply_init(init: str, params, new_tokens: tuple[int, ...] = ()):
+  """Weights with the adapter chain of run `init` merged in ("base": unchanged); `new_tokens`: the
+  model's added token ids (`ModelConfig.new_tokens`), whose trained rows the adapters carry."""
   if init == "base":
     return params
   run = Path(init)
-  params = apply_init(info(run).get("init", "base"), params)
+  params = apply_init(info(run).get("init", "base"), params, new_tokens)
   lora, scale, _ = load_lora(run)
-  return lora_lib.merge(params, lora, scale)
+  return lora_lib.merge(params, lora, scale, new_tokens)
 
 
-def base_params(run_dir: Path, params):
+def check_tokens(init: str, add_tokens: tuple[str, ...]):
+  """A run on top of `init` adds the same tokens as it, if it added any: its trained rows belong to those ids."""
+  theirs = () if init == "base" else read_config(Path(init)).model.add_tokens
+  if theirs and tuple(theirs) != tuple(add_tokens):
+    raise UserError(f"the init run {init} trained model.add_tokens={list(theirs)}: set the same, "
+                    f"got {list(add_tokens)}")
+
+
+def base_params(run_dir: Path, params, new_tokens: tuple[int, ...] = ()):
   """The weights a run's own adapter applies to: base, plus its init run's merged adapter(s)."""
-  return apply_init(info(run_dir).get("init", "base"), params)
+  return apply_init(info(run_dir).get("init", "base"), params, new_tokens)

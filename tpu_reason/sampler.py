@@ -109,7 +109,7 @@ def prefill(params, lora, lora_scale, tokens_BxP, mask_BxP, *, cfg: ModelConfig,
                            lora_scale=lora_scale, dtype=dtype, return_kv=True)
   cache = init_cache(cfg, tokens_BxP.shape[0], tokens_BxP.shape[1], dtype)
   cache = write(cache, k, v, pos, mask_BxP, 0)
-  return cache, logits(params, cfg, hidden[:, -1:])[:, 0], pos[:, -1] + 1
+  return cache, logits(params, cfg, hidden[:, -1:], lora)[:, 0], pos[:, -1] + 1
 
 
 def alive(s: DecodeState):
@@ -170,7 +170,7 @@ def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until,
                              lora_scale=lora_scale, caches=caches, dtype=dtype, return_kv=True)
     suffix = write(s.suffix, k, v, pos, live[:, None], s.step - 1)
     key, sub = jax.random.split(s.key)
-    sampled = sample_token(logits(params, cfg, hidden)[:, 0], sub, *mode)
+    sampled = sample_token(logits(params, cfg, hidden, lora)[:, 0], sub, *mode)
     s, rewind = _append(dataclasses.replace(s, suffix=suffix, key=key), sampled, forcing, eos_ids, pad_id)
     next_pos = s.pos + 1 - rewind
     if forcing is not None:

@@ -153,7 +153,7 @@ def build(cfg: Config) -> Trainer:
   """Load model and data, build the mesh and the jitted step (no training yet)."""
   out = cfg.resolved_output_dir()
   schema = tags.get_schema(cfg.data.schema)
-  model = models.load(cfg.model.spec)
+  model = models.load_for(cfg.model)
   train, evals, reports = prepare(cfg.data, model)
   for r in reports.values():
     print(r.summary())

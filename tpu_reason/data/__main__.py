@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None):
   d = cfg.data
   start = time.time()
   splits = split_records(d)  # before the model: bad paths and tasks fail fast
-  model = models.load(cfg.model.spec)
+  model = models.load_for(cfg.model)  # the tokenizer training sees (model.add_tokens)
   train, evals, reports = prepare(d, model, splits)
   schema = tags.get_schema(d.schema)
   what = f"task={d.task}" if d.source == "reasoning_gym" else f"path={d.path}"

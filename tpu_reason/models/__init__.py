@@ -222,6 +222,14 @@ def load(spec: str, dtype=np.float32, weights: bool = True) -> Model:
   return model
 
 
+def load_for(section, dtype=np.float32) -> Model:
+  """The model a run's `model` config section computes with: its spec, to be stored as `section.quant` says,
+  with the tokens of `section.add_tokens` added (every trainer and `policy.load` build a run's model here)."""
+  model = load(section.spec, dtype)
+  model.cfg = dataclasses.replace(model.cfg, quant=section.quant)
+  return add_tokens(model, section.add_tokens)
+
+
 def config_of(spec: str) -> ModelConfig:
   """A spec's architecture, without loading weights for hub ids in hf.KNOWN_CONFIGS and HF directories."""
   from tpu_reason.models import hf
@@ -230,29 +238,54 @@ def config_of(spec: str) -> ModelConfig:
   return known if known is not None else load(spec).cfg
 
 
+def config_for(section) -> ModelConfig:
+  """`config_of` the section's spec, stored as `section.quant` says (what `load_for` would compute with)."""
+  return dataclasses.replace(config_of(section.spec), quant=section.quant)
+
+
 def known_specs() -> list[str]:
   return sorted(EMBEDDED) + sorted(TINY)
 
 
-def add_tokens(model: Model, tokens: list[str]) -> Model:
-  """Tokenizer surgery: add `tokens` (e.g. tag strings) as single special tokens.
+def add_tokens(model: Model, tokens) -> Model:
+  """Tokenizer surgery: add `tokens` (e.g. the tag strings) as single tokens; `cfg.new_tokens` lists their ids.
 
-  The embedding (and an untied head) grows to the new vocabulary; new rows start at the
-  mean embedding so their logits begin unremarkable. Returns a new Model.
+  Added as normal, unnormalised tokens, not special ones: text containing them encodes to the one id, and
+  decoding (skip_special_tokens=True, as the sampler does) keeps their text, which the rewards parse. The
+  embedding (and an untied head) grows only when an id lies past it (a padded vocabulary, Qwen's, has room);
+  a row the tokenizer had no token for starts at the mean embedding, so its logits begin unremarkable.
+  Returns a new Model (the original is untouched).
   """
   import copy
 
+  from tokenizers import AddedToken
+
+  if not tokens:
+    return model
   tok = copy.deepcopy(model.tokenizer)
-  tok.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
-  n = len(tok)
-  if n <= model.cfg.vocab_size:
-    return dataclasses.replace(model, tokenizer=tok)
-  params = dict(model.params)
-  extra = n - model.cfg.vocab_size
-  mean = np.asarray(params["embed"]).mean(axis=0, keepdims=True)
-  params["embed"] = np.concatenate([params["embed"], np.repeat(mean, extra, 0)], 0)
-  if "lm_head" in params:
-    head_mean = np.asarray(params["lm_head"]).mean(axis=1, keepdims=True)
-    params["lm_head"] = np.concatenate([params["lm_head"], np.repeat(head_mean, extra, 1)], 1)
-  cfg = dataclasses.replace(model.cfg, vocab_size=n)
+  known = len(tok)
+  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens])
+  ids = tuple(tok.convert_tokens_to_ids(list(tokens)))
+  cfg = dataclasses.replace(model.cfg, vocab_size=max(model.cfg.vocab_size, len(tok)),
+                            new_tokens=tuple(dict.fromkeys(model.cfg.new_tokens + ids)))
+  params = model.params
+  if params is not None:
+    params = _grow(params, cfg.vocab_size, known, [i for i in ids if i >= known])
   return dataclasses.replace(model, cfg=cfg, params=params, tokenizer=tok)
+
+
+def _grow(params: Params, vocab: int, known: int, fresh: list[int]) -> Params:
+  """Embedding rows (and untied head columns) up to `vocab`; the `fresh` ones at the mean of the first `known`."""
+  def grown(w, axis):  # always a copy: the caller's params stay as they were
+    w = np.asarray(w)
+    pad = [(0, 0)] * w.ndim
+    pad[axis] = (0, vocab - w.shape[axis])
+    w = np.pad(w, pad)
+    rows = np.moveaxis(w, axis, 0)  # a view: writing its rows writes w
+    rows[fresh] = rows[:known].mean(axis=0)
+    return w
+
+  out = {**params, "embed": grown(params["embed"], 0)}
+  if "lm_head" in params:
+    out["lm_head"] = grown(params["lm_head"], 1)
+  return out

@@ -15,8 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tpu_reason.mesh import constrain, gathered
+from tpu_reason.models import quant as quant_lib
 
 Params = dict[str, Any]
 
@@ -56,8 +58,13 @@ class ModelConfig:
   final_softcap: float | None = None
   sliding_window: int | None = None
   global_every: int = 1  # gemma3: every 6th layer is global; gemma2: every 2nd
+  quant: str = "none"  # storage of the projections on device: none | int8 | int4 (see models.quant)
+  # ids of tokens added by surgery (`models.add_tokens`): their embedding rows (untied: head columns too)
+  # train as deltas in the LoRA's `tokens` subtree
+  new_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
+    object.__setattr__(self, "new_tokens", tuple(self.new_tokens))  # a list from JSON would not hash (jit's static cfg)
     if self.family not in FAMILIES:
       raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
     if self.num_heads % self.num_kv_heads:
@@ -110,7 +117,49 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
   if cfg.post_norms:
     s["layers/post_attn_norm"] = ((L, D), ("layers", "norm"))
     s["layers/post_ffn_norm"] = ((L, D), ("layers", "norm"))
+  if cfg.quant != "none":
+    for p in PROJECTIONS:
+      shape, axes = s[f"layers/{p}"]
+      s[f"layers/{p}_scale"] = (quant_lib.scale_shape(cfg.quant, shape, n_inputs(p)), axes)
   return s
+
+
+def param_dtypes(cfg: ModelConfig, dtype) -> dict[str, Any]:
+  """Flat name -> dtype on device: the quantised projections' own format, `dtype` for the rest."""
+  low = quant_lib.DTYPES.get(cfg.quant)
+  return {name: low if low is not None and name.split("/")[-1] in PROJECTIONS else dtype
+          for name in param_shapes(cfg)}
+
+
+def quantize_params(params: Params, cfg: ModelConfig) -> Params:
+  """Host params with the projections in `cfg.quant` (values + scales); unchanged for "none" or if done."""
+  flat = flatten(params)
+  if cfg.quant == "none" or "layers/q_scale" in flat:
+    return params
+  for p in PROJECTIONS:
+    flat[f"layers/{p}"], flat[f"layers/{p}_scale"] = quant_lib.quantize(flat[f"layers/{p}"], cfg.quant, n_inputs(p))
+  return unflatten(flat)
+
+
+def as_computed(params: Params, cfg: ModelConfig) -> Params:
+  """Float host params equal to what the device computes with under `cfg.quant` (a QLoRA run's export)."""
+  flat = flatten(quantize_params(params, cfg))
+  if cfg.quant == "none":
+    return params
+  for p in PROJECTIONS:
+    scale = flat.pop(f"layers/{p}_scale")
+    flat[f"layers/{p}"] = np.asarray(quant_lib.dequantize(flat[f"layers/{p}"], scale, n_inputs(p) + 1, jnp.float32))
+  return unflatten(flat)
+
+
+def dequantized(layer: Params, cfg: ModelConfig, dtype) -> Params:
+  """One layer's weights (inside the scan) with the quantised projections back in `dtype`."""
+  if cfg.quant == "none":
+    return layer
+  out = {k: w for k, w in layer.items() if not k.endswith("_scale")}
+  for p in PROJECTIONS:
+    out[p] = quant_lib.dequantize(layer[p], layer[f"{p}_scale"], n_inputs(p), dtype)
+  return out
 
 
 def unflatten(flat: dict[str, Any]) -> Params:
@@ -138,9 +187,9 @@ def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
-  """Random params for tests (norm weights are 1, matrices ~ N(0, 1/fan_in))."""
+  """Random params for tests (norm weights are 1, matrices ~ N(0, 1/fan_in)), quantised as `cfg.quant` says."""
   flat = {}
-  for i, (name, (shape, axes)) in enumerate(sorted(param_shapes(cfg).items())):
+  for i, (name, (shape, axes)) in enumerate(sorted(param_shapes(dataclasses.replace(cfg, quant="none")).items())):
     if "norm" in name:
       flat[name] = jnp.ones(shape, dtype)
     elif "bias" in name:
@@ -150,7 +199,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
       if name.endswith("/o"):
         fan_in = shape[1] * shape[2]
       flat[name] = jax.random.normal(jax.random.fold_in(key, i), shape, dtype) / math.sqrt(fan_in)
-  return unflatten(flat)
+  if cfg.quant == "none":
+    return unflatten(flat)
+  return jax.tree.map(jnp.asarray, quantize_params(unflatten(jax.tree.map(np.asarray, flat)), cfg))
 
 
 # --------------------------------------------------------------------------- layers
@@ -221,6 +272,12 @@ OUT_AXES = {"q": ("batch", "seq", "heads", "head_dim"), "k": ("batch", "seq", "k
             "v": ("batch", "seq", "kv_heads", "head_dim"), "o": ("batch", "seq", "act_embed"),
             "gate": ("batch", "seq", "mlp"), "up": ("batch", "seq", "mlp"), "down": ("batch", "seq", "act_embed")}
 RESIDUAL = ("batch", "seq", "act_embed")
+
+
+def n_inputs(name: str) -> int:
+  """How many leading axes of projection `name`'s weight its einsum contracts (2 for o: heads x head_dim)."""
+  x, w = PROJECTIONS[name].split("->")[0].split(",")
+  return sum(c in x for c in w)
 
 
 def project(name, x, layer, lora_layer, lora_scale):
@@ -409,8 +466,21 @@ def positions(valid_BxT):
   return jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def embed(params: Params, cfg: ModelConfig, tokens_BxT, dtype):
-  x = params["embed"][constrain(tokens_BxT, ("batch", "seq"))].astype(dtype)
+def token_delta(lora: Params | None, name: str):
+  """The LoRA's trained delta of the added tokens: "embed" rows [n, D] or untied "head" columns [D, n] (else None)."""
+  tokens = None if lora is None else lora.get("tokens")
+  return None if tokens is None else tokens.get(name)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens_BxT, dtype, lora: Params | None = None):
+  """Embedding rows of the tokens, with the LoRA's deltas on the rows of `cfg.new_tokens`."""
+  tokens_BxT = constrain(tokens_BxT, ("batch", "seq"))
+  x = params["embed"][tokens_BxT].astype(dtype)
+  delta_NxD = token_delta(lora, "embed")
+  if delta_NxD is not None:
+    # a one-hot [B, T, n] @ [n, D]: n is a handful of tokens, and its gradient is a small matmul, not a scatter
+    hit_BxTxN = (tokens_BxT[..., None] == jnp.asarray(cfg.new_tokens, tokens_BxT.dtype)).astype(dtype)
+    x = x + hit_BxTxN @ delta_NxD.astype(dtype)
   if cfg.embed_scale:
     x = x * jnp.asarray(math.sqrt(cfg.embed_dim), dtype)
   return x
@@ -441,7 +511,7 @@ def forward(
   """
   if valid_BxT is None:
     valid_BxT = jnp.ones(tokens_BxT.shape, bool)
-  x = constrain(embed(params, cfg, tokens_BxT, dtype), RESIDUAL)
+  x = constrain(embed(params, cfg, tokens_BxT, dtype, lora), RESIDUAL)
   is_global = jnp.array([cfg.is_global(i) for i in range(cfg.num_layers)])
   lora_layers = None if lora is None else lora["layers"]
 
@@ -452,6 +522,9 @@ def forward(
     layer, lora_layer, glob, index = xs
     # FSDP: this layer's weights are all-gathered over fsdp here, one layer at a time
     layer = {k: constrain(w, layer_axes[k]) for k, w in layer.items()}
+    # int8/int4 weights are gathered small and widened here; the backward widens them again
+    # rather than keeping every layer's wide copy as a residual
+    layer = jax.checkpoint(functools.partial(dequantized, cfg=cfg, dtype=dtype))(layer)
     # caches are sliced here rather than scanned over, so a `span` reads fewer slots
     per_layer = [c.layer(index) for c in caches]
     y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer, segment_BxT)
@@ -465,8 +538,19 @@ def forward(
   return (hidden, kv) if return_kv else hidden
 
 
-def logits(params: Params, cfg: ModelConfig, hidden_BxTxD):
+def head_weights(params: Params, cfg: ModelConfig, lora: Params | None = None):
+  """The vocabulary head [D, V]: the tied embedding or lm_head, with the LoRA's deltas on the columns of
+  `cfg.new_tokens` (tied: the embedding rows' deltas, so both ends of the model see one trained row)."""
+  w_DxV = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  delta = token_delta(lora, "embed" if cfg.tie_embeddings else "head")
+  if delta is None:
+    return w_DxV
+  delta_DxN = delta.T if cfg.tie_embeddings else delta
+  return jnp.asarray(w_DxV).at[:, jnp.asarray(cfg.new_tokens)].add(delta_DxN.astype(w_DxV.dtype))
+
+
+def logits(params: Params, cfg: ModelConfig, hidden_BxTxD, lora: Params | None = None):
   """Vocabulary logits; only call on few positions (Gemma's vocabulary is 262k)."""
-  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  w = head_weights(params, cfg, lora)
   out = jnp.einsum("btd,dv->btv", hidden_BxTxD, w.astype(hidden_BxTxD.dtype)).astype(jnp.float32)
   return softcap(constrain(out, ("batch", "seq", "vocab")), cfg.final_softcap)
