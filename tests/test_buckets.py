@@ -74,7 +74,7 @@ def test_batches_have_static_shapes_and_dtypes(model, gym_records):
 
 def test_padding_positions_and_eos(model, gym_records):
   examples, _ = _build(gym_records, model)
-  pad, eos = buckets.pad_id(model), buckets.end_of_turn_id(model)
+  pad, eos = model.pad_id, model.end_of_turn_id
   assert eos == model.tokenizer.convert_tokens_to_ids("<|im_end|>")
   for ex in examples:
     n_p, n_c = ex.prompt_len, ex.completion_len
@@ -96,7 +96,7 @@ def test_end_of_turn_comes_from_the_chat_template(model):
   # Gemma lists <eos> before <end_of_turn>; the template decides which ends a turn.
   im_end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
   eos_first = dataclasses.replace(model, eos_ids=(model.tokenizer.convert_tokens_to_ids("<|endoftext|>"), im_end))
-  assert buckets.end_of_turn_id(eos_first) == im_end
+  assert eos_first.end_of_turn_id == im_end
   examples, _ = _build([_record(0)], eos_first)
   assert examples[0].completion_tokens_C[examples[0].completion_len - 1] == im_end
 
@@ -313,9 +313,3 @@ def test_reasoning_gym_task_options(model):
   for e in train + evals:
     problem = e.prompt_text.split("problem:")[1].split("=")[0]
     assert len(re.findall(r"\d+", problem)) == 2 and all(len(n) == 1 for n in re.findall(r"\d+", problem)), problem
-
-
-@pytest.mark.parametrize("n, cap, want", [(1, 512, 64), (64, 512, 64), (65, 512, 128), (300, 512, 512),
-                                          (300, 192, 192), (10, 40, 40), (5, 512, 64)])
-def test_pow2_bucket(n, cap, want):
-  assert buckets.pow2_bucket(n, cap) == want

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tpu_reason import chat, config, sampler, tags
-from tpu_reason.config import BudgetCfg, Config
+from tpu_reason.config import Config
 
 REASONING = tags.get_schema("reasoning")
 REPLY = "2 + 3 = 5\n</reasoning>\n<answer>\n5\n</answer>"  # what the fake sampler "generates"
@@ -79,13 +79,6 @@ def test_redact_thoughts_shows_the_reasoning_length_only(session, monkeypatch):
   assert "2 + 3 = 5" not in out.getvalue() and "[9 chars of reasoning redacted]" in out.getvalue()
 
 
-def test_budget_flags_reach_the_sampler(session, monkeypatch):
-  calls = _fake_sampler(monkeypatch)
-  monkeypatch.setattr(chat.evaluate, "budget_kwargs", lambda b, s: {"budget": b, "schema": s} if b.extend else {})
-  _fresh(session, "budget.extend=2", "budget.wait=Hmm").reply("q", io.StringIO())
-  assert calls[0]["budget"] == BudgetCfg(extend=2, wait="Hmm") and calls[0]["schema"] == REASONING
-
-
 def test_history_grows_and_resets_through_piped_stdin(monkeypatch):
   calls = _fake_sampler(monkeypatch)
   out, err = io.StringIO(), io.StringIO()
@@ -93,7 +86,7 @@ def test_history_grows_and_resets_through_piped_stdin(monkeypatch):
                out=out, err=err)
   assert out.getvalue() == (REASONING.primer + REPLY + "\n") * 3
   assert "(conversation cleared)" in err.getvalue()
-  assert [len(c["tokens"][0]) % chat.PROMPT_MULTIPLE for c in calls] == [0, 0, 0]
+  assert [len(c["tokens"][0]) for c in calls] == [sampler.prompt_width(int(c["mask"].sum())) for c in calls]
   lengths = [int(c["mask"].sum()) for c in calls]
   assert lengths[1] > lengths[0] and lengths[2] < lengths[1]  # the second turn carries the first
   assert [m["role"] for m in s.history] == ["system", "user", "assistant"]

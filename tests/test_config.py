@@ -156,10 +156,44 @@ def test_bad_values_are_user_errors(override, field):
   assert field in _user_error([override])
 
 
-def test_unknown_reward_is_one_line_listing_the_known_ones():
+def _registries():
+  """Each enumerated config field and the names its implementing module accepts."""
+  from tpu_reason import choices, rewards, tags
+  from tpu_reason.data import sources
+
+  return {"data.schema": tuple(tags.SCHEMAS), "data.source": tuple(sources.LOADERS),
+          "grpo.rewards": tuple(rewards.REWARDS), "grpo.loss": choices.GRPO_LOSSES,
+          "grpo.scale_rewards": choices.ADVANTAGE_SCALES, "grpo.importance_level": choices.IMPORTANCE_LEVELS,
+          "grpo.reward_aggregation": choices.REWARD_AGGREGATIONS, "model.remat": choices.REMAT,
+          "model.quant": choices.QUANT}
+
+
+@pytest.mark.parametrize("field", list(_registries()))
+def test_bad_choice_is_one_line_naming_the_valid_ones(field):
+  valid = _registries()[field]
+  extra = ["grpo.reward_weights=[1]"] if field == "grpo.rewards" else []
+  msg = _user_error([f"{field}=nope", *extra])
+  assert msg == f"{field} must be one of {', '.join(valid)}, got 'nope'"
+
+
+@pytest.mark.parametrize("field", list(_registries()))
+def test_every_valid_choice_parses(field):
+  for name in _registries()[field]:
+    extra = ["grpo.reward_weights=[1]"] if field == "grpo.rewards" else []
+    assert config.flatten(config.to_dict(config.load(Config, None, [f"{field}={name}", *extra])))[field] in (name, (name,))
+
+
+def test_unknown_reward_in_a_list_is_named():
   msg = _user_error(["grpo.rewards=[format,proces]", "grpo.reward_weights=[1,1]"])
-  assert "grpo.rewards" in msg and "proces" in msg
-  assert "known: format, format_soft, process, outcome" in msg
+  assert msg == "grpo.rewards must be one of format, format_soft, process, outcome, got 'proces'"
+
+
+def test_config_imports_no_jax():
+  import subprocess
+  import sys
+
+  code = "import sys, tpu_reason.config; assert 'jax' not in sys.modules, 'config imported jax'"
+  subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_malformed_overrides():
@@ -266,3 +300,7 @@ def test_output_dir():
   assert config.load(Config, None, ["output_dir=/tmp/x"]).resolved_output_dir() == pathlib.Path("/tmp/x")
   auto = config.load(Config, None, ["name=exp"]).resolved_output_dir()
   assert auto.parent == pathlib.Path("runs") and auto.name.startswith("exp-")
+  cfg = config.load(Config, None, ["name=exp"])
+  assert cfg.resolved_output_dir("grpo").name.startswith("exp-grpo-20")
+  assert cfg.resolved_output_dir("eval", named=False).name.startswith("eval-20")
+  assert cfg.resolved_output_dir("curate", timestamp=False) == pathlib.Path("runs/exp-curate")  # reruns resume

@@ -136,7 +136,8 @@ def test_model_solver_counts_hits_per_prompt_ignoring_filler_rows(monkeypatch):
   monkeypatch.setattr(sampler, "generate", fake_generate)
   assert solver(records) == [0, 1, 2]
   assert seen["shape"][0] == 4 and seen["group"] == 3  # padded to the batch size
-  assert seen["shape"][1] % difficulty.WIDTH_STEP == 0
+  longest = max(len(solver._prompt_ids(r)) for r in records)
+  assert seen["shape"][1] == sampler.prompt_width(longest)
 
 
 def test_model_solver_runs_a_real_model_at_one_shape():

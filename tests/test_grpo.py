@@ -189,7 +189,7 @@ def test_optimizer_counts_updates():
     (["grpo.rewards=[format]"], "same length"),
     (["grpo.loss=ppo"], "grpo.loss"),
     (["grpo.curriculum_steps=3"], "curriculum"),
-    (["grpo.rewards=[format,nope,outcome]"], "unknown nope; known: format, format_soft, process, outcome"),
+    (["grpo.rewards=[format,nope,outcome]"], "grpo.rewards must be one of format, format_soft, process, outcome, got .nope."),
     (["grpo.max_resample_rounds=-1"], "grpo.max_resample_rounds"),
 ])
 def test_bad_grpo_config_is_a_user_error(override, needle):
@@ -262,7 +262,7 @@ def test_reference_is_the_adapter_off_without_a_weight_copy(trainer):
 def test_trim_prompts_keeps_every_prompt_token(trainer):
   batch = first_batch(trainer)
   padded = {**batch, **{k: np.pad(batch[k], ((0, 0), (40, 0))) for k in ("prompt_tokens_BxP", "prompt_mask_BxP")}}
-  trimmed = grpo.trim_prompts(padded, smallest=8)
+  trimmed = grpo.trim_prompts(padded)
   width = trimmed["prompt_mask_BxP"].shape[1]
   assert batch["prompt_mask_BxP"].sum(1).max() <= width < 56 + 40 and width & (width - 1) == 0
   assert not padded["prompt_mask_BxP"][:, :-width].any()  # only shared left padding went

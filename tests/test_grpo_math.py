@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpu_reason import losses
+from tpu_reason import choices, losses
 
 
 def test_group_advantages_by_hand():
@@ -122,3 +122,16 @@ def test_normalize_each_by_hand():
   # ddof 1: both stds grow by sqrt(4/3), so every value shrinks by sqrt(3/4)
   np.testing.assert_allclose(losses.normalize_each(r, (1.0, 1.0), 4, eps=1e-12, ddof=1),
                              np.array([0, -2, 2, 0, 0, 0, 0, 0]) * np.sqrt(0.75), atol=1e-6)
+
+
+def test_every_config_choice_is_implemented_and_others_are_refused():
+  """config validates grpo.loss / scale_rewards / importance_level by `choices`: losses handles exactly those."""
+  r, mask = jnp.arange(8.0), jnp.ones((2, 3), bool)
+  for name in choices.GRPO_LOSSES:
+    assert np.isfinite(float(losses.aggregate(jnp.ones((2, 3)), mask, name, max_tokens=3)))
+  for name in choices.ADVANTAGE_SCALES:
+    assert losses.group_advantages(r, 4, scale=name).shape == (8,)
+  for name in choices.IMPORTANCE_LEVELS:
+    assert losses.log_ratio(jnp.ones((2, 3)), jnp.zeros((2, 3)), mask, level=name).shape == (2, 3)
+  with pytest.raises(ValueError, match=r"grpo \| dapo \| dr_grpo"):
+    losses.aggregate(jnp.ones((2, 3)), mask, "mean")

@@ -254,7 +254,7 @@ def test_remat_policies_give_the_gradient_of_no_remat(remat):
 
 
 def test_config_remat_choices_are_the_transformers_policies():
-  from tpu_reason.config import REMAT
+  from tpu_reason.choices import REMAT
   from tpu_reason.models.transformer import REMAT as POLICIES
 
   assert tuple(POLICIES) == REMAT

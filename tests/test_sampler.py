@@ -14,9 +14,7 @@ TINY = T.ModelConfig(family="llama", vocab_size=97, embed_dim=32, hidden_dim=64,
 
 
 class ByteTok:
-  """Minimal tokenizer: id i <-> chr(32 + i % 95); enough for stop-string logic."""
-
-  pad_token_id = 0
+  """Minimal tokenizer: id i <-> chr(32 + i % 95); enough for stop-string logic (no pad: callers pass pad_id)."""
 
   def decode(self, ids, skip_special_tokens=False):
     return "".join(chr(32 + int(i) % 95) for i in ids)
@@ -128,9 +126,10 @@ def test_eos_stops_row_and_pads(tiny):
   free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=10))
   eos = int(free.tokens[0, 3])
   first = int(np.argmax(free.tokens[0] == eos))  # the EOS may occur earlier than index 3
-  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(eos, 96), sampling=SamplingCfg(max_new_tokens=10))
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(eos, 96), sampling=SamplingCfg(max_new_tokens=10),
+                         pad_id=3)
   assert gen.finished[0] and gen.lengths[0] == first + 1
-  assert gen.tokens[0, first] == eos and (gen.tokens[0, first + 1:] == 0).all()
+  assert gen.tokens[0, first] == eos and (gen.tokens[0, first + 1:] == 3).all()  # the caller's pad id
 
 
 def test_stop_string_cuts_at_the_token_that_completes_it(tiny):
@@ -191,3 +190,23 @@ def test_real_model_answers_coherently():
                          sampling=SamplingCfg(max_new_tokens=24))
   assert "Paris" in gen.texts[0]
   assert gen.finished[0]  # the instruct model ends its turn with <|im_end|>
+
+
+@pytest.mark.parametrize("n, cap, want", [(1, 512, 64), (64, 512, 64), (65, 512, 128), (300, 512, 512),
+                                          (300, 192, 192), (10, 40, 40), (5, 512, 64), (700, None, 1024)])
+def test_pow2_bucket(n, cap, want):
+  assert sampler.pow2_bucket(n, cap) == want
+
+
+def test_prompt_width_is_a_power_of_two_from_64_that_keeps_every_token():
+  assert [sampler.prompt_width(n) for n in (1, 64, 65, 129, 1000)] == [64, 64, 128, 256, 1024]
+  assert sampler.prompt_width(50, cap=56) == 56 and sampler.prompt_width(100, cap=96) == 96
+  assert len({sampler.prompt_width(n) for n in range(1, 2049)}) == 6  # few compiled shapes
+
+
+def test_model_pad_and_end_of_turn_ids():
+  m = models.load("tiny-llama")
+  im_end = m.tokenizer.convert_tokens_to_ids("<|im_end|>")
+  assert m.end_of_turn_id == im_end
+  want = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else im_end
+  assert m.pad_id == want

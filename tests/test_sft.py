@@ -470,7 +470,6 @@ def test_ctrl_c_during_a_step_finishes_and_saves_it(trainer, tmp_path, monkeypat
     os.kill(os.getpid(), signum)
     return real(state, params, batch)
 
-  signalled._cache_size = real._cache_size
   reuse_build(monkeypatch, trainer, step_fn=signalled)
   out = tmp_path / "run"
   cfg = dataclasses.replace(trainer.cfg, output_dir=str(out))
@@ -490,7 +489,6 @@ def test_ctrl_c_while_a_step_holds_the_donated_state_exits_cleanly(trainer, tmp_
     real(state, params, batch)  # donates `state`: its buffers are gone
     raise KeyboardInterrupt
 
-  interrupted._cache_size = real._cache_size
   reuse_build(monkeypatch, trainer, step_fn=interrupted)
   with pytest.raises(KeyboardInterrupt):
     sft.run(dataclasses.replace(trainer.cfg, output_dir=str(tmp_path / "run")))

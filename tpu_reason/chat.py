@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from tpu_reason import config, evaluate, mesh as mesh_lib, policy, sampler, tags
 from tpu_reason.config import Config
-from tpu_reason.data.buckets import pad_id
 from tpu_reason.errors import cli
 from tpu_reason.generate import Streamer
 
@@ -27,9 +26,6 @@ FLAGS = {"--model": "model", "--hide-thoughts": "hide_thoughts?", "--system": "d
          "--max-thinking-tokens": "budget.max_thinking_tokens", "--extend": "budget.extend", "--wait": "budget.wait",
          "--max-new-tokens": "sampling.max_new_tokens", "--temperature": "sampling.temperature",
          "--seed": "sampling.seed"}
-# Prompts are left-padded to a multiple of this, so a growing conversation recompiles
-# the prefill only every so many tokens instead of every turn.
-PROMPT_MULTIPLE = 64
 
 
 @dataclasses.dataclass
@@ -52,8 +48,8 @@ class Session:
     model, schema = self.policy.model, self.schema
     messages = self.history + [{"role": "user", "content": user}]
     ids = model.encode(model.chat_prompt(messages, primer=schema.primer))
-    length = -(-len(ids) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
-    tokens, mask = sampler.left_pad([ids], length, pad_id(model))
+    # a growing conversation recompiles only when its prompt crosses a `sampler.prompt_width`, not every turn
+    tokens, mask = sampler.left_pad([ids], sampler.prompt_width(len(ids)), model.pad_id)
     live = not hide and not self.cfg.redact_thoughts
     stream = Streamer(model.tokenizer, out) if live else None
     if live:
@@ -61,7 +57,8 @@ class Session:
     gen = sampler.generate(self.params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
                            sampling=self.cfg.sampling, lora=self.lora, lora_scale=self.policy.lora_scale,
                            stop_strings=schema.stop_strings, chunk=8, on_chunk=stream,
-                           dtype=jnp.dtype(self.cfg.model.dtype), **evaluate.budget_kwargs(self.cfg.budget, schema))
+                           dtype=jnp.dtype(self.cfg.model.dtype), pad_id=model.pad_id,
+                           **evaluate.budget_kwargs(self.cfg.budget, schema))
     text = schema.primer + gen.texts[0]
     if live:
       stream.write(gen.texts[0])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tpu_reason.errors import UserError, first_line
@@ -118,8 +119,6 @@ def find_step(path: Path) -> Path | None:
 
 def restore_lora(step_dir: Path) -> tuple[Any, dict]:
   """The LoRA pytree (host numpy) and JSON meta of one saved step, whatever else the state holds."""
-  import numpy as np
-
   step_dir = Path(step_dir).absolute()
   saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
   if "lora" not in saved:

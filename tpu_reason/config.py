@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from tpu_reason import choices, rewards, tags
+from tpu_reason.data import sources
 from tpu_reason.errors import UserError
 
 
@@ -39,8 +41,11 @@ def _check(cond: bool, msg: str):
     raise UserError(msg)
 
 
-REMAT = ("none", "dots", "full")  # transformer.REMAT's policies (config stays free of jax)
-QUANT = ("none", "int8", "int4")  # models.quant's storage formats of the base projections
+def _check_choice(field: str, value, valid):
+  """`value` (or, for a tuple field, each of its items) is one of `valid`, the names of the module
+  that implements the choice (a registry's keys, or its tuple in `choices`)."""
+  bad = [v for v in (value if isinstance(value, tuple) else (value,)) if v not in valid]
+  _check(not bad, f"{field} must be one of {', '.join(valid)}, got {', '.join(map(repr, bad))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +65,11 @@ class ModelCfg:
   add_tokens: tuple[str, ...] = ()
 
   def __post_init__(self):
-    _check(self.quant in QUANT, f"model.quant must be one of {', '.join(QUANT)}, got {self.quant!r}")
+    _check_choice("model.quant", self.quant, choices.QUANT)
     _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
     legacy = {**dict.fromkeys(("true", "yes", "on", "1"), "full"), **dict.fromkeys(("false", "no", "off", "0"), "none")}
     object.__setattr__(self, "remat", legacy.get(self.remat.lower(), self.remat))
-    _check(self.remat in REMAT, f"model.remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
+    _check_choice("model.remat", self.remat, choices.REMAT)
     _check(all(self.add_tokens), f"model.add_tokens must not contain empty strings, got {list(self.add_tokens)}")
     dups = sorted({t for t in self.add_tokens if self.add_tokens.count(t) > 1})
     _check(not dups, f"model.add_tokens lists {', '.join(map(repr, dups))} more than once")
@@ -115,14 +120,14 @@ class SamplingCfg:
 class DataCfg:
   """Where examples come from and the fixed shapes they are bucketed into."""
 
-  source: str = "reasoning_gym"  # teacher | gsm8k | s1k | dolphin_r1 | reasoning_gym | jsonl | parquet
+  source: str = "reasoning_gym"  # a loader of data.sources.LOADERS: teacher, gsm8k, s1k, jsonl, parquet, ...
   path: str = ""  # file, directory or hub id for file-based sources
   task: str = "gsm_symbolic"  # reasoning-gym task, optionally with options: "chain_sum:min_digits=1,max_terms=2"
   size: int = 512
   seed: int = 0
   eval_size: int = 128  # held-out rows: rates on fewer than ~100 rows move by whole percents per row
   eval_seed: int = 10_000  # far from `seed`: nearby reasoning-gym seeds share rows
-  schema: str = "reasoning"  # tag schema: reasoning | think | s1
+  schema: str = "reasoning"  # a tag schema of tags.SCHEMAS
   system_prompt: str = DEFAULT_SYSTEM_PROMPT
   max_prompt_tokens: int = 160  # TPU recipes: 256 / 512; the CPU default trims padding
   max_completion_tokens: int = 256
@@ -131,7 +136,8 @@ class DataCfg:
   strict: bool = True
 
   def __post_init__(self):
-    _check(self.schema in ("reasoning", "think", "s1"), f"data.schema must be reasoning, think or s1, got {self.schema!r}")
+    _check_choice("data.source", self.source, tuple(sources.LOADERS))
+    _check_choice("data.schema", self.schema, tuple(tags.SCHEMAS))
     _check(self.size > 0 and self.eval_size >= 0, "data.size must be > 0 and data.eval_size >= 0")
     _check(self.max_prompt_tokens > 0 and self.max_completion_tokens > 0, "data token budgets must be > 0")
     _check(all(0 < b <= self.max_completion_tokens for b in self.completion_buckets),
@@ -231,11 +237,11 @@ class GrpoCfg:
   temperature: float = 0.9
   top_k: int = 50
   top_p: float = 1.0
-  rewards: tuple[str, ...] = ("format", "process", "outcome")
+  rewards: tuple[str, ...] = ("format", "process", "outcome")  # of rewards.REWARDS
   reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
-  scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+  scale_rewards: str = "group"  # choices.ADVANTAGE_SCALES: group | batch | none (Dr. GRPO)
   std_ddof: int = 0  # the std of advantages and reward_std: 0 population, 1 sample (TRL's)
-  loss: str = "grpo"  # grpo | dapo | dr_grpo (token-sum / (batch x max_new_tokens))
+  loss: str = "grpo"  # choices.GRPO_LOSSES: grpo | dapo | dr_grpo (token-sum / (batch x max_new_tokens))
   beta: float = 0.04  # KL (k3) weight against the init policy (adapter off); 0 skips the reference pass
   epsilon_low: float = 0.2
   epsilon_high: float = 0.2
@@ -271,19 +277,13 @@ class GrpoCfg:
     _check(self.group >= 2, f"grpo.group must be >= 2 (advantages compare samples), got {self.group}")
     _check(self.max_new_tokens > 0 and self.temperature > 0, "grpo.max_new_tokens and grpo.temperature must be > 0")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
-    # imported here, not at the top: only GRPO's config needs the registry
-    from tpu_reason.rewards import REWARDS
-
-    unknown = [r for r in self.rewards if r not in REWARDS]
-    _check(not unknown, f"grpo.rewards: unknown {', '.join(unknown)}; known: {', '.join(REWARDS)}")
-    _check(self.reward_aggregation in ("sum", "normalize_each"),
-           f"grpo.reward_aggregation must be sum or normalize_each, got {self.reward_aggregation!r}")
-    _check(self.scale_rewards in ("group", "batch", "none"), f"grpo.scale_rewards must be group, batch or none, got {self.scale_rewards!r}")
+    _check_choice("grpo.rewards", self.rewards, tuple(rewards.REWARDS))
+    _check_choice("grpo.reward_aggregation", self.reward_aggregation, choices.REWARD_AGGREGATIONS)
+    _check_choice("grpo.scale_rewards", self.scale_rewards, choices.ADVANTAGE_SCALES)
     _check(self.std_ddof in (0, 1), f"grpo.std_ddof must be 0 (population) or 1 (sample, TRL's), got {self.std_ddof}")
-    _check(self.loss in ("grpo", "dapo", "dr_grpo"), f"grpo.loss must be grpo, dapo or dr_grpo, got {self.loss!r}")
+    _check_choice("grpo.loss", self.loss, choices.GRPO_LOSSES)
     _check(self.beta >= 0 and self.epsilon_low >= 0 and self.epsilon_high >= 0, "grpo.beta and grpo.epsilon_* must be >= 0")
-    _check(self.importance_level in ("token", "sequence"),
-           f"grpo.importance_level must be token or sequence, got {self.importance_level!r}")
+    _check_choice("grpo.importance_level", self.importance_level, choices.IMPORTANCE_LEVELS)
     _check(self.gspo_epsilon_low >= 0 and self.gspo_epsilon_high >= 0, "grpo.gspo_epsilon_* must be >= 0")
     _check(0 <= self.overlong_buffer <= self.max_new_tokens and self.overlong_penalty >= 0,
            f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens={self.max_new_tokens}] and grpo.overlong_penalty "
@@ -372,11 +372,16 @@ class Config:
   distill: DistillCfg = DistillCfg()
   eval: EvalCfg = EvalCfg()
 
-  def resolved_output_dir(self, kind: str = "") -> Path:
+  def resolved_output_dir(self, kind: str = "", *, named: bool = True, timestamp: bool = True) -> Path:
+    """`output_dir`, else runs/<name>-<kind>-<time> (the one output-directory rule of every CLI).
+
+    sft: runs/<name>-<time>; grpo: runs/<name>-grpo-<time>; eval (`named=False`): runs/eval-<time>;
+    curate (`timestamp=False`): runs/<name>-curate, fixed so that rerunning the same command resumes.
+    """
     if self.output_dir:
       return Path(self.output_dir)
-    tag = f"-{kind}" if kind else ""
-    return Path("runs") / f"{self.name}{tag}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    parts = [self.name] * named + [kind] * bool(kind) + [f"{datetime.datetime.now():%Y%m%d-%H%M%S}"] * timestamp
+    return Path("runs") / "-".join(parts)
 
 
 # --------------------------------------------------------------------------- building

@@ -18,6 +18,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from tpu_reason import mesh as mesh_lib
 from tpu_reason.errors import UserError
@@ -63,8 +64,6 @@ def is_main() -> bool:
 
 def to_host(tree):
   """Whole numpy arrays on every process, gathered across hosts when an array spans several."""
-  from jax.experimental import multihost_utils
-
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))

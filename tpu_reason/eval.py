@@ -25,11 +25,13 @@ reward); with --compare, one such pair per model in <output_dir>/<label>/ and co
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import itertools
 import json
 import sys
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
 
 from tpu_reason import config, mesh as mesh_lib, policy, tags
 from tpu_reason import budget as budget_lib, evaluate
@@ -167,15 +169,8 @@ def _write(out: Path, result: dict, samples: list[dict]):
       f.write(json.dumps(s, ensure_ascii=False) + "\n")
 
 
-def output_dir(cfg: Config) -> Path:
-  return Path(cfg.output_dir) if cfg.output_dir else Path("runs") / f"eval-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-
-
 def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tuple[dict, list[dict], dict]:
   """(eval.json content, samples, {column: metrics}) of one model, plain and (if set) budget-forced."""
-  import jax
-  import jax.numpy as jnp
-
   schema = tags.get_schema(cfg.data.schema)
   pol = policy.load(spec, cfg.model.dtype)
   params, lora = policy.place(pol, mesh, cfg.model.dtype)
@@ -206,9 +201,8 @@ def run(cfg: Config, specs: list[str], data_file: bool = False) -> dict[str, dic
   """
   if cfg.eval.k > 1 and cfg.sampling.temperature == 0:
     raise UserError(f"eval.k={cfg.eval.k} samples of greedy decoding are identical: set sampling.temperature > 0")
-  evaluate.budget_kwargs(cfg.budget, tags.get_schema(cfg.data.schema))  # unsupported forcing fails before any work
   records = eval_records(cfg.data, cfg.eval.limit, data_file)  # before any model loads: bad data fails fast
-  out = output_dir(cfg)
+  out = cfg.resolved_output_dir("eval", named=False)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   results, columns = {}, {}
   for name, spec in zip(labels(specs), specs):

@@ -20,7 +20,7 @@ import numpy as np
 
 from tpu_reason import budget as budget_lib, rewards, sampler
 from tpu_reason.config import BudgetCfg, SamplingCfg
-from tpu_reason.data.buckets import Example, build_prompts, render
+from tpu_reason.data.buckets import Example, build_prompts, render, reward_columns
 from tpu_reason.tags import TagSchema
 
 # Per-row counters the sampler's Generation carries when given a tag schema.
@@ -41,14 +41,14 @@ class Completions:
 # ------------------------------------------------------------------ prompts
 
 
-def prompt_examples(records, model, schema: TagSchema, system_prompt: str = "", multiple: int = 32) -> list[Example]:
-  """Records as prompt-only examples, left-padded to one length (the longest, rounded up).
+def prompt_examples(records, model, schema: TagSchema, system_prompt: str = "") -> list[Example]:
+  """Records as prompt-only examples, left-padded to one length (`sampler.prompt_width` of the longest).
 
   Unlike training data nothing is dropped: an eval row needs no target that fits a bucket.
   """
   longest = max((len(model.encode(render(r, model, schema, system_prompt)[0])) for r in records), default=1)
   examples, _ = build_prompts(records, model, schema, system_prompt=system_prompt,
-                              max_prompt_tokens=-(-longest // multiple) * multiple, split="eval")
+                              max_prompt_tokens=sampler.prompt_width(longest), split="eval")
   return examples
 
 
@@ -82,7 +82,7 @@ def generate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
     gen = sampler.generate(params, model.cfg, model.tokenizer, np.stack([e.prompt_tokens_P for e in rows]),
                            np.stack([e.prompt_mask_P for e in rows]), eos_ids=model.eos_ids, sampling=sampling,
                            key=jax.random.fold_in(root, b), lora=lora, lora_scale=lora_scale, group=k,
-                           stop_strings=schema.stop_strings, dtype=dtype, **extra)
+                           stop_strings=schema.stop_strings, dtype=dtype, pad_id=model.pad_id, **extra)
     texts += [schema.primer + t for t in gen.texts[:keep]]
     lengths.append(np.asarray(gen.lengths[:keep]))
     for name in BUDGET_FIELDS:
@@ -95,10 +95,12 @@ def generate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
 # ------------------------------------------------------------------ scoring
 
 
-def score_rows(schema: TagSchema, texts: list[str], answers: list[str], checkpoints: list) -> dict[str, np.ndarray]:
-  """Every training reward (`rewards.REWARDS`) of each full assistant text, as {name: [R]}; NaN
-  where a reward does not apply (process, for a row without checkpoints)."""
-  kw = dict(answer=list(answers), checkpoints=list(checkpoints), schema=schema)
+def score_rows(schema: TagSchema, texts: list[str], /, answer: list[str], checkpoints: list,
+               **columns: list) -> dict[str, np.ndarray]:
+  """Every training reward (`rewards.REWARDS`) of each full assistant text, given the rows' columns
+  (`reward_columns`), as {name: [R]}; NaN where a reward does not apply (process, for a row without
+  checkpoints). schema and texts are positional-only: a data column may bear any other name."""
+  kw = dict(columns, answer=list(answer), checkpoints=list(checkpoints), schema=schema)
   blank = [""] * len(texts)
   return {name: np.asarray(fn(blank, texts, **kw), np.float64) for name, fn in rewards.REWARDS.items()}
 
@@ -158,7 +160,7 @@ def evaluate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
   comps = generate(model, params, examples, schema, sampling=sampling, k=k, lora=lora, lora_scale=lora_scale,
                    budget=budget, batch_size=batch_size, dtype=dtype, desc=desc)
   rows = [e for e in examples for _ in range(k)]
-  scores = score_rows(schema, comps.texts, [e.answer for e in rows], [list(e.checkpoints) for e in rows])
+  scores = score_rows(schema, comps.texts, **reward_columns(rows))
   parsed = [schema.parse(t) for t in comps.texts]
   # The sampler knows when forcing kept a block open; without forcing the text tells.
   unclosed = comps.budget.get("unclosed", np.array([not p.closed_reasoning for p in parsed]))
@@ -182,9 +184,10 @@ def evaluate(model, params, examples, schema: TagSchema, *, sampling: SamplingCf
 # ------------------------------------------------------------------ training-time helpers
 
 
-def score_texts(schema: TagSchema, texts: list[str], answers: list[str], checkpoints: list) -> dict[str, float]:
+def score_texts(schema: TagSchema, texts: list[str], /, answer: list[str], checkpoints: list,
+                **columns: list) -> dict[str, float]:
   """Format / answer accuracy and mean reward of full assistant texts (primer included)."""
-  scores = score_rows(schema, texts, answers, checkpoints)
+  scores = score_rows(schema, texts, answer, checkpoints, **columns)
   unclosed = [not schema.parse(t).closed_reasoning for t in texts]
   return {**_reward_means(scores), "answer_accuracy": float(np.mean(scores["outcome"])),
           "unclosed_rate": float(np.mean(unclosed))}
@@ -197,7 +200,7 @@ def generate_and_score(model, params, examples, schema: TagSchema, *, lora=None,
   sampling = SamplingCfg(max_new_tokens=max_new_tokens, temperature=0.0)
   comps = generate(model, params, examples, schema, sampling=sampling, lora=lora, lora_scale=lora_scale,
                    batch_size=batch_size, dtype=dtype or jnp.float32)
-  scores = score_texts(schema, comps.texts, [e.answer for e in examples], [list(e.checkpoints) for e in examples])
+  scores = score_texts(schema, comps.texts, **reward_columns(examples))
   scores["mean_completion_tokens"] = float(np.mean(comps.lengths)) if len(comps.lengths) else 0.0
   scores["rows"] = len(examples)
   return scores, comps.texts

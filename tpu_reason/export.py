@@ -22,15 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tpu_reason import config, lora as lora_lib, policy
+from tpu_reason import config, lora as lora_lib, models, policy
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models import convert, hf
 from tpu_reason.models.transformer import as_computed, flatten
 
 FLAGS = {"--checkpoint": "checkpoint", "--out": "out", "--adapter-only": "adapter_only?"}
-GEMMA_NOTICE = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
-                "ai.google.dev/gemma/terms\n")
 # PEFT names LoRA targets by the HF module: our projection -> module name suffix
 PEFT_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -42,7 +40,7 @@ def merged_tensors(pol: policy.Policy) -> dict[str, np.ndarray]:
   if pol.lora is not None:
     params = lora_lib.merge(params, pol.lora, pol.lora_scale, pol.model.cfg.new_tokens)
   cfg = pol.model.cfg
-  return convert.params_to_hf(cfg, params, norm_plus_one=cfg.family.startswith("gemma"))
+  return convert.params_to_hf(cfg, params, norm_plus_one=convert.norm_plus_one(cfg))
 
 
 def adapter_tensors(pol: policy.Policy) -> dict[str, np.ndarray]:
@@ -100,8 +98,8 @@ def export(pol: policy.Policy, out: Path, adapter_only: bool = False) -> Path:
     (out / "config.json").write_text(json.dumps(hf_config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(_generation_config(model), indent=1))
     model.tokenizer.save_pretrained(str(out))  # tokenizer.json, its config and the chat template
-  if model.cfg.family.startswith("gemma"):
-    (out / "NOTICE").write_text(GEMMA_NOTICE)
+  if notice := models.licence_notice(model.cfg):
+    (out / "NOTICE").write_text(notice)
   (out / "tpu_reason_export.json").write_text(json.dumps({"source": pol.source, "adapter_only": adapter_only}, indent=1))
   return out
 

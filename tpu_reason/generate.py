@@ -51,11 +51,13 @@ def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> s
   mesh = mesh_lib.make_mesh(cfg.mesh)
   params = mesh_lib.place_params(model.params, model.cfg, mesh, jnp.dtype(cfg.model.dtype))
   text = prompt if raw or not model.tokenizer.chat_template else model.chat_prompt(prompt)
-  tokens, mask = sampler.left_pad([model.encode(text)], None, model.tokenizer.pad_token_id or 0)
+  ids = model.encode(text)
+  tokens, mask = sampler.left_pad([ids], sampler.prompt_width(len(ids)), model.pad_id)
   stream = Streamer(model.tokenizer, out)
   with jax.set_mesh(mesh):
     gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
-                           sampling=cfg.sampling, chunk=8, on_chunk=stream, dtype=jnp.dtype(cfg.model.dtype))
+                           sampling=cfg.sampling, chunk=8, on_chunk=stream, dtype=jnp.dtype(cfg.model.dtype),
+                           pad_id=model.pad_id)
   stream.write(gen.texts[0])
   out.write("\n")
   reason = "eos" if gen.finished[0] else "length cap"

@@ -187,10 +187,10 @@ def _logprobs(lora, params, batch, *, cfg, lora_scale, dtype, chunk, temperature
                                     temperature=temperature)
 
 
-def trim_prompts(batch: dict, smallest: int = 64) -> dict:
-  """Cut the left padding all prompts share, to a power-of-two width: prefill and training skip it."""
+def trim_prompts(batch: dict) -> dict:
+  """Cut the left padding all prompts share, to `sampler.prompt_width`: prefill and training skip it."""
   mask = batch["prompt_mask_BxP"]
-  width = buckets.pow2_bucket(int(mask.sum(1).max()), mask.shape[1], smallest)
+  width = sampler.prompt_width(int(mask.sum(1).max()), mask.shape[1])
   return {**batch, "prompt_tokens_BxP": batch["prompt_tokens_BxP"][:, -width:], "prompt_mask_BxP": mask[:, -width:]}
 
 
@@ -370,12 +370,12 @@ class Trainer:
     gen = sampler.generate(self.params, m.cfg, m.tokenizer, prompts["prompt_tokens_BxP"], prompts["prompt_mask_BxP"],
                            eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step, round),
                            lora=lora, lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
-                           dtype=self.dtype)
+                           dtype=self.dtype, pad_id=m.pad_id)
     texts = [self.schema.primer + t for t in gen.texts]
     rep = lambda xs: [x for x in xs for _ in range(g.group)]  # noqa: E731
+    columns = {name: rep(values) for name, values in batch["columns"].items()}  # one value per completion
     total, parts = rewards.score(rep(batch["prompt_text"]), texts, dict(zip(g.rewards, g.reward_weights)),
-                                 answer=rep(batch["answer"]), checkpoints=rep(batch["checkpoints"]),
-                                 schema=self.schema.name)
+                                 **columns, schema=self.schema.name)
     overlong = (np.asarray(losses.overlong_penalty(gen.lengths, g.max_new_tokens, g.overlong_buffer,
                                                    g.overlong_penalty), np.float32)
                 if g.overlong_buffer else np.zeros(len(texts), np.float32))
@@ -385,7 +385,7 @@ class Trainer:
     if g.overlong_buffer:  # logged like a reward: rewards/overlong/mean
       parts = {**parts, "overlong": overlong.tolist()}
     mask = gen.mask & ~(gen.truncated[:, None] & g.mask_truncated_completions)
-    width = buckets.pow2_bucket(int(gen.lengths.max()), gen.tokens.shape[1])  # right padding nobody uses
+    width = sampler.pow2_bucket(int(gen.lengths.max()), gen.tokens.shape[1])  # right padding nobody uses
     arrays = {"prompt_tokens_BxP": np.repeat(batch["prompt_tokens_BxP"], g.group, 0),
               "prompt_mask_BxP": np.repeat(batch["prompt_mask_BxP"], g.group, 0),
               "completion_tokens_BxC": gen.tokens[:, :width], "completion_mask_BxC": mask[:, :width],
@@ -425,8 +425,7 @@ class Trainer:
                                                 lora_scale=self.lora_scale, max_new_tokens=t.eval_max_new_tokens,
                                                 dtype=self.dtype)
     total, parts = rewards.score([r.prompt_text for r in rows], texts, dict(zip(g.rewards, g.reward_weights)),
-                                 answer=[r.answer for r in rows], checkpoints=[list(r.checkpoints) for r in rows],
-                                 schema=self.schema.name)
+                                 **buckets.reward_columns(rows), schema=self.schema.name)
     return {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],
             "reward": float(np.mean(total)),
             **{f"reward/{k}": float(np.mean(applicable(v))) for k, v in parts.items() if applicable(v)},

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_reason.config import LoraCfg
-from tpu_reason.models.transformer import ModelConfig, Params
+from tpu_reason.errors import UserError
+from tpu_reason.models.transformer import ModelConfig, Params, unflatten
 
 # projection -> (input dims, output dims) as logical axis names
 _IO = {
@@ -41,8 +42,6 @@ def targets(lora_cfg: LoraCfg) -> list[str]:
   pattern = re.compile(lora_cfg.targets)
   names = [n for n in _IO if pattern.fullmatch(n)]
   if not names:
-    from tpu_reason.errors import UserError
-
     raise UserError(f"lora.targets={lora_cfg.targets!r} matches no projection of {list(_IO)}")
   return names
 
@@ -65,8 +64,6 @@ def shapes(cfg: ModelConfig, lora_cfg: LoraCfg) -> dict[str, tuple[tuple[int, ..
 
 def init(cfg: ModelConfig, lora_cfg: LoraCfg, key: jax.Array, dtype=jnp.float32) -> Params:
   """A ~ N(0, 1/fan_in), B = 0 and token deltas 0: the adapted model starts exactly at the base model."""
-  from tpu_reason.models.transformer import unflatten
-
   flat = {}
   for i, (name, (shape, _)) in enumerate(sorted(shapes(cfg, lora_cfg).items())):
     if name.endswith("/a"):
@@ -113,8 +110,6 @@ def _merge_tokens(params: Params, tokens: Params, ids: tuple[int, ...]) -> Param
   if not tokens:
     return params
   if len(ids) != tokens["embed"].shape[0]:
-    from tpu_reason.errors import UserError
-
     raise UserError(f"the adapter trained {tokens['embed'].shape[0]} added token rows but the model has "
                     f"{len(ids)} (model.add_tokens must match the run that trained it)")
   ids = list(ids)  # distinct: a plain indexed add is exact

@@ -1,7 +1,11 @@
-"""Token log-probabilities over the vocabulary in chunks, and the SFT loss.
+"""Token log-probabilities over the vocabulary in chunks, the SFT loss, and GRPO's maths.
 
 A [B, T, V] f32 logits tensor is never materialised: Gemma-3's 262k vocabulary would
 make it gigabytes. The vocabulary is scanned in chunks with an online logsumexp.
+
+GRPO: group advantages (scaled per `choices.ADVANTAGE_SCALES`, or each reward normalised
+first), the k3 KL, token- or sequence-level (GSPO) importance ratios, the clipped surrogate,
+its aggregation into one loss (`choices.GRPO_LOSSES`) and DAPO's overlong penalty.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tpu_reason import choices
 from tpu_reason.mesh import constrain
+from tpu_reason.models.transformer import forward, head_weights, positions
 
 
 def token_logprobs(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int = 8192, softcap: float | None = None,
@@ -59,8 +65,6 @@ def sft_loss(logp_BxT, mask_BxT):
 def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
                         remat="none", chunk=8192, temperature=1.0):
   """log p(completion token) [B, C] for a left-padded prompt + right-padded completion batch."""
-  from tpu_reason.models.transformer import forward, head_weights, positions
-
   prompt, completion = batch["prompt_tokens_BxP"], batch["completion_tokens_BxC"]
   p, c = prompt.shape[1], completion.shape[1]
   tokens = jnp.concatenate([prompt, completion], axis=1)
@@ -76,8 +80,6 @@ def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=
 
 def packed_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32, remat="none", chunk=8192):
   """log p(completion token) [B, C] for packed rows (see `data.buckets.pack`): each segment sees only itself."""
-  from tpu_reason.models.transformer import forward, head_weights
-
   tokens, segments, at = batch["tokens_BxL"], batch["segments_BxL"], batch["target_at_BxC"]
   hidden = forward(params, cfg, tokens, batch["positions_BxL"], valid_BxT=segments > 0, lora=lora,
                    lora_scale=lora_scale, dtype=dtype, remat=remat, segment_BxT=segments)
@@ -98,7 +100,8 @@ def sft_logprobs(params, cfg, batch, **kw):
 
 
 def group_advantages(rewards_B, group: int, *, scale: str = "group", eps: float = 1e-4, ddof: int = 0):
-  """(r - group mean) / (std + eps); `scale`: group | batch (one std for all) | none (Dr. GRPO).
+  """(r - group mean) / (std + eps); `scale` (`choices.ADVANTAGE_SCALES`): group | batch (one std for all) |
+  none (Dr. GRPO).
 
   `ddof=0` is the population std; `ddof=1` the sample std TRL uses (at G=4 its advantages
   are sqrt(3/4) = 0.866x ours)."""
@@ -109,7 +112,7 @@ def group_advantages(rewards_B, group: int, *, scale: str = "group", eps: float 
   elif scale == "batch":
     centered = centered / (rewards_B.std(ddof=ddof) + eps)
   elif scale != "none":
-    raise ValueError(f"unknown advantage scale {scale!r}: group | batch | none")
+    raise ValueError(f"unknown advantage scale {scale!r}: {' | '.join(choices.ADVANTAGE_SCALES)}")
   return centered.reshape(-1)
 
 
@@ -130,7 +133,7 @@ def log_ratio(logp_BxT, old_logp_BxT, mask_BxT=None, level: str = "token"):
     mask = mask_BxT.astype(jnp.float32)
     per_seq = (d * mask).sum(1, keepdims=True) / jnp.maximum(mask.sum(1, keepdims=True), 1.0)
     return jnp.broadcast_to(per_seq, d.shape)
-  raise ValueError(f"unknown importance level {level!r}: token | sequence")
+  raise ValueError(f"unknown importance level {level!r}: {' | '.join(choices.IMPORTANCE_LEVELS)}")
 
 
 def clipped_surrogate(logp_BxT, old_logp_BxT, adv_B, eps_low: float, eps_high: float, *, level: str = "token",
@@ -164,7 +167,7 @@ def aggregate(loss_BxT, mask_BxT, mode: str, max_tokens: int | None = None, num_
     return tokens.sum() / jnp.maximum(mask.sum() if num_tokens is None else num_tokens, 1.0)
   if mode == "dr_grpo":
     return tokens.sum() / (loss_BxT.shape[0] * (max_tokens or loss_BxT.shape[1]))
-  raise ValueError(f"unknown loss aggregation {mode!r}: grpo | dapo | dr_grpo")
+  raise ValueError(f"unknown loss aggregation {mode!r}: {' | '.join(choices.GRPO_LOSSES)}")
 
 
 def overlong_penalty(lengths_B, max_tokens: int, buffer: int, penalty: float = 1.0):

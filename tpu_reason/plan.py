@@ -47,6 +47,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
 from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sampler, sft, train as train_lib
@@ -389,7 +390,7 @@ def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.st
   cache, first, next_pos = jax.eval_shape(functools.partial(sampler.prefill, cfg=model_cfg, dtype=dtype),
                                           params, lora, scale, tokens, mask)
   prefix = cache_layout(dataclasses.replace(cache, group=g.group), mesh)
-  mode = sampler._mode(SamplingCfg(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+  mode = sampler.sampling_mode(SamplingCfg(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
   eos = jax.ShapeDtypeStruct((1,), jnp.int32)
   start = functools.partial(sampler.start, cfg=model_cfg, group=g.group, max_new=g.max_new_tokens, mode=mode,
                             slots=g.max_new_tokens, dtype=dtype)
@@ -450,8 +451,6 @@ def tpu_devices(name: str) -> list:
     raise UserError(f"--tpu must be one of {', '.join(TPUS)}, got {name!r}")
   if importlib.util.find_spec("libtpu") is None:
     raise UserError('--tpu needs the TPU compiler (libtpu): pip install "tpu_reason[tpu]"')
-  from jax.experimental import topologies
-
   topology, host = TPUS[name]
   return topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=list(host)).devices
 

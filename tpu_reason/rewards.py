@@ -10,7 +10,9 @@ Every reward has the TRL/Tunix signature
 string: re-append it if the sampler strips it, or `format` cannot reach 1.0).
 Columns arrive as per-row lists: `answer` (gold final answers) and `checkpoints`
 (strings the reasoning should contain); missing columns or None entries count
-as empty and unknown columns are ignored. `schema` (a name, a TagSchema, or a
+as empty and unknown columns are ignored. Every other field of a data row (`Record.columns`)
+arrives the same way, one value per completion, so a new reward just names the columns it reads:
+`fn(prompts, completions, difficulty, **_)`. `schema` (a name, a TagSchema, or a
 per-row list of either; default "reasoning") picks the tag layout.
 
   format       1.0 if `TagSchema.parse` says well_formed, else 0.25 for each of
@@ -322,10 +324,11 @@ def make_rewards(schema: str = "reasoning") -> dict[str, Reward]:
 
 
 def score(
-    prompts, completions, weights: dict[str, float], **columns
+    prompts, completions, weights: dict[str, float], /, **columns
 ) -> tuple[list[float], dict[str, list[float | None]]]:
   """Weighted total per row over the rewards that apply to it (None: skipped), and each weighted
-  reward's raw per-row values."""
+  reward's raw per-row values. Every reward gets every column (positional-only arguments above: a
+  column may be named `weights`)."""
   unknown = set(weights) - set(REWARDS)
   if unknown:
     raise ValueError(f"Unknown rewards {sorted(unknown)}; valid: {', '.join(REWARDS)}")

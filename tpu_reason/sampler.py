@@ -24,7 +24,6 @@ import numpy as np
 from tpu_reason import budget as budget_lib
 from tpu_reason.budget import BudgetState, Forcing
 from tpu_reason.config import BudgetCfg, SamplingCfg
-from tpu_reason.data.buckets import pow2_bucket
 from tpu_reason.distributed import to_host
 from tpu_reason.mesh import constrain
 from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
@@ -77,7 +76,7 @@ class Generation:
     return float(self.lengths.sum()) / max(self.seconds, 1e-9)
 
 
-def _mode(sampling: SamplingCfg) -> tuple[float, int, float]:
+def sampling_mode(sampling: SamplingCfg) -> tuple[float, int, float]:
   """The sampling fields that change the compiled graph (the seed must not)."""
   return (sampling.temperature, sampling.top_k, sampling.top_p)
 
@@ -180,6 +179,29 @@ def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until,
   return jax.lax.while_loop(cond, body, state)
 
 
+def pow2_bucket(n: int, cap: int | None = None, smallest: int = 64) -> int:
+  """The smallest power of two >= n (at least `smallest`), capped at `cap`: little padding, few shapes."""
+  width = smallest
+  while width < n:
+    width *= 2
+  return width if cap is None else min(width, cap)
+
+
+# The one prompt-width rule (eval, chat, curation, `generate`, GRPO's trim): a power of two from 64.
+# Every distinct width compiles prefill, start and decode anew, and decode is the expensive compile;
+# powers of two give log2(P/64) + 1 widths for prompts up to P tokens (multiples of 64 would give P/64),
+# at the cost of up to twice the prompt's columns in the prefix cache that each decode step attends over.
+PROMPT_FLOOR = 64
+
+
+def prompt_width(n_tokens: int, cap: int | None = None) -> int:
+  """The width prompts of up to `n_tokens` tokens are left-padded to for generation (at most `cap`).
+
+  Callers pass the longest prompt of the batch, so no prompt token is ever cut (a `cap` below
+  `n_tokens` is the caller's error, and `left_pad` raises on it)."""
+  return pow2_bucket(n_tokens, cap, PROMPT_FLOOR)
+
+
 def _span(step: int, slots: int) -> int:
   """Suffix slots a decode call from `step` attends over: the next power-of-two bucket from 64.
 
@@ -254,23 +276,25 @@ def generate(
     dtype=jnp.float32,
     budget: BudgetCfg | None = None,
     schema: TagSchema | None = None,
+    pad_id: int = 0,
 ) -> Generation:
   """Generate up to `sampling.max_new_tokens` tokens for each prompt, `group` times.
 
   The prompts end inside the reasoning block (the schema's primer). With `schema` the
   result also reports each row's thinking; `budget` then caps or extends it (s1).
   `on_chunk(tokens_BxN, lengths_B)` sees each row's tokens only grow: the start of a close
-  tag that may yet be suppressed is held back until it is settled.
+  tag that may yet be suppressed is held back until it is settled. `pad_id` fills each row's
+  tokens after its end: callers with a model pass `model.pad_id` (the one pad rule).
   """
   t0 = time.perf_counter()
   forcing = _forcing(tokenizer, schema, budget)
   key = jax.random.key(sampling.seed) if key is None else key
   eos = jnp.asarray(eos_ids, jnp.int32)
-  pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0])
+  pad = int(pad_id)
   prefix, first, next_pos = prefill(params, lora, lora_scale, jnp.asarray(prompt_tokens_BxP),
                                     jnp.asarray(prompt_mask_BxP, bool), cfg=cfg, dtype=dtype)
   prefix = KVCache(prefix.k, prefix.v, prefix.valid, prefix.pos, group)
-  max_new, mode = sampling.max_new_tokens, _mode(sampling)
+  max_new, mode = sampling.max_new_tokens, sampling_mode(sampling)
   slots = max_new + (forcing.rewind * budget.extend if forcing is not None and budget else 0)
   state = start(prefix, first, next_pos, key, forcing, cfg=cfg, group=group, max_new=max_new, mode=mode,
                 eos_ids=eos, pad_id=pad, slots=slots, dtype=dtype)

@@ -176,7 +176,7 @@ def build(cfg: Config) -> Trainer:
 def pack_rows(examples: list, d, model) -> list:
   """The training examples packed into rows of max_prompt + max_completion tokens; prints the fill."""
   width = d.max_prompt_tokens + d.max_completion_tokens
-  rows = buckets.pack(examples, width, d.max_completion_tokens, buckets.pad_id(model), seed=d.seed)
+  rows = buckets.pack(examples, width, d.max_completion_tokens, model.pad_id, seed=d.seed)
   real = sum(int((r.segments_L > 0).sum()) for r in rows)
   padded = sum(ex.bucket + d.max_prompt_tokens for ex in examples)
   print(f"packed {len(examples)} examples into {len(rows)} rows of {width} tokens: {real / (len(rows) * width):.0%} "

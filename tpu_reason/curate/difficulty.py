@@ -8,7 +8,7 @@ than `max_solved` of its k samples is `too_easy`; it is not posed to the
 baselines after that one.
 
 Questions go to the model shortest first, in batches of `batch_size` prompts
-padded to a multiple of 64 tokens (the last batch filled up with copies), so a
+left-padded to `sampler.prompt_width` (the last batch filled up with copies), so a
 batch pads little and only a few shapes ever compile.
 
 Solved counts go to an append-only JSONL cache in the output directory, one line
@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from tpu_reason.data.buckets import pad_id, render
+from tpu_reason.data.buckets import render
 from tpu_reason.data.sources import Record
 from tpu_reason.tags import TagSchema
 
 REASONS = ("too_easy",)
 CACHE_FILE = "difficulty_cache.jsonl"
-WIDTH_STEP = 64  # prompt widths are multiples of this: few compiled shapes, little padding
 
 # solver(records) -> per record, how many of its k samples were solved.
 Solver = Callable[[Sequence[Record]], list[int]]
@@ -165,7 +164,7 @@ class ModelSolver:
     self.sampling, self.k, self.batch_size = sampling, k, batch_size
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(MeshCfg(fsdp=1, tp=1), jax.devices()[:1])
     self.params = mesh_lib.place_params(model.params, model.cfg, self.mesh)
-    self.pad = pad_id(model)
+    self.pad = model.pad_id
     self.calls = 0
 
   def _prompt_ids(self, record: Record) -> list[int]:
@@ -177,7 +176,7 @@ class ModelSolver:
     from tpu_reason import rewards, sampler
 
     ids = [self._prompt_ids(r) for r in records]
-    width = -(-max(len(x) for x in ids) // WIDTH_STEP) * WIDTH_STEP
+    width = sampler.prompt_width(max(len(x) for x in ids))
     # Filler rows (copies of the first prompt) keep the batch shape fixed; their samples are ignored.
     tokens, mask = sampler.left_pad(ids + [ids[0]] * (self.batch_size - len(ids)), width, self.pad)
     key = jax.random.fold_in(jax.random.key(self.sampling.seed), self.calls)
@@ -185,7 +184,7 @@ class ModelSolver:
     with jax.set_mesh(self.mesh):  # on a TPU mesh each chip decodes its own rows
       gen = sampler.generate(self.params, self.model.cfg, self.model.tokenizer, tokens, mask,
                              eos_ids=self.model.eos_ids, sampling=self.sampling, key=key, group=self.k,
-                             stop_strings=self.schema.stop_strings)
+                             stop_strings=self.schema.stop_strings, pad_id=self.pad)
     n = len(records) * self.k  # rows are prompt-major: prompt b's samples are rows b*k .. b*k+k-1
     texts = [self.schema.primer + t for t in gen.texts[:n]]
     answers = [r.answer for r in records for _ in range(self.k)]

@@ -32,11 +32,6 @@ from tpu_reason.data.sources import Record, records_to_teacher_jsonl
 from tpu_reason.errors import UserError
 
 
-def output_dir(cfg: Config) -> pathlib.Path:
-  """cfg.output_dir, else runs/<name>-curate (no timestamp: rerunning resumes)."""
-  return pathlib.Path(cfg.output_dir) if cfg.output_dir else pathlib.Path("runs") / f"{cfg.name}-curate"
-
-
 def load_pool(cfg: Config) -> tuple[list[Record], StageCount, str]:
   """(records, the load stage's counts, a source description); bad rows are counted, never raised."""
   data = dataclasses.replace(cfg.data, strict=False)
@@ -116,7 +111,7 @@ def settings(cfg: Config) -> str:
 def run(cfg: Config, make_solver=None) -> CurateReport:
   """Curates `cfg.data`'s pool per `cfg.curate`; `make_solver(spec)` replaces the baseline models (tests)."""
   c, d = cfg.curate, cfg.data
-  out = output_dir(cfg)
+  out = cfg.resolved_output_dir("curate", timestamp=False)  # no timestamp: rerunning resumes
   config.save(cfg, out)
   schema = tags.get_schema(d.schema)
   seconds, t0 = {}, time.perf_counter()

@@ -14,6 +14,8 @@ import time
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tpu_reason import config, errors, evaluate, models, tags
@@ -54,9 +56,6 @@ def trace_summary(examples: Sequence[Example], tokenizer, schema: TagSchema) -> 
 
 def rouge_summary(model, examples: Sequence[Example], schema: TagSchema, max_new_tokens: int) -> str:
   """Greedy generations for `examples`, their reasoning's ROUGE-L against the reference trace."""
-  import jax
-  import jax.numpy as jnp
-
   params = jax.tree.map(jnp.asarray, model.params)
   _, texts = evaluate.generate_and_score(model, params, list(examples), schema, max_new_tokens=max_new_tokens)
   references = [stats.completion_parts(schema, ex.completion_text)[0] for ex in examples]

@@ -18,6 +18,7 @@ its answer (`target_unparseable`). A batch holds rows of one bucket only:
   completion_mask_BxC    bool    loss mask: completion ids incl. EOS, not padding
   example_mask_B         bool    False on filler rows (only with drop_remainder=False)
   answer, checkpoints, prompt_text, id   python lists of length B (for rewards)
+  columns                 {column: list of length B}: `reward_columns`, what every reward gets
 
 With `data.pack` the trainer lays several examples end to end in rows of one width
 L = P + max_completion_tokens instead (`pack`; attention stays within each example):
@@ -60,6 +61,7 @@ class Example:
   prompt_mask_P: np.ndarray  # bool
   completion_tokens_C: np.ndarray  # int32, right-padded, EOS last real token
   completion_mask_C: np.ndarray  # bool, loss mask
+  columns: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the record's extra columns
 
   @property
   def bucket(self) -> int:
@@ -100,22 +102,6 @@ def round_trips(record: Record, schema: TagSchema, completion_text: str) -> bool
   return parsed.well_formed and parsed.answer == record.answer.strip()
 
 
-def end_of_turn_id(model: Any) -> int:
-  """The stop id the chat template puts after an assistant message.
-
-  Not simply eos_ids[0]: Gemma lists <eos> first, but its turns end in
-  <end_of_turn>, and that is the token a chat model must learn to emit.
-  """
-  mark = "MARKER"
-  try:
-    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
-    text = model.tokenizer.apply_chat_template(chat, tokenize=False)
-  except Exception:  # no usable template: fall back to the first stop id
-    return int(model.eos_ids[0])
-  tail = model.tokenizer.encode(text[text.rfind(mark) + len(mark) :], add_special_tokens=False)
-  return int(next((t for t in tail if t in model.eos_ids), model.eos_ids[0]))
-
-
 def tokenize(model: Any, prompt_text: str, completion_text: str, eot: int) -> tuple[list[int], list[int]]:
   """(prompt ids, completion ids + end-of-turn id `eot`), tokenized separately.
 
@@ -127,11 +113,6 @@ def tokenize(model: Any, prompt_text: str, completion_text: str, eot: int) -> tu
   return prompt_ids, completion_ids + [eot]
 
 
-def pad_id(model: Any) -> int:
-  pad = model.tokenizer.pad_token_id
-  return int(end_of_turn_id(model) if pad is None else pad)
-
-
 def completion_buckets(max_completion_tokens: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:
   """Sorted bucket lengths; the largest is always max_completion_tokens."""
   return tuple(sorted({int(b) for b in buckets if 0 < b <= max_completion_tokens} | {max_completion_tokens}))
@@ -140,14 +121,6 @@ def completion_buckets(max_completion_tokens: int, buckets: Sequence[int] = ()) 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int | None:
   """Smallest bucket >= length (buckets sorted), or None if none fits."""
   return next((b for b in buckets if length <= b), None)
-
-
-def pow2_bucket(n: int, cap: int, smallest: int = 64) -> int:
-  """The smallest power of two >= n (at least `smallest`), capped at `cap`: little padding, few shapes."""
-  width = smallest
-  while width < n:
-    width *= 2
-  return min(width, cap)
 
 
 def left_pad(ids: Sequence[int], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,7 +232,7 @@ def fit_records(
 ) -> Iterator[Fit]:
   """One `Fit` per record, in order: rendered, tokenized, padded, or dropped (never truncated)."""
   sizes = completion_buckets(max_completion_tokens, buckets)
-  pad, eot = pad_id(model), end_of_turn_id(model)
+  pad, eot = model.pad_id, model.end_of_turn_id
   for record in records:
     prompt_text, completion_text = render(record, model, schema, system_prompt)
     if not round_trips(record, schema, completion_text):
@@ -276,7 +249,7 @@ def fit_records(
       p_tokens, p_mask = left_pad(prompt_ids, max_prompt_tokens, pad)
       c_tokens, c_mask = right_pad(completion_ids, bucket, pad)
       example = Example(record.id, prompt_text, completion_text, record.answer, tuple(record.checkpoints),
-                        record.domain, p_tokens, p_mask, c_tokens, c_mask)
+                        record.domain, p_tokens, p_mask, c_tokens, c_mask, record.columns)
       yield Fit(record, example, None, *lengths)
 
 
@@ -322,7 +295,7 @@ def build_prompts(
   source: str = "",
 ) -> tuple[list[Example], DataReport]:
   """Prompt-only examples (empty completion arrays) for RL: no reference trace is needed."""
-  pad = pad_id(model)
+  pad = model.pad_id
   report = DataReport(split, source, max_prompt_tokens, (0,))
   examples = []
   for record in records:
@@ -335,7 +308,7 @@ def build_prompts(
     p_tokens, p_mask = left_pad(prompt_ids, max_prompt_tokens, pad)
     empty = np.zeros(0, np.int32)
     examples.append(Example(record.id, prompt_text, "", record.answer, tuple(record.checkpoints), record.domain,
-                            p_tokens, p_mask, empty, empty.astype(bool)))
+                            p_tokens, p_mask, empty, empty.astype(bool), record.columns))
     report.seen += 1
     report.kept += 1
     report.per_bucket[0] = report.per_bucket.get(0, 0) + 1
@@ -396,19 +369,29 @@ def _filled(rows: Sequence, batch_size: int) -> tuple[list, np.ndarray]:
   return list(rows) + [rows[0]] * (batch_size - len(rows)), np.arange(batch_size) < len(rows)
 
 
+def reward_columns(rows: Sequence[Example]) -> dict[str, list]:
+  """{column: one value per row}, what every reward gets as keyword lists: each extra column of the data
+  (None in a row without it), then `answer` and `checkpoints`. The one place rows become reward columns."""
+  names = dict.fromkeys(k for r in rows for k in r.columns)
+  return {**{k: [r.columns.get(k) for r in rows] for k in names},
+          "answer": [r.answer for r in rows], "checkpoints": [list(r.checkpoints) for r in rows]}
+
+
 def collate(rows: Sequence[Example], batch_size: int) -> dict[str, Any]:
   """Stacks rows into one batch; short batches are filled with masked-out copies."""
   rows, example_mask_B = _filled(rows, batch_size)
+  columns = reward_columns(rows)
   return {
     "prompt_tokens_BxP": np.stack([r.prompt_tokens_P for r in rows]),
     "prompt_mask_BxP": np.stack([r.prompt_mask_P for r in rows]),
     "completion_tokens_BxC": np.stack([r.completion_tokens_C for r in rows]),
     "completion_mask_BxC": np.stack([r.completion_mask_C for r in rows]) & example_mask_B[:, None],
     "example_mask_B": example_mask_B,
-    "answer": [r.answer for r in rows],
-    "checkpoints": [list(r.checkpoints) for r in rows],
+    "answer": columns["answer"],
+    "checkpoints": columns["checkpoints"],
     "prompt_text": [r.prompt_text for r in rows],
     "id": [r.id for r in rows],
+    "columns": columns,
   }
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import yaml
 
 from tpu_reason import tags
 from tpu_reason.config import DataCfg
@@ -56,8 +57,6 @@ def load_records(data: DataCfg, *, seed: int, size: int) -> tuple[list[Record], 
 
 def parse_task(task: str) -> tuple[str, dict[str, Any]]:
   """"chain_sum:min_digits=1,max_terms=2" -> ("chain_sum", {"min_digits": 1, "max_terms": 2})."""
-  import yaml
-
   name, _, rest = task.partition(":")
   options = {}
   for item in filter(None, (x.strip() for x in rest.split(","))):

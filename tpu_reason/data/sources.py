@@ -37,7 +37,7 @@ MAX_SHORT_ANSWER = 64
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-  """One normalised example: prompt, reasoning trace, gold answer."""
+  """One normalised example: prompt, reasoning trace, gold answer, and the row's other columns."""
 
   id: str
   prompt: str
@@ -45,6 +45,10 @@ class Record:
   answer: str
   checkpoints: tuple[str, ...]
   domain: str
+  # The row's fields the trainer does not read itself (e.g. a difficulty score): each reaches every reward
+  # as a keyword list, so a new column needs no code between the data file and its reward.
+  # Not hashed: a dict is not hashable.
+  columns: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
 
 @dataclasses.dataclass
@@ -95,6 +99,23 @@ def _field(row: Row, key: str, kind: type | tuple[type, ...] = str) -> Any:
     want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
     raise _Skip("wrong_type", f"field {key!r} should be {want}, got {type(value).__name__}")
   return value
+
+
+# Not kept as columns: the Record's own fields and the arguments a reward already takes
+# (`fn(prompts, completions, schema=..., **columns)`), which a column of that name would clash with.
+_NOT_COLUMNS = frozenset(f.name for f in dataclasses.fields(Record)) | {"prompts", "completions", "schema"}
+
+
+def _columns(row: Row, used: Iterable[str]) -> dict[str, Any]:
+  """The row's fields beyond `used` (the ones its loader read), as Record.columns."""
+  skip = _NOT_COLUMNS.union(used)
+  return _json_values({k: v for k, v in row.items() if k not in skip})
+
+
+def _json_values(columns: dict[str, Any]) -> dict[str, Any]:
+  """`columns` as JSON values (tuples as lists, anything else non-JSON as str), what a JSONL row holds:
+  so a record written out (`teacher_row`) reads back equal, whichever source it came from."""
+  return json.loads(json.dumps(columns, default=str)) if columns else {}
 
 
 def _first_field(row: Row, keys: tuple[str, ...], kind: type | tuple[type, ...] = str) -> Any:
@@ -302,7 +323,8 @@ def _teacher_record(row: Row, domain: str) -> Record:
   checkpoints = _checkpoints(meta.get("checkpoints", []), "metadata.checkpoints")
   row_id = _field(row, "id") if row.get("id") is not None else stable_id("teacher", prompt)
   row_domain = _field(row, "domain") if row.get("domain") is not None else domain
-  return Record(row_id, prompt, reasoning.strip(), answer, checkpoints, row_domain)
+  columns = {**_columns(meta, ("final_answer",)), **_columns(row, ("chosen", "metadata"))}
+  return Record(row_id, prompt, reasoning.strip(), answer, checkpoints, row_domain, columns)
 
 
 def load_teacher(
@@ -327,7 +349,8 @@ def teacher_row(r: Record, **metadata: Any) -> dict[str, Any]:
     "domain": r.domain,
     "prompt": r.prompt,
     "chosen": render_chosen(r),
-    "metadata": {"checkpoints": list(r.checkpoints), "final_answer": r.answer, **metadata},
+    # columns go back into metadata, where load_teacher finds them
+    "metadata": {**r.columns, "checkpoints": list(r.checkpoints), "final_answer": r.answer, **metadata},
   }
 
 
@@ -363,7 +386,8 @@ def _gsm8k_record(row: Row, domain: str) -> Record:
   if parsed is None:
     raise _Skip("no_delimiter")
   reasoning, answer, checkpoints = parsed
-  return Record(stable_id("gsm8k", prompt), prompt, reasoning, _answer(answer), checkpoints, domain)
+  return Record(stable_id("gsm8k", prompt), prompt, reasoning, _answer(answer), checkpoints, domain,
+                _columns(row, ("question",)))
 
 
 def load_gsm8k(
@@ -487,7 +511,9 @@ def _gym_record(row: Row, name: str) -> Record:
       raise _Skip("answer_mismatch")
     reasoning = cot.strip()
     checkpoints = arithmetic_steps(reasoning)
-  return Record(stable_id(name, prompt), prompt, reasoning, answer, checkpoints, name)
+  # the entry's metadata as one column: with question and answer, what reasoning_gym's score_answer reads
+  columns = _json_values({"metadata": meta}) if meta else {}
+  return Record(stable_id(name, prompt), prompt, reasoning, answer, checkpoints, name, columns)
 
 
 def load_reasoning_gym(
@@ -513,7 +539,7 @@ def load_reasoning_gym(
 
 # ---------------------------------------------------------- generic table
 
-_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record))
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record) if f.name != "columns")
 DEFAULT_COLUMNS = {"question": "prompt"}
 
 
@@ -539,7 +565,8 @@ def _table_record(row: Row, fields: Mapping[str, str], domain: str) -> Record:
   checkpoints = _checkpoints(optional("checkpoints", [], (list, tuple)), fields["checkpoints"])
   row_id = str(optional("id", "", (str, int))) or stable_id("row", prompt)
   reasoning = optional("reasoning", "").strip()
-  return Record(row_id, prompt, reasoning, answer, checkpoints, optional("domain", domain))
+  columns = _columns(row, (*fields.values(), "prompt"))
+  return Record(row_id, prompt, reasoning, answer, checkpoints, optional("domain", domain), columns)
 
 
 def load_table(
@@ -554,7 +581,7 @@ def load_table(
   """Any JSONL/parquet file (or glob, or hub id) with a {column: Record field} mapping.
 
   Columns already named like Record fields need no mapping; the default maps
-  `question` to prompt.
+  `question` to prompt. Every other column is kept in `Record.columns` (for rewards).
   """
   fields = column_map(columns)
   rows = read_rows(path, split=split, config=config)

@@ -10,6 +10,7 @@ under `$TPU_REASON_CACHE` (default `~/.cache/tpu_reason`) so the second load is 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -20,10 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from tpu_reason.errors import UserError, first_line
-from tpu_reason.models.transformer import ModelConfig, Params, flatten, unflatten
+from tpu_reason.models import convert, gguf as gguf_io
+from tpu_reason.models.transformer import ModelConfig, Params, flatten, init_params, unflatten
 
 # Gemma's template (the GGUF of the 270m base model carries none).
 GEMMA_CHAT_TEMPLATE = (
@@ -82,6 +85,29 @@ class Model:
     if self.cfg.family.startswith("gemma") and bos is not None and ids[:1] != [bos]:
       ids = [bos] + ids
     return ids
+
+  @property
+  def end_of_turn_id(self) -> int:
+    """The stop id the chat template puts after an assistant message.
+
+    Not simply eos_ids[0]: Gemma lists <eos> first, but its turns end in
+    <end_of_turn>, and that is the token a chat model must learn to emit.
+    """
+    mark = "MARKER"
+    try:
+      chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
+      text = self.tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # no usable template: fall back to the first stop id
+      return int(self.eos_ids[0])
+    tail = self.tokenizer.encode(text[text.rfind(mark) + len(mark) :], add_special_tokens=False)
+    return int(next((t for t in tail if t in self.eos_ids), self.eos_ids[0]))
+
+  @property
+  def pad_id(self) -> int:
+    """The id that fills padding everywhere (prompts, packed rows, generated tails): the
+    tokenizer's pad token, else the end-of-turn id. The one pad rule: every caller uses it."""
+    pad = self.tokenizer.pad_token_id
+    return int(self.end_of_turn_id if pad is None else pad)
 
 
 def cache_root() -> Path:
@@ -146,9 +172,6 @@ def _load_cache(path: Path, name: str, source: dict) -> Model | None:
 def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...]) -> Model:
   import gguf
 
-  from tpu_reason.models import convert
-  from tpu_reason.models import gguf as gguf_io
-
   source = {"gguf": str(path), "size": path.stat().st_size, "version": 2}
   cache = cache_root() / name
   cached = _load_cache(cache, name, source)
@@ -186,10 +209,6 @@ TINY = {
 
 
 def _tiny(spec: str) -> Model:
-  import jax
-
-  from tpu_reason.models.transformer import init_params
-
   donor, kw = TINY[spec]
   real = load(donor)
   cfg = ModelConfig(vocab_size=real.cfg.vocab_size, **kw)
@@ -243,6 +262,14 @@ def config_for(section) -> ModelConfig:
   return dataclasses.replace(config_of(section.spec), quant=section.quant)
 
 
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n"
+
+
+def licence_notice(cfg: ModelConfig) -> str | None:
+  """The NOTICE a redistribution of this family's weights must carry (Gemma's terms), else None."""
+  return GEMMA_NOTICE if cfg.family.startswith("gemma") else None
+
+
 def known_specs() -> list[str]:
   return sorted(EMBEDDED) + sorted(TINY)
 
@@ -256,8 +283,6 @@ def add_tokens(model: Model, tokens) -> Model:
   a row the tokenizer had no token for starts at the mean embedding, so its logits begin unremarkable.
   Returns a new Model (the original is untouched).
   """
-  import copy
-
   from tokenizers import AddedToken
 
   if not tokens:

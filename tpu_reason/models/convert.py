@@ -95,6 +95,11 @@ def params_from_hf(
   return unflatten(flat)
 
 
+def norm_plus_one(cfg: ModelConfig) -> bool:
+  """Whether this family's HF checkpoints store RMSNorm weights as w, applied as (1 + w) (Gemma's do)."""
+  return cfg.family.startswith("gemma")
+
+
 def params_to_hf(cfg: ModelConfig, params: dict, *, norm_plus_one: bool) -> dict[str, np.ndarray]:
   """Inverse of `params_from_hf`: HF-named tensors in torch layout (for export)."""
   out = {}

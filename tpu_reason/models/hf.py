@@ -244,7 +244,7 @@ def load(spec: str, weights: bool = True):
         return where[alt].get_tensor(alt)
     raise UserError(f"{path}: tensor {name!r} not found in the safetensors files")
 
-  params = convert.params_from_hf(cfg, get, norm_plus_one=cfg.family.startswith("gemma"))
+  params = convert.params_from_hf(cfg, get, norm_plus_one=convert.norm_plus_one(cfg))
   return Model(path.name, cfg, params, *_tokenizer(path, cfg))
 
 

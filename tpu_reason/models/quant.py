@@ -15,8 +15,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from tpu_reason import choices
+
 QMAX = {"int8": 127, "int4": 7}
 DTYPES = {"int8": np.dtype(jnp.int8), "int4": np.dtype(jnp.int4)}
+assert ("none", *DTYPES) == choices.QUANT == ("none", *QMAX), "choices.QUANT names these formats (model.quant)"
 GROUP = 128
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tpu_reason import choices
 from tpu_reason.mesh import constrain, gathered
 from tpu_reason.models import quant as quant_lib
 
@@ -27,7 +28,8 @@ FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture hyper-parameters; `family` switches the few real differences."""
+  """Architecture hyper-parameters. `family` names the architecture for the loaders and exporters (checkpoint
+  names and conventions); the forward pass reads only the flags below, never the family."""
 
   family: str
   vocab_size: int
@@ -154,8 +156,6 @@ def as_computed(params: Params, cfg: ModelConfig) -> Params:
 
 def dequantized(layer: Params, cfg: ModelConfig, dtype) -> Params:
   """One layer's weights (inside the scan) with the quantised projections back in `dtype`."""
-  if cfg.quant == "none":
-    return layer
   out = {k: w for k, w in layer.items() if not k.endswith("_scale")}
   for p in PROJECTIONS:
     out[p] = quant_lib.dequantize(layer[p], layer[f"{p}_scale"], n_inputs(p), dtype)
@@ -459,6 +459,7 @@ REMAT = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projection outputs; attention recomputed
     "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input; the layer runs twice
 }
+assert tuple(REMAT) == choices.REMAT, "choices.REMAT names these policies (config validates model.remat by it)"
 
 
 def positions(valid_BxT):
@@ -524,7 +525,8 @@ def forward(
     layer = {k: constrain(w, layer_axes[k]) for k, w in layer.items()}
     # int8/int4 weights are gathered small and widened here; the backward widens them again
     # rather than keeping every layer's wide copy as a residual
-    layer = jax.checkpoint(functools.partial(dequantized, cfg=cfg, dtype=dtype))(layer)
+    if cfg.quant != "none":
+      layer = jax.checkpoint(functools.partial(dequantized, cfg=cfg, dtype=dtype))(layer)
     # caches are sliced here rather than scanned over, so a `span` reads fewer slots
     per_layer = [c.layer(index) for c in caches]
     y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer, segment_BxT)

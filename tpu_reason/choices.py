@@ -1,0 +1,15 @@
+"""The names of the config choices whose implementations import jax, written once, without jax.
+
+`config` validates `model.remat`, `model.quant` and the GRPO choices against these tuples at parse
+time without importing jax (its modules import jax; `tpu_reason.models`' package does too, so the
+model choices live here as well). Each implementing module dispatches on, or checks its own table
+against, its tuple; nothing else spells the names out. Choices whose registries import no jax are
+validated against those registries directly: `tags.SCHEMAS`, `data.sources.LOADERS`, `rewards.REWARDS`.
+"""
+
+REMAT = ("none", "dots", "full")  # models.transformer.REMAT: what a layer keeps for its backward pass
+QUANT = ("none", "int8", "int4")  # models.quant.DTYPES (and "none": the compute dtype): base projection storage
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo")  # losses.aggregate: how token losses become the batch loss
+ADVANTAGE_SCALES = ("group", "batch", "none")  # losses.group_advantages: what the centred rewards are divided by
+IMPORTANCE_LEVELS = ("token", "sequence")  # losses.log_ratio: one ratio per token, or GSPO's per completion
+REWARD_AGGREGATIONS = ("sum", "normalize_each")  # grpo.advantage_rewards: the reward the advantages come from
