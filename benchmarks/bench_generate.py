@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from _sides import emit, peak_rss_gib
 
-from tpu_reason import models, sampler
+from tpu_reason import models
 from tpu_reason.config import SamplingCfg
+from tpu_reason.sampling import sampler
 
 PROMPTS = ["What is 7 times 8?", "Name three colors.", "Explain why the sky is blue.", "Count from 1 to 20."]
 

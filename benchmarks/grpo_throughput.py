@@ -107,10 +107,11 @@ def run_ours(a) -> dict:
   import jax
   from bench_generate import copy_bandwidth
 
-  from tpu_reason import grpo, sampler
+  from tpu_reason import grpo
   from tpu_reason import lora as lora_lib
   from tpu_reason import train as train_lib
   from tpu_reason.config import SamplingCfg
+  from tpu_reason.sampling import sampler
 
   out_dir = tempfile.mkdtemp(prefix="grpo_bench_")
   cfg = _config(a, out_dir)
@@ -121,15 +122,16 @@ def run_ours(a) -> dict:
                            schema=dataclasses.replace(tr.schema, stop_strings=()))
   batches = list(itertools.islice(tr.batches(0), a.steps + 1))
   first = batches[0]
-  rows, plen = g.prompts * g.group, first["prompt_tokens_BxP"].shape[1]
-  print(f"[ours] prompts {first['id']}: {first['prompt_mask_BxP'].sum(1).tolist()} real of {plen} tokens")
+  rows, plen = g.prompts * g.group, first.arrays.prompt_tokens_BxP.shape[1]
+  print(f"[ours] prompts {first.id}: {first.arrays.prompt_mask_BxP.sum(1).tolist()} real of {plen} tokens")
 
   # 1. rollout: the sampler alone on the base weights
   m = tr.model
   sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
 
   def rollout(seed: int) -> int:
-    gen = sampler.generate(tr.params, m.cfg, m.tokenizer, first["prompt_tokens_BxP"], first["prompt_mask_BxP"],
+    gen = sampler.generate(tr.params, m.cfg, m.tokenizer, first.arrays.prompt_tokens_BxP,
+                           first.arrays.prompt_mask_BxP,
                            eos_ids=(no_eos,), sampling=sampling, key=jax.random.key(seed), group=g.group)
     return int(gen.lengths.sum())
 
@@ -159,12 +161,13 @@ def run_ours(a) -> dict:
 
 def _ours_xla_memory(tr, state, rows: int, prompt_len: int, new_tokens: int) -> dict[str, int]:
   """XLA's buffer sizes (bytes) for one optimizer update of the trainer on `rows` sequences."""
+  from tpu_reason.data.batch import RolloutBatch
+
   f32 = np.float32
-  mb = {"prompt_tokens_BxP": np.zeros((rows, prompt_len), np.int32), "prompt_mask_BxP": np.ones((rows, prompt_len), bool),
-        "completion_tokens_BxC": np.zeros((rows, new_tokens), np.int32),
-        "completion_mask_BxC": np.ones((rows, new_tokens), bool), "advantages_B": np.zeros(rows, f32),
-        "ref_logp_BxC": np.zeros((rows, new_tokens), f32), "old_logp_BxC": np.zeros((rows, new_tokens), f32),
-        "num_tokens_B": np.ones(rows, f32)}
+  mb = RolloutBatch(np.zeros((rows, prompt_len), np.int32), np.ones((rows, prompt_len), bool),
+                    np.zeros((rows, new_tokens), np.int32), np.ones((rows, new_tokens), bool),
+                    advantages_B=np.zeros(rows, f32), num_tokens_B=np.ones(rows, f32),
+                    old_logp_BxC=np.zeros((rows, new_tokens), f32), ref_logp_BxC=np.zeros((rows, new_tokens), f32))
   ma = tr.step_fn.lower(state, tr.params, tr.place(mb)).compile().memory_analysis()
   return {"temp": ma.temp_size_in_bytes, "args": ma.argument_size_in_bytes, "out": ma.output_size_in_bytes}
 
@@ -177,28 +180,29 @@ def run_tunix(a) -> dict:
 
   from tpu_reason import grpo, models, rewards, tags
   from tpu_reason import mesh as mesh_lib
-  from tpu_reason.data import buckets
+  from tpu_reason.data import loader
 
   cfg = _config(a, tempfile.mkdtemp(prefix="grpo_bench_"))
   g = cfg.grpo
   m = models.load(cfg.model.spec)
   train, _, _ = grpo.load_prompts(cfg, m)
   # the batches our trainer draws (Trainer.batches without a curriculum)
-  batches = list(itertools.islice(buckets.batches(train, g.prompts, seed=cfg.train.seed), a.steps + 1))
+  batches = list(itertools.islice(loader.batches(train, g.prompts, seed=cfg.train.seed), a.steps + 1))
   first = batches[0]
-  rows, plen = g.prompts * g.group, first["prompt_tokens_BxP"].shape[1]
+  rows, plen = g.prompts * g.group, first.arrays.prompt_tokens_BxP.shape[1]
   no_eos = _no_eos(m.cfg)
   tok = _tunix.tokenizer_with_pad(m.tokenizer, "<|endoftext|>")
   mesh = mesh_lib.make_mesh(cfg.mesh)
   base = _tunix.place_replicated(_tunix.load_llama3(m.params, m.cfg), mesh_lib.replicated(mesh))
   m.params = None
-  texts = [_prompt_text(tok, t, k) for t, k in zip(first["prompt_tokens_BxP"], first["prompt_mask_BxP"])]
-  print(f"[tunix] prompts {first['id']}: {first['prompt_mask_BxP'].sum(1).tolist()} real of {plen} tokens")
+  texts = [_prompt_text(tok, t, k) for t, k in zip(first.arrays.prompt_tokens_BxP,
+                                                    first.arrays.prompt_mask_BxP)]
+  print(f"[tunix] prompts {first.id}: {first.arrays.prompt_mask_BxP.sum(1).tolist()} real of {plen} tokens")
 
   # 1. rollout: Tunix's Sampler on the base model, each prompt repeated G times
   smp = _tunix.sampler(base, tok, cache_size=plen + g.max_new_tokens)
   same_ids = all(np.array_equal(smp.tokenize(s), t[k]) for s, t, k in
-                 zip(texts, first["prompt_tokens_BxP"], first["prompt_mask_BxP"]))
+                 zip(texts, first.arrays.prompt_tokens_BxP, first.arrays.prompt_mask_BxP))
   print(f"[tunix] Sampler re-tokenizes the prompt texts to our ids: {same_ids}")
   group_texts = [s for s in texts for _ in range(g.group)]
 
@@ -211,7 +215,7 @@ def run_tunix(a) -> dict:
 
   # 2. GRPO steps through GRPOLearner
   schema, weights = tags.get_schema(cfg.data.schema), dict(zip(g.rewards, g.reward_weights))
-  meta = [row for b in batches for row in zip(b["prompt_text"], b["answer"], b["checkpoints"])]
+  meta = [row for b in batches for row in zip(b.prompt_text, b.answer, b.checkpoints)]
 
   def reward(prompts, completions, row, **_):
     """Our three rewards on Tunix's completions, exactly as our trainer scores its own."""
@@ -226,7 +230,8 @@ def run_tunix(a) -> dict:
   info = _tunix.grpo_setup(learner)
   print(f"[tunix] actor / reference share the base arrays: {info['shares_backbone']}; "
         f"rollout seed {info['rollout_seed']} (None: PRNGKey(0) on every step)")
-  dataset = [{"prompts": [_prompt_text(tok, t, k) for t, k in zip(b["prompt_tokens_BxP"], b["prompt_mask_BxP"])],
+  dataset = [{"prompts": [_prompt_text(tok, t, k)
+                          for t, k in zip(b.arrays.prompt_tokens_BxP, b.arrays.prompt_mask_BxP)],
               "row": np.arange(i * g.prompts, (i + 1) * g.prompts)} for i, b in enumerate(batches)]
   with throwaway_compile_cache():
     t = time.perf_counter()

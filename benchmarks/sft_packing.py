@@ -20,7 +20,7 @@ import jax
 
 from tpu_reason import config, lora as lora_lib, sft
 from tpu_reason.config import Config
-from tpu_reason.data import buckets
+from tpu_reason.data import batch as data_batch, loader, packing
 
 
 def _args():
@@ -33,13 +33,13 @@ def _args():
 
 def shapes(rows) -> dict[int, list]:
   """{row width: rows}: buckets for plain examples, one width for packed rows."""
-  return buckets.group_by_bucket(rows)
+  return loader.group_by_bucket(rows)
 
 
 def time_steps(tr: sft.Trainer, state, rows, n: int, bs: int) -> tuple[object, list[float]]:
   times = []
   for i in range(n):
-    batch = buckets.collate_packed if isinstance(rows[0], buckets.PackedRow) else buckets.collate
+    batch = data_batch.collate_packed if isinstance(rows[0], packing.PackedRow) else data_batch.collate
     b = tr.place_batch(batch([rows[(i * bs + k) % len(rows)] for k in range(bs)], bs))
     t = time.perf_counter()
     state, m = tr.step_fn(state, tr.params, b)

@@ -67,6 +67,7 @@ def run_ours(a) -> dict:
   from tpu_reason import lora as lora_lib
   from tpu_reason import models, sft
   from tpu_reason.config import LoraCfg, TrainCfg
+  from tpu_reason.data.batch import Batch
 
   m = models.load("smollm2-135m")
   params = jax.tree.map(jnp.asarray, m.params)
@@ -80,12 +81,12 @@ def run_ours(a) -> dict:
                                    dtype=jnp.float32, remat="full" if a.remat else "none", chunk=8192,
                                    accum=1), donate_argnums=0)
   prompt, completion = _tokens(a, m.cfg.vocab_size)
-  batch = {
-      "prompt_tokens_BxP": prompt,
-      "prompt_mask_BxP": np.ones((a.batch, a.prompt), bool),
-      "completion_tokens_BxC": completion,
-      "completion_mask_BxC": np.ones((a.batch, a.completion), bool),
-  }
+  batch = Batch(
+      prompt_tokens_BxP=prompt,
+      prompt_mask_BxP=np.ones((a.batch, a.prompt), bool),
+      completion_tokens_BxC=completion,
+      completion_mask_BxC=np.ones((a.batch, a.completion), bool),
+  )
   t = time.perf_counter()
   step = step.lower(state, params, batch).compile()
   ma = step.memory_analysis()

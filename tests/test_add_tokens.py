@@ -16,6 +16,7 @@ from tests.conftest import TINY_GEMMA3, TINY_LLAMA, tiny_params
 from tests.test_sft import host, interrupt_training_after, make_cfg, restore_last, reuse_build, write_rows
 from tpu_reason import config, export, lora as lora_lib, losses, models, policy, runs, sft, tags
 from tpu_reason.config import Config
+from tpu_reason.data.batch import Batch
 from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import flatten, forward, logits, positions, unflatten
 
@@ -115,8 +116,8 @@ def test_token_deltas_in_forward_and_head_equal_the_merge(case):
   if not cfg.tie_embeddings:
     np.testing.assert_array_equal(np.asarray(merged["lm_head"])[:, other], np.asarray(params["lm_head"])[:, other])
   # the losses read the same head
-  batch = {"prompt_tokens_BxP": tokens[:, :4], "prompt_mask_BxP": jnp.ones((2, 4), bool),
-           "completion_tokens_BxC": tokens[:, 4:], "completion_mask_BxC": jnp.ones((2, 4), bool)}
+  batch = Batch(prompt_tokens_BxP=tokens[:, :4], prompt_mask_BxP=jnp.ones((2, 4), bool),
+                completion_tokens_BxC=tokens[:, 4:], completion_mask_BxC=jnp.ones((2, 4), bool))
   logp = losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=2.0, chunk=48)
   want = np.take_along_axis(np.asarray(jax.nn.log_softmax(adapted[:, 3:7], -1)), np.asarray(tokens[:, 4:, None]), -1)
   np.testing.assert_allclose(np.asarray(logp), want[..., 0], atol=2e-5)

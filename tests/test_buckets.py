@@ -1,4 +1,5 @@
-"""Tests for tpu_reason.data.buckets and prepare: fixed shapes, no truncation, resumable order."""
+"""Tests for tpu_reason.data (render, examples, report, loader, batch) and prepare: fixed shapes, no
+truncation, resumable order."""
 
 import dataclasses
 import os
@@ -11,8 +12,9 @@ import pytest
 
 from tpu_reason import models, tags
 from tpu_reason.config import DataCfg
-from tpu_reason.data import buckets, sources
-from tpu_reason.data.buckets import batch_order, batches, build_examples
+from tpu_reason.data import examples as data_examples, loader, render, sources
+from tpu_reason.data.examples import build_examples
+from tpu_reason.data.loader import batch_order, batches
 from tpu_reason.data.prepare import prepare
 
 # The project-wide fixed shapes (the CPU default recipe trims them; these tests use the spec's).
@@ -48,7 +50,7 @@ def _build(records, model, schema="reasoning", **kw):
 
 
 def _ids(batch_iter):
-  return [tuple(b["id"]) for b in batch_iter]
+  return [tuple(b.id) for b in batch_iter]
 
 
 # ---------------------------------------------------------------- shapes
@@ -59,16 +61,16 @@ def test_batches_have_static_shapes_and_dtypes(model, gym_records):
   assert report.kept == len(examples) == 24 and report.accounted
   seen_buckets = set()
   for batch in batches(examples, 4, seed=0, num_epochs=1):
-    c = batch["completion_tokens_BxC"].shape[1]
+    c = batch.arrays.completion_tokens_BxC.shape[1]
     seen_buckets.add(c)
     assert c in BUCKETS
-    assert batch["prompt_tokens_BxP"].shape == batch["prompt_mask_BxP"].shape == (4, P)
-    assert batch["completion_mask_BxC"].shape == (4, c)
-    assert batch["prompt_tokens_BxP"].dtype == batch["completion_tokens_BxC"].dtype == np.int32
-    assert batch["prompt_mask_BxP"].dtype == batch["completion_mask_BxC"].dtype == np.bool_
-    assert batch["example_mask_B"].tolist() == [True] * 4
+    assert batch.arrays.prompt_tokens_BxP.shape == batch.arrays.prompt_mask_BxP.shape == (4, P)
+    assert batch.arrays.completion_mask_BxC.shape == (4, c)
+    assert batch.arrays.prompt_tokens_BxP.dtype == batch.arrays.completion_tokens_BxC.dtype == np.int32
+    assert batch.arrays.prompt_mask_BxP.dtype == batch.arrays.completion_mask_BxC.dtype == np.bool_
+    assert batch.example_mask_B.tolist() == [True] * 4
     for key in ("answer", "checkpoints", "prompt_text", "id"):
-      assert isinstance(batch[key], list) and len(batch[key]) == 4
+      assert isinstance(getattr(batch, key), list) and len(getattr(batch, key)) == 4
   assert len(seen_buckets) >= 2  # gsm_symbolic spans the 128 and 256 buckets
 
 
@@ -88,8 +90,8 @@ def test_padding_positions_and_eos(model, gym_records):
     assert completion[-1] == eos  # the loss covers the stop token
     assert model.tokenizer.decode(completion[:-1].tolist()) == ex.completion_text  # nothing truncated
   batch = next(batches(examples, 4, seed=0))
-  last = batch["completion_mask_BxC"].sum(axis=1) - 1
-  assert (batch["completion_tokens_BxC"][np.arange(4), last] == eos).all()
+  last = batch.arrays.completion_mask_BxC.sum(axis=1) - 1
+  assert (batch.arrays.completion_tokens_BxC[np.arange(4), last] == eos).all()
 
 
 def test_end_of_turn_comes_from_the_chat_template(model):
@@ -118,7 +120,8 @@ def test_prompt_only_examples_need_no_trace_and_drop_long_prompts(model):
   long_trace = _record(1, reasoning=" ".join(f"{i} + 1 = {i + 1}." for i in range(300)))
   long_prompt = _record(2, prompt="Add these numbers: " + " + ".join(["7"] * 300) + ".")
   schema = tags.get_schema("reasoning")
-  examples, report = buckets.build_prompts([no_trace, long_trace, long_prompt], model, schema, max_prompt_tokens=P)
+  examples, report = data_examples.build_prompts([no_trace, long_trace, long_prompt], model, schema,
+                                                 max_prompt_tokens=P)
   assert [e.id for e in examples] == ["a", "r1"]  # a trace of any length does not matter for RL prompts
   assert report.dropped == {"prompt_too_long": 1} and report.accounted and "buckets" not in report.summary()
   full, _ = _build([_record(1)], model)
@@ -127,7 +130,7 @@ def test_prompt_only_examples_need_no_trace_and_drop_long_prompts(model):
   assert ex.prompt_text.endswith(schema.primer) and ex.bucket == 0 and ex.answer == "4"
   assert ex.checkpoints == ("2 + 2 = 4",)
   batch = next(batches(examples, 2, seed=0))
-  assert batch["prompt_tokens_BxP"].shape == (2, P) and batch["completion_tokens_BxC"].shape == (2, 0)
+  assert batch.arrays.prompt_tokens_BxP.shape == (2, P) and batch.arrays.completion_tokens_BxC.shape == (2, 0)
 
 
 def test_row_lands_in_smallest_fitting_bucket(model):
@@ -151,7 +154,7 @@ def test_unparseable_target_is_dropped(model):
 
 
 def test_system_prompt_is_rendered(model):
-  prompt, completion = buckets.render(_record(0), model, tags.get_schema("reasoning"), "Be brief.")
+  prompt, completion = render.render(_record(0), model, tags.get_schema("reasoning"), "Be brief.")
   assert "<|im_start|>system\nBe brief.<|im_end|>" in prompt
   assert completion.endswith("</answer>") and not completion.startswith("<reasoning>")
 
@@ -182,7 +185,7 @@ def test_batch_order_differs_across_epochs_and_seeds():
 def test_drop_remainder_keeps_only_full_batches():
   order = batch_order({128: 10, 512: 3}, 4, seed=0, epoch=0)
   assert [len(i) for _, i in order] == [4, 4]
-  assert buckets.steps_per_epoch({128: 10, 512: 3}, 4) == 2
+  assert loader.steps_per_epoch({128: 10, 512: 3}, 4) == 2
   padded = batch_order({128: 10, 512: 3}, 4, seed=0, epoch=0, shuffle=False, drop_remainder=False)
   assert [(b, i.tolist()) for b, i in padded] == [(128, [0, 1, 2, 3]), (128, [4, 5, 6, 7]), (128, [8, 9]), (512, [0, 1, 2])]
 
@@ -190,23 +193,23 @@ def test_drop_remainder_keeps_only_full_batches():
 def test_resume_from_any_step_gives_the_same_batches(model, gym_records):
   examples, _ = _build(gym_records, model)
   full = _ids(batches(examples, 4, seed=7, num_epochs=3))
-  per_epoch = buckets.steps_per_epoch({b: len(g) for b, g in buckets.group_by_bucket(examples).items()}, 4)
+  per_epoch = loader.steps_per_epoch({b: len(g) for b, g in loader.group_by_bucket(examples).items()}, 4)
   assert len(full) == 3 * per_epoch
   assert full[:per_epoch] != full[per_epoch : 2 * per_epoch]  # reshuffled each epoch
   for k in (0, 1, per_epoch - 1, per_epoch, per_epoch + 2, 3 * per_epoch - 1):
     assert _ids(batches(examples, 4, seed=7, start_step=k, num_epochs=3)) == full[k:]
   # The endless iterator agrees with the bounded one.
   endless = batches(examples, 4, seed=7, start_step=2)
-  assert [tuple(next(endless)["id"]) for _ in range(len(full) - 2)] == full[2:]
+  assert [tuple(next(endless).id) for _ in range(len(full) - 2)] == full[2:]
 
 
 def test_eval_batches_cover_everything_with_masked_filler(model, gym_records):
   examples, _ = _build(gym_records[:10], model, buckets=())
   got = list(batches(examples, 4, shuffle=False, drop_remainder=False, num_epochs=1))
-  assert [b["example_mask_B"].tolist() for b in got] == [[True] * 4, [True] * 4, [True, True, False, False]]
-  assert [i for b in got for i, m in zip(b["id"], b["example_mask_B"]) if m] == [ex.id for ex in examples]
-  assert not got[-1]["completion_mask_BxC"][2:].any()  # filler rows carry no loss
-  assert got[-1]["prompt_tokens_BxP"].shape == (4, P)
+  assert [b.example_mask_B.tolist() for b in got] == [[True] * 4, [True] * 4, [True, True, False, False]]
+  assert [i for b in got for i, m in zip(b.id, b.example_mask_B) if m] == [ex.id for ex in examples]
+  assert not got[-1].arrays.completion_mask_BxC[2:].any()  # filler rows carry no loss
+  assert got[-1].arrays.prompt_tokens_BxP.shape == (4, P)
 
 
 def test_no_full_batch_is_a_user_error(model):
@@ -242,7 +245,7 @@ def test_every_source_renders_and_parses_back(model, gym_records, source, schema
   schema = tags.get_schema(schema_name)
   records = _source_records(source, gym_records)
   for record in records:
-    prompt, completion = buckets.render(record, model, schema)
+    prompt, completion = render.render(record, model, schema)
     assert prompt.endswith(schema.primer) and record.prompt in prompt
     parsed = schema.parse(schema.primer + completion)
     assert parsed.well_formed and parsed.answer == record.answer

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpu_reason import models, sampler
+from tpu_reason import models
 from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.models import transformer as T
+from tpu_reason.sampling import sampler
 from tpu_reason.tags import SCHEMAS, TagSchema
 
 TINY = T.ModelConfig(family="llama", vocab_size=97, embed_dim=32, hidden_dim=64, num_layers=2,
@@ -244,6 +245,6 @@ def test_repetition_guard_closes_a_loop_and_leaves_the_rest(tiny, guard):
 def test_repetition_guard_config():
   with pytest.raises(ValueError, match="repeat_window"):
     BudgetCfg(repeat_ngram=8, repeat_times=4, repeat_window=16)
-  from tpu_reason import budget as budget_lib
+  from tpu_reason.sampling import budget as budget_lib
   assert budget_lib.label(BudgetCfg(repeat_ngram=4)) == "+guard"
   assert budget_lib.label(BudgetCfg(max_thinking_tokens=8, repeat_ngram=4)) == "+budget+guard"

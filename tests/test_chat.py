@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from tpu_reason import chat, config, sampler, tags
+from tpu_reason import chat, config, tags
 from tpu_reason.config import Config
+from tpu_reason.sampling import sampler
 
 REASONING = tags.get_schema("reasoning")
 REPLY = "2 + 3 = 5\n</reasoning>\n<answer>\n5\n</answer>"  # what the fake sampler "generates"

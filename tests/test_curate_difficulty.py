@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from tpu_reason import models, sampler, tags
+from tpu_reason import models, tags
 from tpu_reason.config import SamplingCfg
 from tpu_reason.curate import difficulty
 from tpu_reason.curate.difficulty import ScoreCache
 from tpu_reason.data.sources import Record
+from tpu_reason.sampling import sampler
 
 SCHEMA = tags.get_schema("reasoning")
 

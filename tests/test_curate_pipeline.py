@@ -16,7 +16,7 @@ import pytest
 from tpu_reason import config, models, tags
 from tpu_reason.config import Config
 from tpu_reason.curate import pipeline
-from tpu_reason.data.buckets import build_examples
+from tpu_reason.data.examples import build_examples
 from tpu_reason.data.sources import load_teacher
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -77,16 +77,16 @@ def worker(data: str, out: str):
   jax.config.update("jax_num_cpu_devices", 2 if os.environ.get("JAX_COORDINATOR_ADDRESS") else 4)
   from tests.test_sft import make_cfg
   from tpu_reason import lora as lora_lib, sft
-  from tpu_reason.data import buckets
+  from tpu_reason.data import loader
 
   pid, count = distributed.initialize()
   tr = sft.build(make_cfg(Path(out), Path(data), "mesh.fsdp=4"))
   lora = lora_lib.init(tr.model.cfg, tr.cfg.lora, jax.random.key(0), tr.dtype)
   lora = jax.tree.map(lambda x: x + 0.01, lora)  # non-zero B: every adapter gets a gradient
   state = jax.device_put(sft.init_state(lora, tr.optimizer, 0), tr.state_sharding)
-  batch = next(buckets.batches(tr.train, tr.cfg.train.batch_size, seed=0))
+  batch = next(loader.batches(tr.train, tr.cfg.train.batch_size, seed=0))
   placed = tr.place_batch(batch)
-  rows = distributed.process_rows(placed["completion_tokens_BxC"].sharding, placed["completion_tokens_BxC"].shape)
+  rows = distributed.process_rows(placed.completion_tokens_BxC.sharding, placed.completion_tokens_BxC.shape)
   state, m = tr.step_fn(state, tr.params, placed)
   l1 = jax.jit(lambda t: sum(jax.numpy.abs(x).sum() for x in jax.tree.leaves(t)))(state.lora)
   print(json.dumps({"pid": pid, "count": count, "devices": jax.device_count(), "local": jax.local_device_count(),

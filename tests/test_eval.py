@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_run
-from tpu_reason import config, eval as eval_cli, evaluate, sampler, tags
+from tpu_reason import config, eval as eval_cli, evaluate, tags
 from tpu_reason.config import Config, SamplingCfg
 from tpu_reason.curate.quality import question_tokens
 from tpu_reason.data.prepare import split_records
+from tpu_reason.sampling import sampler
 
 REASONING = tags.get_schema("reasoning")
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -27,6 +27,7 @@ import pytest
 from tests.test_sft import host, write_rows
 from tpu_reason import checkpoint, config, grpo, lora as lora_lib, loop, losses, runs, sft
 from tpu_reason.config import Config
+from tpu_reason.data.batch import RolloutBatch
 from tpu_reason.errors import UserError
 from tpu_reason.models import transformer
 
@@ -138,25 +139,26 @@ def test_fill_batch_by_hand():
        "completion_tokens_BxC": np.array([[1, 2, 3, 4], [1, 0, 0, 0], [6, 0, 0, 0], [6, 0, 0, 0]]),
        "completion_mask_BxC": np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], bool),
        "advantages_B": np.array([2.0, -2.0, 0.0, 0.0], np.float32)}
+  a, b = RolloutBatch(**a), RolloutBatch(**b)
   out = grpo.fill_batch([a, b], [np.array([False, True]), np.array([True, False])], prompts=3, group=2)
-  np.testing.assert_array_equal(out["prompt_tokens_BxP"], [[0, 0, 2], [0, 0, 2], [3, 3, 4], [3, 3, 4],
+  np.testing.assert_array_equal(out.prompt_tokens_BxP, [[0, 0, 2], [0, 0, 2], [3, 3, 4], [3, 3, 4],
                                                            [0, 0, 1], [0, 0, 1]])  # left-padded to 3
-  np.testing.assert_array_equal(out["prompt_mask_BxP"].sum(1), [1, 1, 3, 3, 1, 1])
-  np.testing.assert_array_equal(out["completion_tokens_BxC"], [[8, 0, 0, 0], [9, 9, 0, 0], [1, 2, 3, 4],
+  np.testing.assert_array_equal(out.prompt_mask_BxP.sum(1), [1, 1, 3, 3, 1, 1])
+  np.testing.assert_array_equal(out.completion_tokens_BxC, [[8, 0, 0, 0], [9, 9, 0, 0], [1, 2, 3, 4],
                                                                [1, 0, 0, 0], [5, 6, 0, 0], [7, 0, 0, 0]])
-  np.testing.assert_array_equal(out["completion_mask_BxC"].sum(1), [1, 2, 4, 1, 0, 0])  # the filler: masked
-  np.testing.assert_array_equal(out["advantages_B"], [0.5, -0.5, 2.0, -2.0, 0.0, 0.0])
+  np.testing.assert_array_equal(out.completion_mask_BxC.sum(1), [1, 2, 4, 1, 0, 0])  # the filler: masked
+  np.testing.assert_array_equal(out.advantages_B, [0.5, -0.5, 2.0, -2.0, 0.0, 0.0])
   # the filler adds nothing: dapo's token-mean is the kept rows' own; grpo's mean over rows counts 6 rows
   per_token = jnp.asarray(np.arange(24, dtype=np.float32).reshape(6, 4))
-  mask = jnp.asarray(out["completion_mask_BxC"])
+  mask = jnp.asarray(out.completion_mask_BxC)
   kept = float(losses.aggregate(per_token[:4], mask[:4], "dapo"))
   assert float(losses.aggregate(per_token, mask, "dapo")) == kept == (0 + 4 + 5 + 8 + 9 + 10 + 11 + 12) / 8
   assert float(losses.aggregate(per_token, mask, "grpo")) == pytest.approx(
       float(losses.aggregate(per_token[:4], mask[:4], "grpo")) * 4 / 6)
   # every group kept: the rows as they were, no filler
   full = grpo.fill_batch([a], [np.array([True, True])], prompts=2, group=2)
-  for key, value in a.items():
-    np.testing.assert_array_equal(full[key], value)
+  for key, value in vars(a).items():
+    np.testing.assert_array_equal(getattr(full, key), value)
 
 
 def test_completion_metrics():
@@ -206,17 +208,17 @@ def test_rollouts_are_fresh_every_step_and_reproducible(trainer):
   a0, m0, t0 = tr.rollout(state.lora, batch, 0)
   b0, _, _ = tr.rollout(state.lora, batch, 0)
   a1, _, t1 = tr.rollout(state.lora, batch, 1)
-  np.testing.assert_array_equal(a0["completion_tokens_BxC"], b0["completion_tokens_BxC"])
-  assert not np.array_equal(a0["completion_tokens_BxC"], a1["completion_tokens_BxC"])
+  np.testing.assert_array_equal(a0.completion_tokens_BxC, b0.completion_tokens_BxC)
+  assert not np.array_equal(a0.completion_tokens_BxC, a1.completion_tokens_BxC)
   # the G samples of one prompt differ from each other too (one prefill, G streams)
-  rows = a0["completion_tokens_BxC"].reshape(4, 4, -1)
+  rows = a0.completion_tokens_BxC.reshape(4, 4, -1)
   assert all(len({r.tobytes() for r in group}) > 1 for group in rows)
-  assert a0["prompt_tokens_BxP"].shape == (16, 56) and a0["completion_tokens_BxC"].shape == (16, 8)
-  np.testing.assert_array_equal(a0["prompt_tokens_BxP"][::4], batch["prompt_tokens_BxP"])
+  assert a0.prompt_tokens_BxP.shape == (16, 56) and a0.completion_tokens_BxC.shape == (16, 8)
+  np.testing.assert_array_equal(a0.prompt_tokens_BxP[::4], batch.arrays.prompt_tokens_BxP)
   assert len(t0) == 16 and all(t.startswith(tr.schema.primer) for t in t0)
   assert m0["completions/max_length"] <= 8
   # advantages are zero-mean within every group
-  np.testing.assert_allclose(a0["advantages_B"].reshape(4, 4).sum(1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(a0.advantages_B.reshape(4, 4).sum(1), 0.0, atol=1e-5)
 
 
 def test_truncated_completions_can_be_masked(trainer):
@@ -226,11 +228,11 @@ def test_truncated_completions_can_be_masked(trainer):
   masked = dataclasses.replace(tr, cfg=dataclasses.replace(
       tr.cfg, grpo=dataclasses.replace(tr.cfg.grpo, mask_truncated_completions=True)))
   arrays_m, _, _ = masked.rollout(state.lora, batch, 0)
-  lengths = arrays["completion_mask_BxC"].sum(1)
+  lengths = arrays.completion_mask_BxC.sum(1)
   truncated = lengths == 8  # a random model rarely stops within 8 tokens
   assert truncated.any() and m["completions/clipped_ratio"] == truncated.mean()
-  assert not arrays_m["completion_mask_BxC"][truncated].any()
-  np.testing.assert_array_equal(arrays_m["completion_mask_BxC"][~truncated], arrays["completion_mask_BxC"][~truncated])
+  assert not arrays_m.completion_mask_BxC[truncated].any()
+  np.testing.assert_array_equal(arrays_m.completion_mask_BxC[~truncated], arrays.completion_mask_BxC[~truncated])
 
 
 # --------------------------------------------------------------------------- reference and updates
@@ -261,13 +263,16 @@ def test_reference_is_the_adapter_off_without_a_weight_copy(trainer):
 
 def test_trim_prompts_keeps_every_prompt_token(trainer):
   batch = first_batch(trainer)
-  padded = {**batch, **{k: np.pad(batch[k], ((0, 0), (40, 0))) for k in ("prompt_tokens_BxP", "prompt_mask_BxP")}}
+  pad = lambda x: np.pad(x, ((0, 0), (40, 0)))  # noqa: E731
+  a = batch.arrays
+  padded = dataclasses.replace(batch, arrays=dataclasses.replace(a, prompt_tokens_BxP=pad(a.prompt_tokens_BxP),
+                                                                 prompt_mask_BxP=pad(a.prompt_mask_BxP)))
   trimmed = grpo.trim_prompts(padded)
-  width = trimmed["prompt_mask_BxP"].shape[1]
-  assert batch["prompt_mask_BxP"].sum(1).max() <= width < 56 + 40 and width & (width - 1) == 0
-  assert not padded["prompt_mask_BxP"][:, :-width].any()  # only shared left padding went
-  np.testing.assert_array_equal(trimmed["prompt_tokens_BxP"], padded["prompt_tokens_BxP"][:, -width:])
-  assert trimmed["answer"] == batch["answer"]
+  width = trimmed.arrays.prompt_mask_BxP.shape[1]
+  assert batch.arrays.prompt_mask_BxP.sum(1).max() <= width < 56 + 40 and width & (width - 1) == 0
+  assert not padded.arrays.prompt_mask_BxP[:, :-width].any()  # only shared left padding went
+  np.testing.assert_array_equal(trimmed.arrays.prompt_tokens_BxP, padded.arrays.prompt_tokens_BxP[:, -width:])
+  assert trimmed.answer == batch.answer
 
 
 def test_logprobs_do_not_depend_on_padding_width(trainer):
@@ -276,11 +281,11 @@ def test_logprobs_do_not_depend_on_padding_width(trainer):
   state = fresh_state(tr)
   arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
   pad = lambda x, left, right: np.pad(x, ((0, 0), (left, right)))  # noqa: E731
-  wide = {**arrays, "prompt_tokens_BxP": pad(arrays["prompt_tokens_BxP"], 8, 0),
-          "prompt_mask_BxP": pad(arrays["prompt_mask_BxP"], 8, 0),
-          "completion_tokens_BxC": pad(arrays["completion_tokens_BxC"], 0, 8),
-          "completion_mask_BxC": pad(arrays["completion_mask_BxC"], 0, 8)}
-  mask = arrays["completion_mask_BxC"]
+  wide = dataclasses.replace(arrays, prompt_tokens_BxP=pad(arrays.prompt_tokens_BxP, 8, 0),
+                             prompt_mask_BxP=pad(arrays.prompt_mask_BxP, 8, 0),
+                             completion_tokens_BxC=pad(arrays.completion_tokens_BxC, 0, 8),
+                             completion_mask_BxC=pad(arrays.completion_mask_BxC, 0, 8))
+  mask = arrays.completion_mask_BxC
   narrow_logp, wide_logp = tr.score_logprobs(state.lora, arrays), tr.score_logprobs(state.lora, wide)
   np.testing.assert_allclose(wide_logp[:, :mask.shape[1]][mask], narrow_logp[mask], atol=1e-5)
 
@@ -292,20 +297,21 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   tr = trainer
   state = fresh_state(tr)
   arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
-  c = arrays["completion_tokens_BxC"].shape[1]
+  c = arrays.completion_tokens_BxC.shape[1]
   cols = ("completion_tokens_BxC", "completion_mask_BxC")
-  wide = {**arrays, **{k: np.pad(arrays[k], ((0, 0), (0, 8))) for k in cols},
-          "advantages_B": np.where(np.arange(16) % 2 == 0, 1.0, -1.0).astype(np.float32)}
-  wide["ref_logp_BxC"] = tr.score_logprobs(None, wide)
-  noise = 0.05 * np.random.default_rng(0).standard_normal(wide["ref_logp_BxC"].shape)
-  wide["old_logp_BxC"] = (wide["ref_logp_BxC"] + noise).astype(np.float32)  # off-policy: ratios differ from 1
-  narrow = {**wide, **{k: wide[k][:, :c] for k in (*cols, "ref_logp_BxC", "old_logp_BxC")}}
+  wide = dataclasses.replace(arrays, **{k: np.pad(getattr(arrays, k), ((0, 0), (0, 8))) for k in cols},
+                             advantages_B=np.where(np.arange(16) % 2 == 0, 1.0, -1.0).astype(np.float32))
+  wide = dataclasses.replace(wide, ref_logp_BxC=tr.score_logprobs(None, wide))
+  noise = 0.05 * np.random.default_rng(0).standard_normal(wide.ref_logp_BxC.shape)
+  # off-policy: ratios differ from 1
+  wide = dataclasses.replace(wide, old_logp_BxC=(wide.ref_logp_BxC + noise).astype(np.float32))
+  narrow = dataclasses.replace(wide, **{k: getattr(wide, k)[:, :c] for k in (*cols, "ref_logp_BxC", "old_logp_BxC")})
   g = dataclasses.replace(tr.cfg.grpo, loss=loss, importance_level=level)
   fn = jax.jit(functools.partial(grpo.policy_loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
                                  remat="none", chunk=tr.cfg.train.vocab_chunk, on_policy=False))
 
   def loss_at(a):
-    mb = {**a, "num_tokens_B": np.full(16, a["completion_mask_BxC"].sum(), np.float32)}
+    mb = dataclasses.replace(a, num_tokens_B=np.full(16, a.completion_mask_BxC.sum(), np.float32))
     return float(fn(state.lora, tr.params, tr.place(mb))[0])
 
   narrow_loss = loss_at(narrow)
@@ -319,11 +325,11 @@ def test_overlong_penalty_and_normalize_each_in_the_rollout(trainer):
   shaped = dataclasses.replace(tr, cfg=dataclasses.replace(tr.cfg, grpo=g))
   arrays, m, _ = shaped.rollout(state.lora, batch, 0)
   _, plain, _ = tr.rollout(state.lora, batch, 0)  # the same key: the same completions
-  lengths = arrays["completion_mask_BxC"].sum(1)
+  lengths = arrays.completion_mask_BxC.sum(1)
   penalty = -np.clip((lengths - (8 - 4)) / 4, 0.0, 1.0)  # cap 8, buffer 4
   assert m["rewards/overlong/mean"] == pytest.approx(penalty.mean())
   assert m["reward"] == pytest.approx(plain["reward"] + penalty.mean(), abs=1e-6)
-  np.testing.assert_allclose(arrays["advantages_B"].reshape(4, 4).sum(1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(arrays.advantages_B.reshape(4, 4).sum(1), 0.0, atol=1e-5)
 
 
 def test_rollouts_record_keeps_the_reasoning_only_by_length_when_redacted(trainer):
@@ -338,8 +344,7 @@ def test_reference_logprobs_equal_the_base_model(trainer):
   tr = trainer
   arrays, _, _ = tr.rollout(fresh_state(tr).lora, first_batch(tr), 0)
   ref = tr.score_logprobs(None, arrays)
-  placed = tr.place({k: arrays[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP", "completion_tokens_BxC",
-                                           "completion_mask_BxC")})
+  placed = tr.place(arrays.tokens())
   direct = losses.completion_logprobs(tr.params, tr.model.cfg, placed, temperature=tr.cfg.grpo.temperature)
   np.testing.assert_allclose(ref, np.asarray(direct), atol=1e-5)
 
@@ -353,11 +358,11 @@ def test_updates_follow_the_advantage_sign(trainer):
   lora = jax.tree.map(lambda x: 0.05 * jax.random.normal(key, x.shape, x.dtype), state.lora)
   state = dataclasses.replace(state, lora=jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), lora, state.lora))
   adv = np.where(np.arange(16) % 2 == 0, 1.0, -1.0).astype(np.float32)
-  arrays = {**arrays, "advantages_B": adv}
-  c = arrays["completion_tokens_BxC"].shape[1]
-  arrays["ref_logp_BxC"] = tr.score_logprobs(None, arrays)
-  arrays["old_logp_BxC"] = np.zeros((16, c), np.float32)
-  mask = arrays["completion_mask_BxC"]
+  arrays = dataclasses.replace(arrays, advantages_B=adv)
+  c = arrays.completion_tokens_BxC.shape[1]
+  arrays = dataclasses.replace(arrays, ref_logp_BxC=tr.score_logprobs(None, arrays),
+                               old_logp_BxC=np.zeros((16, c), np.float32))
+  mask = arrays.completion_mask_BxC
   before = (tr.score_logprobs(state.lora, arrays) * mask).sum(1)
   state, m = tr.update(state, arrays)
   after = (tr.score_logprobs(state.lora, arrays) * mask).sum(1)
@@ -620,10 +625,10 @@ def test_curriculum_comes_first(trainer):
   tr = dataclasses.replace(trainer, cfg=cfg, warmup=trainer.eval)  # 4 stand-in "easy" prompts
   easy = {e.id for e in trainer.eval}
   it = tr.batches(0)
-  ids = [set(next(it)["id"]) for _ in range(3)]
+  ids = [set(next(it).id) for _ in range(3)]
   assert ids[0] <= easy and ids[1] <= easy and not ids[2] & easy
   # resuming mid-curriculum or after it yields the same batches
-  assert [set(b["id"]) for b in grpo._take(tr.batches(1), 2)] == ids[1:]
+  assert [set(b.id) for b in grpo._take(tr.batches(1), 2)] == ids[1:]
 
 
 # --------------------------------------------------------------------------- init from an SFT run

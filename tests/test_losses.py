@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import TINY_JIT
 from tpu_reason import losses, models
+from tpu_reason.data.batch import Batch
 from tpu_reason.models.transformer import forward, logits, unflatten
 
 # --------------------------------------------------------------------------- token_logprobs
@@ -146,7 +147,7 @@ def _batch(rows, p, c, pad):
     out["prompt_mask_BxP"][i, p - len(prompt):] = True
     out["completion_tokens_BxC"][i, :len(completion)] = completion
     out["completion_mask_BxC"][i, :len(completion)] = True
-  return {k: jnp.asarray(v) for k, v in out.items()}
+  return Batch(**{k: jnp.asarray(v) for k, v in out.items()})
 
 
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])

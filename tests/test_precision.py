@@ -52,9 +52,9 @@ def sft_trainer(tmp_path_factory):
 
 
 def sft_step(tr, state):
-  from tpu_reason.data import buckets
+  from tpu_reason.data import loader
 
-  batch = next(buckets.batches(tr.train, tr.cfg.train.batch_size, seed=0))
+  batch = next(loader.batches(tr.train, tr.cfg.train.batch_size, seed=0))
   with jax.set_mesh(tr.mesh):
     return tr.step_fn(state, tr.params, tr.place_batch(batch))[0]
 

@@ -131,10 +131,9 @@ def test_grpo_trains_on_a_quantized_base_with_the_quantized_reference(tmp_path, 
   assert tr.model.cfg.quant == "int4" and tr.params["layers"]["q"].dtype == jnp.int4
   state = fresh_state(tr)
   arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
-  keys = ("prompt_tokens_BxP", "prompt_mask_BxP", "completion_tokens_BxC", "completion_mask_BxC")
   wide = T.as_computed(models.load("tiny-llama").params, tr.model.cfg)  # the host weights dequantised
   direct = losses.completion_logprobs(wide, dataclasses.replace(tr.model.cfg, quant="none"),
-                                      {k: jnp.asarray(arrays[k]) for k in keys}, temperature=tr.cfg.grpo.temperature)
+                                      jax.tree.map(jnp.asarray, arrays.tokens()), temperature=tr.cfg.grpo.temperature)
   np.testing.assert_allclose(tr.score_logprobs(None, arrays), np.asarray(direct), atol=1e-5)
   with pytest.MonkeyPatch.context() as mp:
     reuse_build(mp, tr)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, plan, train as train_lib
+from tpu_reason.data.batch import RolloutBatch
 from tpu_reason.models.transformer import param_shapes
 
 TPU_RECIPES = sorted(p for p in glob.glob(str(config.RECIPES / "*.yaml")) if "cpu" not in p)
@@ -31,7 +32,7 @@ def test_tpu_recipe_lowers_its_train_step(path):
   (state, _, batch), _ = lowered.args_info
   out_state, metrics = lowered.out_info
   assert metrics["loss"].shape == () and out_state.lora["layers"]["q"]["a"].shape == state.lora["layers"]["q"]["a"].shape
-  assert batch["completion_tokens_BxC"].shape == (cfg.train.batch_size, cfg.data.max_completion_tokens)
+  assert batch.completion_tokens_BxC.shape == (cfg.train.batch_size, cfg.data.max_completion_tokens)
   assert all(a.donated for a in jax.tree.leaves(state))  # the state buffers are reused in place
 
 
@@ -53,11 +54,10 @@ def test_tpu_recipe_lowers_its_grpo_update(path):
   def arr(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.rows_sharding(mesh, shape))
 
-  batch = {"prompt_tokens_BxP": arr((rows, p), jnp.int32), "prompt_mask_BxP": arr((rows, p), bool),
-           "completion_tokens_BxC": arr((rows, c), jnp.int32), "completion_mask_BxC": arr((rows, c), bool),
-           "advantages_B": arr((rows,), jnp.float32), "num_tokens_B": arr((rows,), jnp.float32),
-           "old_logp_BxC": arr((rows, c), jnp.float32), "ref_logp_BxC": arr((rows, c), jnp.float32)}
+  batch = RolloutBatch(arr((rows, p), jnp.int32), arr((rows, p), bool), arr((rows, c), jnp.int32), arr((rows, c), bool),
+                       advantages_B=arr((rows,), jnp.float32), num_tokens_B=arr((rows,), jnp.float32),
+                       old_logp_BxC=arr((rows, c), jnp.float32), ref_logp_BxC=arr((rows, c), jnp.float32))
   out_state, metrics = step_fn.lower(state, params, batch).out_info
   assert metrics["kl"].shape == () and out_state.lora["layers"]["q"]["a"].shape == lora["layers"]["q"]["a"].shape
-  micro = {k: arr((g.micro_batch * g.group,) + v.shape[1:], v.dtype) for k, v in batch.items() if k.endswith(("P", "C"))}
+  micro = jax.tree.map(lambda v: arr((g.micro_batch * g.group,) + v.shape[1:], v.dtype), batch.tokens())
   assert logp_fn.lower(None, params, micro).out_info.shape == (g.micro_batch * g.group, c)

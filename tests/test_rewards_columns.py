@@ -11,7 +11,7 @@ from tests.test_grpo import fresh_state, make_cfg
 from tests.test_sft import write_rows
 from tpu_reason import evaluate, grpo, rewards
 from tpu_reason.config import SamplingCfg
-from tpu_reason.data import buckets, sources
+from tpu_reason.data import batch as data_batch, examples as data_examples, sources
 
 
 def difficulty_bonus(prompts, completions, difficulty, **_):
@@ -58,13 +58,13 @@ def test_teacher_rows_round_trip_their_columns(tmp_path):
 def test_reward_columns_give_every_row_every_column():
   def example(i, columns):
     empty = np.zeros(0, np.int32)
-    return buckets.Example(f"r{i}", "p", "", str(i), (f"{i} = {i}",), "math", empty, empty.astype(bool), empty,
+    return data_examples.Example(f"r{i}", "p", "", str(i), (f"{i} = {i}",), "math", empty, empty.astype(bool), empty,
                            empty.astype(bool), columns)
 
   rows = [example(0, {"difficulty": 1}), example(1, {"source": "x"})]
-  assert buckets.reward_columns(rows) == {"difficulty": [1, None], "source": [None, "x"], "answer": ["0", "1"],
+  assert data_batch.reward_columns(rows) == {"difficulty": [1, None], "source": [None, "x"], "answer": ["0", "1"],
                                           "checkpoints": [["0 = 0"], ["1 = 1"]]}
-  assert buckets.collate(rows, 2)["columns"] == buckets.reward_columns(rows)
+  assert data_batch.collate(rows, 2).columns == data_batch.reward_columns(rows)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -80,7 +80,7 @@ def test_a_new_column_reaches_its_reward_in_rollouts_and_evals(tmp_path, toy_rew
   g = tr.cfg.grpo.group
 
   state, m, _ = grpo.grpo_step(tr, state, batch, 0)
-  want = [float(difficulty[i]) for i in batch["id"] for _ in range(g)]  # each prompt's, over its group
+  want = [float(difficulty[i]) for i in batch.id for _ in range(g)]  # each prompt's, over its group
   assert toy_reward.seen == [want]
   assert m["rewards/difficulty_bonus/mean"] == pytest.approx(np.mean(want))
 

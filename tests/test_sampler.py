@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpu_reason import mesh, models, sampler
+from tpu_reason import mesh, models
 from tpu_reason.config import MeshCfg, SamplingCfg
 from tpu_reason.models import transformer as T
+from tpu_reason.sampling import sampler
 
 TINY = T.ModelConfig(family="llama", vocab_size=97, embed_dim=32, hidden_dim=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8)

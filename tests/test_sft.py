@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec
 from tests.conftest import TINY_LLAMA
 from tpu_reason import checkpoint, config, lora as lora_lib, loop, mesh as mesh_lib, metrics, sft
 from tpu_reason.config import Config, MeshCfg
-from tpu_reason.data import buckets
+from tpu_reason.data import loader
 from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import flatten, param_shapes, unflatten
 
@@ -100,10 +100,10 @@ def fresh_state(tr: sft.Trainer, lora=None) -> sft.TrainState:
   return state
 
 
-def batches_of(tr: sft.Trainer, bucket: int, n: int) -> list[dict]:
+def batches_of(tr: sft.Trainer, bucket: int, n: int) -> list:
   out = []
-  for b in buckets.batches(tr.train, tr.cfg.train.batch_size, seed=0):
-    if b["completion_tokens_BxC"].shape[1] == bucket:
+  for b in loader.batches(tr.train, tr.cfg.train.batch_size, seed=0):
+    if b.arrays.completion_tokens_BxC.shape[1] == bucket:
       out.append(b)
     if len(out) == n:
       return out
@@ -124,7 +124,7 @@ def trainer(tmp_path_factory):
   data = write_rows(tmp_path_factory.mktemp("sft_data") / "rows.jsonl", 16, 16, 4)
   tr = sft.build(make_cfg(tmp_path_factory.mktemp("trainer"), data))
   assert tr.mesh.shape == {"fsdp": 8, "tp": 1}
-  groups = buckets.group_by_bucket(tr.train)
+  groups = loader.group_by_bucket(tr.train)
   assert {b: len(g) for b, g in groups.items()} == {32: 16, 64: 16}
   assert len(tr.eval) == 4
   return tr
@@ -141,14 +141,14 @@ def compile_history(trainer):
   assert tr.step_fn._cache_size() == 0
   state = fresh_state(tr)
   history = []
-  data = buckets.batches(tr.train, tr.cfg.train.batch_size, seed=0)
+  data = loader.batches(tr.train, tr.cfg.train.batch_size, seed=0)
   for _ in range(2 * 4):  # 4 batches per epoch: two per bucket
     batch = next(data)
     with metrics.compiles() as cc:
       state, m = tr.step_fn(state, tr.params, tr.place_batch(batch))
       jax.block_until_ready(m)
     assert bool(m["finite"])
-    history.append((batch["completion_tokens_BxC"].shape[1], tr.step_fn._cache_size(), cc.n))
+    history.append((batch.arrays.completion_tokens_BxC.shape[1], tr.step_fn._cache_size(), cc.n))
   return history
 
 
@@ -262,10 +262,10 @@ def test_sharded_steps_agree(trainer, first_bucket):
     mesh = mesh_lib.make_mesh(MeshCfg(fsdp=fsdp, tp=tp), jax.devices()[: fsdp * tp])
     params = mesh_lib.place(host_params, mesh_lib.shardings(param_shapes(cfg), mesh))
     lora = mesh_lib.place(lora0, mesh_lib.shardings(lora_lib.shapes(cfg, lcfg), mesh))
-    placed = {k: jax.device_put(v, mesh_lib.rows_sharding(mesh, v.shape)) for k, v in batch.items()}
+    placed = jax.tree.map(lambda v: jax.device_put(v, mesh_lib.rows_sharding(mesh, v.shape)), batch)
     if (fsdp, tp) == (2, 4):  # really sharded: vocab over tp, model dim over fsdp, batch over fsdp
       assert params["embed"].sharding.spec == PartitionSpec("tp", "fsdp")
-      assert placed["completion_tokens_BxC"].addressable_shards[0].data.shape[0] == 4
+      assert placed.completion_tokens_BxC.addressable_shards[0].data.shape[0] == 4
     if (fsdp, tp) == (8, 1):
       new, m = tr.step_fn(fresh_state(tr, lora0), tr.params, placed)
     else:
@@ -290,7 +290,7 @@ def test_sharded_steps_agree(trainer, first_bucket):
 
 def interrupt_training_after(monkeypatch, n_steps):
   """Raise KeyboardInterrupt when `run` asks for its (n_steps+1)-th training batch."""
-  real = buckets.batches
+  real = loader.batches
 
   def batches(examples, batch_size, **kw):
     it = real(examples, batch_size, **kw)
@@ -305,7 +305,7 @@ def interrupt_training_after(monkeypatch, n_steps):
 
     return limited()
 
-  monkeypatch.setattr(buckets, "batches", batches)
+  monkeypatch.setattr(loader, "batches", batches)
 
 
 def read_metrics(out):
@@ -354,7 +354,7 @@ def test_run_writes_all_outputs(trainer, straight_run):
     assert tokens == pytest.approx(round(tokens), abs=1e-3) and 8 * 20 <= round(tokens) <= 8 * (56 + 64)
     assert r["mfu"] == pytest.approx(6 * trainer.model.cfg.num_params * r["tokens_per_s"] / peak, rel=1e-6)
   # the run compiles its step once per bucket (its first step of that bucket), then nothing
-  widths = [b["completion_tokens_BxC"].shape[1] for b, _ in zip(buckets.batches(trainer.train, 8, seed=0), range(4))]
+  widths = [b.arrays.completion_tokens_BxC.shape[1] for b, _ in zip(loader.batches(trainer.train, 8, seed=0), range(4))]
   first_of_width = [w not in widths[:i] for i, w in enumerate(widths)]
   assert [r["compiles"] > 0 for r in train] == first_of_width, ([r["compiles"] for r in train], widths)
   evals = [r for r in rows if r["split"] == "eval"]

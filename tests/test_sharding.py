@@ -76,8 +76,8 @@ def compiled_grpo_update(cfg: Config, m) -> str:
   state = _abstract(jax.eval_shape(lambda x: train_lib.init_state(x, optimizer, 0), lora), state_sh)
   params = plan.full_tree(param_shapes(TINY_LLAMA), jnp.bfloat16, m)
   batch = plan.grpo_batch(g.mini * g.group, PROMPT, COMPLETION)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.rows_sharding(m, v.shape))
-           for k, v in batch.items()}
+  batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.rows_sharding(m, v.shape)),
+                       batch)
   with jax.set_mesh(m):
     return step_fn.lower(state, params, batch).compile(TINY_JIT).as_text()
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tpu_reason import config, evaluate, mesh as mesh_lib, policy, sampler, tags
+from tpu_reason import config, mesh as mesh_lib, policy, tags
 from tpu_reason.config import Config
 from tpu_reason.errors import cli
 from tpu_reason.generate import Streamer
+from tpu_reason.sampling import batched, sampler
 
 FLAGS = {"--model": "model", "--hide-thoughts": "hide_thoughts?", "--system": "data.system_prompt",
          "--max-thinking-tokens": "budget.max_thinking_tokens", "--extend": "budget.extend", "--wait": "budget.wait",
@@ -58,7 +59,7 @@ class Session:
                            sampling=self.cfg.sampling, lora=self.lora, lora_scale=self.policy.lora_scale,
                            stop_strings=schema.stop_strings, chunk=8, on_chunk=stream,
                            dtype=jnp.dtype(self.cfg.model.dtype), pad_id=model.pad_id,
-                           **evaluate.budget_kwargs(self.cfg.budget, schema))
+                           **batched.budget_kwargs(self.cfg.budget, schema))
     text = schema.primer + gen.texts[0]
     if live:
       stream.write(gen.texts[0])

@@ -8,7 +8,7 @@ The teacher replies with JSON {reasoning, answer, checkpoints}; a reply becomes 
   * every checkpoint appears in the reasoning (`rewards.checkpoint_fraction` == 1),
   * its answer matches the gold answer (`rewards.answers_match`) when the source has one,
   * the rendered row fits the recipe's token budgets with the target model's tokenizer
-    (`data.buckets`, 256 prompt / 512 completion tokens on the TPU recipes): dropped, never
+    (`data.examples`, 256 prompt / 512 completion tokens on the TPU recipes): dropped, never
     truncated. Prompts over budget are counted without asking the teacher at all.
 
 Rows are appended as they arrive and ids already in the output are skipped, so a killed run
@@ -37,7 +37,7 @@ from typing import Any
 
 from tpu_reason import config, models, rewards, tags
 from tpu_reason.config import Config, DataCfg, DistillCfg
-from tpu_reason.data import buckets
+from tpu_reason.data import examples as data_examples, render as data_render
 from tpu_reason.data.prepare import split_records
 from tpu_reason.data.sources import Record, teacher_row
 from tpu_reason.errors import UserError, cli
@@ -188,13 +188,13 @@ def accept(question: Record, content: str) -> Record:
 
 def prompt_fits(question: Record, model: Any, data: DataCfg, schema: tags.TagSchema) -> bool:
   """Whether the rendered prompt fits data.max_prompt_tokens (checked before asking the teacher)."""
-  prompt_text, _ = buckets.render(question, model, schema, data.system_prompt)
+  prompt_text, _ = data_render.render(question, model, schema, data.system_prompt)
   return len(model.encode(prompt_text)) <= data.max_prompt_tokens
 
 
 def check_budget(record: Record, model: Any, data: DataCfg, schema: tags.TagSchema):
   """Raise Rejected unless the row renders and fits the budgets exactly as training will build it."""
-  examples, report = buckets.build_examples(
+  examples, report = data_examples.build_examples(
       [record], model, schema, system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
       max_completion_tokens=data.max_completion_tokens, buckets=data.completion_buckets)
   if not examples:

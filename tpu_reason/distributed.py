@@ -81,11 +81,12 @@ def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...])
   return slice(blocks[0][0], blocks[-1][1])
 
 
-def global_batch(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Global batch-sharded arrays from host arrays of the whole batch; each process reads only its rows."""
-  out = {}
-  for name, full in arrays.items():
+def global_batch(arrays, mesh):
+  """Global batch-sharded arrays from host arrays of the whole batch (any pytree of them: a dict, a
+  `data.batch.Batch`), as the same tree; each process reads only its rows."""
+  def one(full: np.ndarray) -> jax.Array:
     sharding = mesh_lib.rows_sharding(mesh, full.shape)
     local = full[process_rows(sharding, full.shape)]
-    out[name] = jax.make_array_from_process_local_data(sharding, local, full.shape)
-  return out
+    return jax.make_array_from_process_local_data(sharding, local, full.shape)
+
+  return jax.tree.map(one, arrays)

@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 
 from tpu_reason import config, mesh as mesh_lib, policy, tags
-from tpu_reason import budget as budget_lib, evaluate
+from tpu_reason import evaluate
 from tpu_reason.config import Config, DataCfg
 from tpu_reason.data.prepare import load_records, split_records
 from tpu_reason.data.sources import file_kind
 from tpu_reason.errors import UserError, cli
+from tpu_reason.sampling import budget as budget_lib
 
 FLAGS = {"--model": "model", "--compare": "compare", "--data": "data", "--out": "output_dir", "--k": "eval.k",
          "--limit": "eval.limit", "--max-new-tokens": "sampling.max_new_tokens",

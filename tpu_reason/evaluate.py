@@ -11,32 +11,18 @@ score through here.
 from __future__ import annotations
 
 import collections
-import dataclasses
-import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import budget as budget_lib, rewards, sampler
+from tpu_reason import rewards
 from tpu_reason.config import BudgetCfg, SamplingCfg
-from tpu_reason.data.buckets import Example, build_prompts, render, reward_columns
+from tpu_reason.data.batch import reward_columns
+from tpu_reason.data.examples import Example, build_prompts
+from tpu_reason.data.render import render
+from tpu_reason.sampling import batched, sampler
+from tpu_reason.sampling.batched import Completions
 from tpu_reason.tags import TagSchema
-
-# Per-row counters the sampler's Generation carries when given a tag schema.
-BUDGET_FIELDS = ("thinking_tokens", "unclosed", "forced_closes", "extensions", "loop_closes")
-
-
-@dataclasses.dataclass
-class Completions:
-  """k completions per prompt, prompt-major: row i*k + j is sample j of prompt i."""
-
-  texts: list[str]  # full assistant texts (primer included), as the rewards expect
-  lengths: np.ndarray  # generated tokens per row
-  k: int
-  seconds: float
-  budget: dict[str, np.ndarray]  # the BUDGET_FIELDS the sampler reported (empty without forcing)
-
 
 # ------------------------------------------------------------------ prompts
 
@@ -55,41 +41,14 @@ def prompt_examples(records, model, schema: TagSchema, system_prompt: str = "") 
 # ------------------------------------------------------------------ generation
 
 
-def budget_kwargs(budget: BudgetCfg | None, schema: TagSchema) -> dict:
-  """The sampler arguments for budget forcing (none without a cap or extensions)."""
-  return {"budget": budget, "schema": schema} if budget_lib.active(budget) else {}
-
-
 def generate(model, params, examples, schema: TagSchema, *, sampling: SamplingCfg, k: int = 1, lora=None,
              lora_scale: float = 1.0, budget: BudgetCfg | None = None, batch_size: int = 16,
              dtype=jnp.float32, desc: str | None = None) -> Completions:
-  """k samples for each example's prompt, in equal batches (one compiled shape)."""
-  from tqdm.auto import tqdm
-
-  t0 = time.perf_counter()
-  n = len(examples)
-  if n == 0:
-    return Completions([], np.zeros(0, np.int32), k, 0.0, {})
-  n_batches = -(-n // batch_size)
-  size = -(-n // n_batches)
-  extra = budget_kwargs(budget, schema)
-  root = jax.random.key(sampling.seed)
-  texts, lengths, counters = [], [], collections.defaultdict(list)
-  for b in tqdm(range(n_batches), desc=desc, disable=desc is None, leave=False):
-    rows = list(examples[b * size:(b + 1) * size])
-    keep = len(rows) * k
-    rows += [rows[0]] * (size - len(rows))  # filler rows keep the batch shape fixed
-    gen = sampler.generate(params, model.cfg, model.tokenizer, np.stack([e.prompt_tokens_P for e in rows]),
-                           np.stack([e.prompt_mask_P for e in rows]), eos_ids=model.eos_ids, sampling=sampling,
-                           key=jax.random.fold_in(root, b), lora=lora, lora_scale=lora_scale, group=k,
-                           stop_strings=schema.stop_strings, dtype=dtype, pad_id=model.pad_id, **extra)
-    texts += [schema.primer + t for t in gen.texts[:keep]]
-    lengths.append(np.asarray(gen.lengths[:keep]))
-    for name in BUDGET_FIELDS:
-      if getattr(gen, name) is not None:  # reported with a tag schema, i.e. when forcing
-        counters[name].append(np.asarray(getattr(gen, name))[:keep])
-  budget_rows = {name: np.concatenate(v) for name, v in counters.items()}
-  return Completions(texts, np.concatenate(lengths), k, time.perf_counter() - t0, budget_rows)
+  """k samples for each example's prompt, in equal batches (one compiled shape): `batched.generate_texts`."""
+  prompts = (np.stack([e.prompt_tokens_P for e in examples]), np.stack([e.prompt_mask_P for e in examples])) \
+      if len(examples) else []
+  return batched.generate_texts(model, params, prompts, schema, sampling=sampling, k=k, batch_size=batch_size,
+                                lora=lora, lora_scale=lora_scale, budget=budget, dtype=dtype, desc=desc)
 
 
 # ------------------------------------------------------------------ scoring

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import config, mesh as mesh_lib, models, sampler
+from tpu_reason import config, mesh as mesh_lib, models
 from tpu_reason.errors import UserError, cli
+from tpu_reason.sampling import sampler
 
 FLAGS = {"--model": "model.spec", "--max-new-tokens": "sampling.max_new_tokens",
          "--temperature": "sampling.temperature", "--seed": "sampling.seed",

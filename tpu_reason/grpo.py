@@ -22,12 +22,14 @@ import numpy as np
 import optax
 
 from tpu_reason import config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs
-from tpu_reason import distributed, loop, sampler, tags
+from tpu_reason import distributed, loop, tags
 from tpu_reason import train as train_lib
 from tpu_reason.config import Config, GrpoCfg, SamplingCfg
-from tpu_reason.data import buckets
+from tpu_reason.data import loader
+from tpu_reason.data.batch import Batch, Collated, RolloutBatch, reward_columns
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
+from tpu_reason.sampling import sampler
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -93,23 +95,29 @@ def keep_groups(informative, prompts: list[str], taken: set[str], room: int) -> 
   return keep
 
 
-def fill_batch(rounds: list[dict], keep: list[np.ndarray], prompts: int, group: int) -> dict:
-  """One batch of exactly `prompts` groups (rows of `group`) from several rounds' arrays: the kept groups in
-  order, widths padded to the widest round (`_BxP` on the left, `_BxC` on the right, False / 0), then, for any
-  group still missing, a filler: the first group's rows with completion mask off and advantage 0, so it adds
+def fill_batch(rounds: list, keep: list[np.ndarray], prompts: int, group: int):
+  """One batch of exactly `prompts` groups (rows of `group`) from several rounds' arrays (each a pytree of the
+  same structure holding a `RolloutBatch`, e.g. (arrays, rewards_B)): the kept groups in order, widths padded
+  to the widest round (`_BxP` fields on the left, the others on the right, False / 0), then, for any group
+  still missing, a filler: the first group's rows with completion mask off and advantage 0, so it adds
   nothing to the loss, its gradient or the masked metrics, and the batch keeps its one shape."""
   kept = sum(int(k.sum()) for k in keep)
   assert kept <= prompts, (kept, prompts)
   fillers = np.tile(np.arange(group), prompts - kept)
-  out = {}
-  for key, first in rounds[0].items():
-    parts = [a[key][np.repeat(k, group)] for a, k in zip(rounds, keep)] + [first[fillers]]
+
+  def one(path, first, *rest):
+    parts = [a[np.repeat(k, group)] for a, k in zip((first, *rest), keep)] + [first[fillers]]
     if first.ndim == 2:
       width = max(p.shape[1] for p in parts)
-      parts = [_pad_columns(p, width, left=key.endswith("_BxP")) for p in parts]
-    out[key] = np.concatenate(parts)
-  out["completion_mask_BxC"][kept * group:] = False
-  out["advantages_B"][kept * group:] = 0.0
+      left = getattr(path[-1], "name", "").endswith("_BxP")
+      parts = [_pad_columns(p, width, left=left) for p in parts]
+    return np.concatenate(parts)
+
+  out = jax.tree_util.tree_map_with_path(one, *rounds)
+  for arrays in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, RolloutBatch)):
+    if isinstance(arrays, RolloutBatch):
+      arrays.completion_mask_BxC[kept * group:] = False
+      arrays.advantages_B[kept * group:] = 0.0
   return out
 
 
@@ -127,8 +135,8 @@ def completion_metrics(lengths: np.ndarray, truncated: np.ndarray) -> dict[str, 
 class Round:
   """One rollout round: a prompt batch sampled G times each, scored, with its advantages."""
 
-  batch: dict  # the prompt batch (ids, prompt texts, answers), its shared left padding trimmed
-  arrays: dict  # the train arrays, advantages_B included
+  batch: Collated  # the prompt batch (ids, prompt texts, answers), its shared left padding trimmed
+  arrays: RolloutBatch  # the train arrays, advantages_B included (not yet the stored log-probs)
   rewards_B: np.ndarray  # what the advantages come from: advantage_rewards + the overlong penalty
   total_B: np.ndarray  # the logged reward: the weighted total + the overlong penalty
   parts: dict  # each reward's values per row (None: it does not apply), `overlong` too when on
@@ -156,7 +164,7 @@ class Stream:
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict:
+  def __next__(self) -> Collated:
     batch = next(self.batches)
     self.position += 1
     return batch
@@ -167,16 +175,16 @@ def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, 
   logp = losses.completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale, dtype=dtype, remat=remat,
                                     chunk=chunk, temperature=g.temperature)
   # μ = 1: the rollout policy is the current one, so its log-probs are these (ratio 1)
-  old = jax.lax.stop_gradient(logp) if on_policy else mb["old_logp_BxC"]
-  mask = mb["completion_mask_BxC"]
+  old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp_BxC
+  mask = mb.completion_mask_BxC
   sequence = g.importance_level == "sequence"  # GSPO's ratios sit near 1: they have their own clip range
   eps = (g.gspo_epsilon_low, g.gspo_epsilon_high) if sequence else (g.epsilon_low, g.epsilon_high)
-  per_token, low, high = losses.clipped_surrogate(logp, old, mb["advantages_B"], *eps, level=g.importance_level,
+  per_token, low, high = losses.clipped_surrogate(logp, old, mb.advantages_B, *eps, level=g.importance_level,
                                                   mask_BxT=mask)
-  kl = losses.kl_k3(logp, mb["ref_logp_BxC"]) if g.beta else jnp.zeros_like(logp)
+  kl = losses.kl_k3(logp, mb.ref_logp_BxC) if g.beta else jnp.zeros_like(logp)
   # dr_grpo divides by the cap, not by this step's trimmed width: the same batch, the same loss
   loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, max_tokens=g.max_new_tokens,
-                          num_tokens=mb["num_tokens_B"][0])
+                          num_tokens=mb.num_tokens_B[0])
   aux = {"kl": losses.masked_mean(kl, mask), "clip_ratio/low_mean": losses.masked_mean(low, mask),
          "clip_ratio/high_mean": losses.masked_mean(high, mask)}
   return loss, aux
@@ -187,11 +195,13 @@ def _logprobs(lora, params, batch, *, cfg, lora_scale, dtype, chunk, temperature
                                     temperature=temperature)
 
 
-def trim_prompts(batch: dict) -> dict:
+def trim_prompts(batch: Collated) -> Collated:
   """Cut the left padding all prompts share, to `sampler.prompt_width`: prefill and training skip it."""
-  mask = batch["prompt_mask_BxP"]
-  width = sampler.prompt_width(int(mask.sum(1).max()), mask.shape[1])
-  return {**batch, "prompt_tokens_BxP": batch["prompt_tokens_BxP"][:, -width:], "prompt_mask_BxP": mask[:, -width:]}
+  a = batch.arrays
+  width = sampler.prompt_width(int(a.prompt_mask_BxP.sum(1).max()), a.prompt_mask_BxP.shape[1])
+  arrays = dataclasses.replace(a, prompt_tokens_BxP=a.prompt_tokens_BxP[:, -width:],
+                               prompt_mask_BxP=a.prompt_mask_BxP[:, -width:])
+  return dataclasses.replace(batch, arrays=arrays)
 
 
 def updates_per_step(g: GrpoCfg) -> int:
@@ -252,7 +262,7 @@ class Trainer:
   def save_every(self) -> int:
     return self.cfg.grpo.save_every
 
-  def step(self, state, batch: dict, step: int):
+  def step(self, state, batch: Collated, step: int):
     """Rollout, scoring and updates: (state, metrics row, the step's completions)."""
     state, m, drawn = grpo_step(self, state, batch, step)
     m["lr"] = float(train_lib.schedule(optimizer_cfg(self.cfg))(int(state.step) - 1))
@@ -284,7 +294,7 @@ class Trainer:
     """One update per rollout: the sampling policy is the one being updated (ratio 1)."""
     return updates_per_step(self.cfg.grpo) == 1
 
-  def place(self, arrays: dict) -> dict:
+  def place(self, arrays):
     """Rows over the data axes; on several hosts each process hands jax only its own rows."""
     return distributed.global_batch(arrays, self.mesh)
 
@@ -311,23 +321,23 @@ class Trainer:
   def unbudgeted_batches(self, start: int):
     g, seed = self.cfg.grpo, self.cfg.train.seed
     if start < g.curriculum_steps:
-      yield from _take(buckets.batches(self.warmup, g.prompts, seed=seed, start_step=start), g.curriculum_steps - start)
-    yield from buckets.batches(self.train, g.prompts, seed=seed, start_step=max(0, start - g.curriculum_steps))
+      yield from _take(loader.batches(self.warmup, g.prompts, seed=seed, start_step=start), g.curriculum_steps - start)
+    yield from loader.batches(self.train, g.prompts, seed=seed, start_step=max(0, start - g.curriculum_steps))
 
-  def sample(self, lora, batch: dict, step: int) -> tuple[dict, dict, dict]:
+  def sample(self, lora, batch: Collated, step: int) -> tuple[RolloutBatch, dict, dict]:
     """The step's train arrays, metrics, and what rollouts.jsonl records: one rollout, or with
     grpo.dynamic_sampling as many rounds of fresh prompts as it takes to fill the batch."""
     if self.cfg.grpo.dynamic_sampling:
       return self.dynamic_rollout(lora, batch, step)
     arrays, metrics, texts = self.rollout(lora, batch, step)
-    return arrays, metrics, {"ids": batch["id"], "texts": texts}
+    return arrays, metrics, {"ids": batch.id, "texts": texts}
 
-  def rollout(self, lora, batch: dict, step: int) -> tuple[dict, dict, list[str]]:
+  def rollout(self, lora, batch: Collated, step: int) -> tuple[RolloutBatch, dict, list[str]]:
     """Sample, score and compute advantages: (train arrays, metrics, completions)."""
     r = self.sample_round(lora, batch, step)
     return r.arrays, rollout_metrics([r], self.cfg.grpo), r.texts
 
-  def dynamic_rollout(self, lora, batch: dict, step: int) -> tuple[dict, dict, dict]:
+  def dynamic_rollout(self, lora, batch: Collated, step: int) -> tuple[RolloutBatch, dict, dict]:
     """DAPO's dynamic sampling: keep the informative groups of `batch`, then of further batches of the stream
     (each round its own key), until grpo.prompts are kept or grpo.max_resample_rounds extra rounds are spent;
     a batch still short is filled with masked groups (`fill_batch`). Advantages are those of the kept rows."""
@@ -340,41 +350,42 @@ class Trainer:
         if batch is None:  # grpo.max_completions is spent: train on what was kept
           break
       r = self.sample_round(lora, batch, step, len(rounds))
-      k = keep_groups(informative_groups(r.rewards_B, g.group, g.std_ddof), r.batch["prompt_text"], taken,
+      k = keep_groups(informative_groups(r.rewards_B, g.group, g.std_ddof), r.batch.prompt_text, taken,
                       g.prompts - len(taken))
-      taken |= {p for p, kept in zip(r.batch["prompt_text"], k) if kept}
+      taken |= {p for p, kept in zip(r.batch.prompt_text, k) if kept}
       extra += (time.perf_counter() - t0) if rounds else 0.0
       rounds.append(r)
       keep.append(k)
       if len(taken) == g.prompts or len(rounds) > g.max_resample_rounds:
         break
-    arrays = fill_batch([{**r.arrays, "rewards_B": r.rewards_B} for r in rounds], keep, g.prompts, g.group)
-    rewards_B, n = arrays.pop("rewards_B"), len(taken) * g.group
+    arrays, rewards_B = fill_batch([(r.arrays, r.rewards_B) for r in rounds], keep, g.prompts, g.group)
+    n = len(taken) * g.group
     if n:  # the same per group; with scale_rewards=batch, one std over the rows that train
-      arrays["advantages_B"][:n] = losses.group_advantages(rewards_B[:n], g.group, scale=g.scale_rewards,
+      arrays.advantages_B[:n] = losses.group_advantages(rewards_B[:n], g.group, scale=g.scale_rewards,
                                                            ddof=g.std_ddof)
     drawn = g.prompts * len(rounds)
     metrics = {**rollout_metrics(rounds, g), "time/resample": extra, "dynamic/groups_drawn": float(drawn),
                "dynamic/groups_kept": float(len(taken)), "dynamic/groups_dropped": float(drawn - len(taken)),
                "dynamic/rounds": float(len(rounds) - 1)}
-    record = {"ids": [i for r in rounds for i in r.batch["id"]], "texts": [t for r in rounds for t in r.texts],
+    record = {"ids": [i for r in rounds for i in r.batch.id], "texts": [t for r in rounds for t in r.texts],
               "kept": [bool(x) for k in keep for x in k]}
     return arrays, metrics, record
 
-  def sample_round(self, lora, batch: dict, step: int, round: int = 0) -> Round:
+  def sample_round(self, lora, batch: Collated, step: int, round: int = 0) -> Round:
     """Sample G completions per prompt (the key of `step` and `round`), score them, compute advantages."""
     g, m = self.cfg.grpo, self.model
     batch = trim_prompts(batch)
     sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
-    prompts = self.place({k: batch[k] for k in ("prompt_tokens_BxP", "prompt_mask_BxP")})
-    gen = sampler.generate(self.params, m.cfg, m.tokenizer, prompts["prompt_tokens_BxP"], prompts["prompt_mask_BxP"],
+    a = batch.arrays
+    prompts = self.place((a.prompt_tokens_BxP, a.prompt_mask_BxP))
+    gen = sampler.generate(self.params, m.cfg, m.tokenizer, *prompts,
                            eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step, round),
                            lora=lora, lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
                            dtype=self.dtype, pad_id=m.pad_id)
     texts = [self.schema.primer + t for t in gen.texts]
     rep = lambda xs: [x for x in xs for _ in range(g.group)]  # noqa: E731
-    columns = {name: rep(values) for name, values in batch["columns"].items()}  # one value per completion
-    total, parts = rewards.score(rep(batch["prompt_text"]), texts, dict(zip(g.rewards, g.reward_weights)),
+    columns = {name: rep(values) for name, values in batch.columns.items()}  # one value per completion
+    total, parts = rewards.score(rep(batch.prompt_text), texts, dict(zip(g.rewards, g.reward_weights)),
                                  **columns, schema=self.schema.name)
     overlong = (np.asarray(losses.overlong_penalty(gen.lengths, g.max_new_tokens, g.overlong_buffer,
                                                    g.overlong_penalty), np.float32)
@@ -386,30 +397,28 @@ class Trainer:
       parts = {**parts, "overlong": overlong.tolist()}
     mask = gen.mask & ~(gen.truncated[:, None] & g.mask_truncated_completions)
     width = sampler.pow2_bucket(int(gen.lengths.max()), gen.tokens.shape[1])  # right padding nobody uses
-    arrays = {"prompt_tokens_BxP": np.repeat(batch["prompt_tokens_BxP"], g.group, 0),
-              "prompt_mask_BxP": np.repeat(batch["prompt_mask_BxP"], g.group, 0),
-              "completion_tokens_BxC": gen.tokens[:, :width], "completion_mask_BxC": mask[:, :width],
-              "advantages_B": np.asarray(adv, np.float32)}
+    arrays = RolloutBatch(np.repeat(a.prompt_tokens_BxP, g.group, 0), np.repeat(a.prompt_mask_BxP, g.group, 0),
+                          gen.tokens[:, :width], mask[:, :width], advantages_B=np.asarray(adv, np.float32))
     return Round(batch, arrays, rewards_B, total, parts, gen, texts)
 
-  def score_logprobs(self, lora, arrays: dict) -> np.ndarray:
+  def score_logprobs(self, lora, arrays: Batch) -> np.ndarray:
     """Log-probs of the sampled completions under `lora` (None = reference), micro-batch by micro-batch."""
     rows = self.cfg.grpo.micro_batch * self.cfg.grpo.group
-    keys = ("prompt_tokens_BxP", "prompt_mask_BxP", "completion_tokens_BxC", "completion_mask_BxC")
-    out = [self.logp_fn(lora, self.params, self.place({k: arrays[k][i:i + rows] for k in keys}))
-           for i in range(0, len(arrays["advantages_B"]), rows)]
+    tokens = arrays.tokens()
+    out = [self.logp_fn(lora, self.params, self.place(tokens.rows(i, i + rows)))
+           for i in range(0, len(tokens.prompt_tokens_BxP), rows)]
     return np.concatenate(distributed.to_host(out))
 
-  def update(self, state, arrays: dict) -> tuple[Any, dict]:
+  def update(self, state, arrays: RolloutBatch) -> tuple[Any, dict]:
     """`num_iterations` passes of mini-batch updates over one rollout batch."""
     g = self.cfg.grpo
     rows, accum = g.mini * g.group, g.mini // g.micro_batch
     metrics = []
     for _ in range(g.num_iterations):
-      for i in range(0, len(arrays["advantages_B"]), rows):
-        mb = {k: v[i:i + rows] for k, v in arrays.items()}
+      for i in range(0, len(arrays.advantages_B), rows):
+        mb = arrays.rows(i, i + rows)
         # dapo's token-mean spans the mini-batch: each micro-slice divides by its share of tokens
-        mb["num_tokens_B"] = np.full(rows, mb["completion_mask_BxC"].sum() / accum, np.float32)
+        mb = dataclasses.replace(mb, num_tokens_B=np.full(rows, mb.completion_mask_BxC.sum() / accum, np.float32))
         state, m = self.step_fn(state, self.params, self.place(mb))
         metrics.append(m)
     metrics = jax.device_get(metrics)
@@ -425,7 +434,7 @@ class Trainer:
                                                 lora_scale=self.lora_scale, max_new_tokens=t.eval_max_new_tokens,
                                                 dtype=self.dtype)
     total, parts = rewards.score([r.prompt_text for r in rows], texts, dict(zip(g.rewards, g.reward_weights)),
-                                 **buckets.reward_columns(rows), schema=self.schema.name)
+                                 **reward_columns(rows), schema=self.schema.name)
     return {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],
             "reward": float(np.mean(total)),
             **{f"reward/{k}": float(np.mean(applicable(v))) for k, v in parts.items() if applicable(v)},
@@ -512,21 +521,21 @@ def jitted(model_cfg, cfg: Config, mesh):
   return optimizer, step_fn, logp_fn, state_sh
 
 
-def grpo_step(tr: Trainer, state, batch: dict, step: int) -> tuple[Any, dict, dict]:
+def grpo_step(tr: Trainer, state, batch: Collated, step: int) -> tuple[Any, dict, dict]:
   """Rollout, reference / old log-probs, updates: the new state, every metric of the step, and the rollouts
   drawn (`Trainer.record`'s arguments)."""
   g = tr.cfg.grpo
   arrays, metrics, drawn = tr.sample(state.lora, batch, step)
   t0 = time.perf_counter()
-  b, c = arrays["completion_tokens_BxC"].shape
-  arrays["ref_logp_BxC"] = tr.score_logprobs(None, arrays) if g.beta else np.zeros((b, c), np.float32)
-  arrays["old_logp_BxC"] = (np.zeros((b, c), np.float32) if tr.on_policy
-                            else tr.score_logprobs(state.lora, arrays))
+  b, c = arrays.completion_tokens_BxC.shape
+  arrays = dataclasses.replace(
+    arrays, ref_logp_BxC=tr.score_logprobs(None, arrays) if g.beta else np.zeros((b, c), np.float32),
+    old_logp_BxC=np.zeros((b, c), np.float32) if tr.on_policy else tr.score_logprobs(state.lora, arrays))
   metrics["time/reference"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, train_metrics = tr.update(state, arrays)
   metrics["time/train"] = time.perf_counter() - t0
-  tokens = g.num_iterations * (arrays["prompt_mask_BxP"].sum() + arrays["completion_mask_BxC"].sum())
+  tokens = g.num_iterations * (arrays.prompt_mask_BxP.sum() + arrays.completion_mask_BxC.sum())
   metrics["tokens_per_s/train"] = float(tokens) / metrics["time/train"]
   return state, {**train_metrics, **metrics}, drawn
 

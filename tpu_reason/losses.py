@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tpu_reason import choices
+from tpu_reason.data.batch import Batch, PackedBatch
 from tpu_reason.mesh import constrain
 from tpu_reason.models.transformer import forward, head_weights, positions
 
@@ -62,13 +63,13 @@ def sft_loss(logp_BxT, mask_BxT):
   return -masked_mean(logp_BxT, mask_BxT)
 
 
-def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
+def completion_logprobs(params, cfg, batch: Batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32,
                         remat="none", chunk=8192, temperature=1.0):
   """log p(completion token) [B, C] for a left-padded prompt + right-padded completion batch."""
-  prompt, completion = batch["prompt_tokens_BxP"], batch["completion_tokens_BxC"]
+  prompt, completion = batch.prompt_tokens_BxP, batch.completion_tokens_BxC
   p, c = prompt.shape[1], completion.shape[1]
   tokens = jnp.concatenate([prompt, completion], axis=1)
-  valid = jnp.concatenate([batch["prompt_mask_BxP"], batch["completion_mask_BxC"]], axis=1)
+  valid = jnp.concatenate([batch.prompt_mask_BxP, batch.completion_mask_BxC], axis=1)
   pos = positions(valid)
   hidden = forward(params, cfg, tokens, pos, valid_BxT=valid, lora=lora, lora_scale=lora_scale,
                    dtype=dtype, remat=remat)
@@ -78,10 +79,11 @@ def completion_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=
                         temperature=temperature)
 
 
-def packed_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.float32, remat="none", chunk=8192):
-  """log p(completion token) [B, C] for packed rows (see `data.buckets.pack`): each segment sees only itself."""
-  tokens, segments, at = batch["tokens_BxL"], batch["segments_BxL"], batch["target_at_BxC"]
-  hidden = forward(params, cfg, tokens, batch["positions_BxL"], valid_BxT=segments > 0, lora=lora,
+def packed_logprobs(params, cfg, batch: PackedBatch, *, lora=None, lora_scale=1.0, dtype=jnp.float32, remat="none",
+                    chunk=8192):
+  """log p(completion token) [B, C] for packed rows (see `data.packing.pack`): each segment sees only itself."""
+  tokens, segments, at = batch.tokens_BxL, batch.segments_BxL, batch.target_at_BxC
+  hidden = forward(params, cfg, tokens, batch.positions_BxL, valid_BxT=segments > 0, lora=lora,
                    lora_scale=lora_scale, dtype=dtype, remat=remat, segment_BxT=segments)
   # the vocabulary head runs only where the loss looks, not on the prompts in between
   h = jnp.take_along_axis(hidden, at[..., None], axis=1)
@@ -89,9 +91,9 @@ def packed_logprobs(params, cfg, batch, *, lora=None, lora_scale=1.0, dtype=jnp.
                         softcap=cfg.final_softcap)
 
 
-def sft_logprobs(params, cfg, batch, **kw):
+def sft_logprobs(params, cfg, batch: Batch | PackedBatch, **kw):
   """log p of each completion token [B, C] in either batch layout (packed rows or prompt + completion)."""
-  if "tokens_BxL" in batch:
+  if isinstance(batch, PackedBatch):
     return packed_logprobs(params, cfg, batch, **kw)
   return completion_logprobs(params, cfg, batch, **kw)
 

@@ -50,11 +50,13 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
-from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sampler, sft, train as train_lib
+from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sft, train as train_lib
 from tpu_reason.config import Config, SamplingCfg
+from tpu_reason.data.batch import Batch, PackedBatch, RolloutBatch
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models.transformer import (KVCache, ModelConfig, flatten, init_cache, param_dtypes, param_shapes,
                                           unflatten)
+from tpu_reason.sampling import sampler
 
 GIB = 2**30
 FLAGS = {"--devices": "devices", "--hbm-gib": "hbm_gib", "--tpu": "tpu", "--stand-in": "stand_in?"}
@@ -140,32 +142,15 @@ def per_device_model(model_cfg: ModelConfig, mesh) -> ModelConfig:
                              hidden_dim=split(model_cfg.hidden_dim, "mlp"))
 
 
-def abstract_batch(rows: int, prompt: int, completion: int, sharding=None) -> dict:
-  """The arrays of an SFT batch (see data.buckets) as ShapeDtypeStructs."""
-  spec = lambda n, dt: jax.ShapeDtypeStruct((rows, n), dt, sharding=sharding)  # noqa: E731
-  return {"prompt_tokens_BxP": spec(prompt, jnp.int32), "prompt_mask_BxP": spec(prompt, bool),
-          "completion_tokens_BxC": spec(completion, jnp.int32), "completion_mask_BxC": spec(completion, bool)}
-
-
-def packed_batch(rows: int, prompt: int, completion: int, sharding=None) -> dict:
-  """The arrays of a packed SFT batch (`data.pack`): rows of prompt + completion tokens."""
-  spec = lambda n, dt: jax.ShapeDtypeStruct((rows, n), dt, sharding=sharding)  # noqa: E731
-  width = prompt + completion
-  return {"tokens_BxL": spec(width, jnp.int32), "segments_BxL": spec(width, jnp.int32),
-          "positions_BxL": spec(width, jnp.int32), "target_at_BxC": spec(completion, jnp.int32),
-          "completion_mask_BxC": spec(completion, bool)}
+# The abstract batches are the trainers' own types (`data.batch`) holding ShapeDtypeStructs.
+abstract_batch = Batch.spec  # an SFT (or GRPO log-prob) batch: prompt + completion tokens and masks
+packed_batch = PackedBatch.spec  # a packed SFT batch (`data.pack`): rows of prompt + completion tokens
+grpo_batch = RolloutBatch.spec  # a GRPO update's micro-batch: rollout tokens plus advantages and stored log-probs
 
 
 def sft_batch(cfg: Config):
   """`abstract_batch` or `packed_batch`, as the recipe's SFT step sees it."""
   return packed_batch if cfg.data.pack else abstract_batch
-
-
-def grpo_batch(rows: int, prompt: int, completion: int) -> dict:
-  """A GRPO update's micro-batch: rollout tokens plus advantages and stored log-probs."""
-  per_row, per_token = jax.ShapeDtypeStruct((rows,), jnp.float32), jax.ShapeDtypeStruct((rows, completion), jnp.float32)
-  return {**abstract_batch(rows, prompt, completion), "advantages_B": per_row, "num_tokens_B": per_row,
-          "old_logp_BxC": per_token, "ref_logp_BxC": per_token}
 
 
 # --------------------------------------------------------------------------- activations
@@ -253,7 +238,7 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
     remat = "no remat" if cfg.model.remat == "none" else f"remat {cfg.model.remat}"
     return Phase(name, items, f"{per_dev} rows/device x ({d.max_prompt_tokens}+{completion}) tokens, {remat}")
 
-  # the largest completion bucket is always max_completion_tokens (data.buckets.completion_buckets)
+  # the largest completion bucket is always max_completion_tokens (data.examples.completion_buckets)
   sft_phase = train_phase("SFT step", sft_loss(local, cfg), sft_batch(cfg), t.batch_size // t.grad_accum,
                           d.max_completion_tokens, t.grad_accum > 1)
   prompts, rows = rows_per_device(g.prompts, mesh), rows_per_device(g.prompts * g.group, mesh)
@@ -386,7 +371,7 @@ def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.st
   table = lora_lib.shapes(model_cfg, cfg.lora)
   lora = laid_out(train_lib.abstract_lora(table), mesh_lib.shardings(table, mesh))  # TrainState.lora's layout
   prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, mesh_lib.rows_sharding(mesh, (g.prompts, 1)))
-  tokens, mask = prompt["prompt_tokens_BxP"], prompt["prompt_mask_BxP"]
+  tokens, mask = prompt.prompt_tokens_BxP, prompt.prompt_mask_BxP
   cache, first, next_pos = jax.eval_shape(functools.partial(sampler.prefill, cfg=model_cfg, dtype=dtype),
                                           params, lora, scale, tokens, mask)
   prefix = cache_layout(dataclasses.replace(cache, group=g.group), mesh)

@@ -23,21 +23,22 @@ from tpu_reason import config, distributed, evaluate, lora as lora_lib, loop, lo
 from tpu_reason import train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
 from tpu_reason.config import Config, TrainCfg
-from tpu_reason.data import buckets
+from tpu_reason.data import loader, packing
+from tpu_reason.data.batch import Batch, Collated, PackedBatch, real_tokens
 from tpu_reason.data.prepare import prepare
 from tpu_reason.errors import UserError, cli
 
 
-def device_batch(batch: dict) -> dict:
+def device_batch(batch: Collated) -> Batch | PackedBatch:
   """The array part of a collated or packed batch (lists of strings stay on the host)."""
-  return {k: np.asarray(v) for k, v in batch.items() if k.endswith(("_BxP", "_BxC", "_BxL"))}
+  return jax.tree.map(np.asarray, batch.arrays)
 
 
 def loss(lora, params, batch, *, cfg, lora_scale, dtype, remat, chunk):
   """Token-mean NLL of the completions (the SFT objective) and no aux."""
   logp = losses.sft_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype, remat=remat,
                              chunk=chunk)
-  return losses.sft_loss(logp, batch["completion_mask_BxC"]), {}
+  return losses.sft_loss(logp, batch.completion_mask_BxC), {}
 
 
 def _train_step(state: TrainState, params, batch, *, cfg, optimizer, lora_scale, dtype, remat, chunk, accum):
@@ -48,7 +49,7 @@ def _train_step(state: TrainState, params, batch, *, cfg, optimizer, lora_scale,
 
 def _eval_sums(lora, params, batch, *, cfg, lora_scale, dtype, chunk):
   logp = losses.completion_logprobs(params, cfg, batch, lora=lora, lora_scale=lora_scale, dtype=dtype, chunk=chunk)
-  mask = batch["completion_mask_BxC"]
+  mask = batch.completion_mask_BxC
   return -jnp.sum(jnp.where(mask, logp, 0.0)), jnp.sum(mask)
 
 
@@ -97,12 +98,12 @@ class Trainer:
 
   def batches(self, start: int):
     t = self.cfg.train
-    return buckets.batches(self.train, t.batch_size, seed=t.seed, start_step=start)
+    return loader.batches(self.train, t.batch_size, seed=t.seed, start_step=start)
 
-  def step(self, state, batch: dict, step: int):
+  def step(self, state, batch: Collated, step: int):
     """One optimizer step: (state, metrics row, no record)."""
     t = self.cfg.train
-    tokens = buckets.real_tokens(batch)
+    tokens = real_tokens(batch.arrays)
     t0 = time.perf_counter()
     state, m = self.step_fn(state, self.params, self.place_batch(batch))
     m = jax.device_get(m)
@@ -127,13 +128,13 @@ class Trainer:
   def table(self, before: dict, after: dict) -> str:
     return loop.table(before, after, ["eval_loss", "format_accuracy", "unclosed_rate", "answer_accuracy", "mean_completion_tokens"])
 
-  def place_batch(self, batch: dict) -> dict:
+  def place_batch(self, batch: Collated) -> Batch | PackedBatch:
     return distributed.global_batch(device_batch(batch), self.mesh)
 
   def eval_loss(self, lora) -> float:
     total, count = 0.0, 0.0
     bs = self.cfg.train.batch_size
-    for batch in buckets.batches(self.eval, bs, shuffle=False, drop_remainder=False, num_epochs=1):
+    for batch in loader.batches(self.eval, bs, shuffle=False, drop_remainder=False, num_epochs=1):
       s, n = self.eval_fn(lora, self.params, self.place_batch(batch))
       total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
@@ -176,7 +177,7 @@ def build(cfg: Config) -> Trainer:
 def pack_rows(examples: list, d, model) -> list:
   """The training examples packed into rows of max_prompt + max_completion tokens; prints the fill."""
   width = d.max_prompt_tokens + d.max_completion_tokens
-  rows = buckets.pack(examples, width, d.max_completion_tokens, model.pad_id, seed=d.seed)
+  rows = packing.pack(examples, width, d.max_completion_tokens, model.pad_id, seed=d.seed)
   real = sum(int((r.segments_L > 0).sum()) for r in rows)
   padded = sum(ex.bucket + d.max_prompt_tokens for ex in examples)
   print(f"packed {len(examples)} examples into {len(rows)} rows of {width} tokens: {real / (len(rows) * width):.0%} "

@@ -8,8 +8,8 @@ than `max_solved` of its k samples is `too_easy`; it is not posed to the
 baselines after that one.
 
 Questions go to the model shortest first, in batches of `batch_size` prompts
-left-padded to `sampler.prompt_width` (the last batch filled up with copies), so a
-batch pads little and only a few shapes ever compile.
+left-padded to `sampler.prompt_width` (the last batch filled up with copies:
+`sampling.batched.generate_texts`), so a batch pads little and only a few shapes ever compile.
 
 Solved counts go to an append-only JSONL cache in the output directory, one line
 per (baseline, sampling settings, question) written and flushed after every
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tpu_reason.data.buckets import render
+from tpu_reason.data.render import render
 from tpu_reason.data.sources import Record
 from tpu_reason.tags import TagSchema
 
@@ -171,22 +171,17 @@ class ModelSolver:
     return self.model.encode(render(record, self.model, self.schema, self.system_prompt)[0])
 
   def __call__(self, records: Sequence[Record]) -> list[int]:
-    import jax
+    from tpu_reason import rewards
+    from tpu_reason.sampling import batched
 
-    from tpu_reason import rewards, sampler
-
-    ids = [self._prompt_ids(r) for r in records]
-    width = sampler.prompt_width(max(len(x) for x in ids))
-    # Filler rows (copies of the first prompt) keep the batch shape fixed; their samples are ignored.
-    tokens, mask = sampler.left_pad(ids + [ids[0]] * (self.batch_size - len(ids)), width, self.pad)
-    key = jax.random.fold_in(jax.random.key(self.sampling.seed), self.calls)
-    self.calls += 1
-    with jax.set_mesh(self.mesh):  # on a TPU mesh each chip decodes its own rows
-      gen = sampler.generate(self.params, self.model.cfg, self.model.tokenizer, tokens, mask,
-                             eos_ids=self.model.eos_ids, sampling=self.sampling, key=key, group=self.k,
-                             stop_strings=self.schema.stop_strings, pad_id=self.pad)
+    # One call, one batch of `batch_size` rows (filler copies of the first prompt keep the shape fixed),
+    # keyed by the call count; on a TPU mesh each chip decodes its own rows.
+    comps = batched.generate_texts(self.model, self.params, [self._prompt_ids(r) for r in records], self.schema,
+                                   sampling=self.sampling, k=self.k, batch_size=self.batch_size, fill=True,
+                                   first_batch=self.calls, mesh=self.mesh)
+    self.calls += -(-len(records) // self.batch_size)
     n = len(records) * self.k  # rows are prompt-major: prompt b's samples are rows b*k .. b*k+k-1
-    texts = [self.schema.primer + t for t in gen.texts[:n]]
+    texts = comps.texts
     answers = [r.answer for r in records for _ in range(self.k)]
     hits = rewards.outcome_reward([""] * n, texts, schema=self.schema, answer=answers)
     return [int(sum(hits[i * self.k : (i + 1) * self.k])) for i in range(len(records))]

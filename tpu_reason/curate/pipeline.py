@@ -26,7 +26,7 @@ from tpu_reason.config import Config, SamplingCfg
 from tpu_reason.curate import difficulty, diversity, quality
 from tpu_reason.curate.report import CurateReport, StageCount, length_summary, plot
 from tpu_reason.data import stats
-from tpu_reason.data.buckets import Fit, fit_records
+from tpu_reason.data.examples import Fit, fit_records
 from tpu_reason.data.prepare import GENERATED_SOURCES, load_records
 from tpu_reason.data.sources import Record, records_to_teacher_jsonl
 from tpu_reason.errors import UserError

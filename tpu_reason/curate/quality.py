@@ -23,7 +23,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from tpu_reason.data.buckets import round_trips
+from tpu_reason.data.render import round_trips
 from tpu_reason.data.sources import Record
 from tpu_reason.rewards import checkpoint_fraction, normalize_answer
 from tpu_reason.tags import TagSchema, get_schema

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tpu_reason.data.buckets import histogram
+from tpu_reason.data.report import histogram
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import numpy as np
 
 from tpu_reason import config, errors, evaluate, models, tags
 from tpu_reason.data import stats
-from tpu_reason.data.buckets import Example
+from tpu_reason.data.examples import Example
 from tpu_reason.data.prepare import prepare, split_records
 from tpu_reason.tags import TagSchema
 

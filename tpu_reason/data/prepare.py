@@ -23,7 +23,8 @@ from tpu_reason import tags
 from tpu_reason.config import DataCfg
 from tpu_reason.curate.quality import question_tokens
 from tpu_reason.data import sources
-from tpu_reason.data.buckets import DataReport, Example, build_examples, build_prompts
+from tpu_reason.data.examples import Example, build_examples, build_prompts
+from tpu_reason.data.report import DataReport
 from tpu_reason.data.sources import LoadReport, Record
 from tpu_reason.errors import UserError
 

@@ -154,14 +154,6 @@ def as_computed(params: Params, cfg: ModelConfig) -> Params:
   return unflatten(flat)
 
 
-def dequantized(layer: Params, cfg: ModelConfig, dtype) -> Params:
-  """One layer's weights (inside the scan) with the quantised projections back in `dtype`."""
-  out = {k: w for k, w in layer.items() if not k.endswith("_scale")}
-  for p in PROJECTIONS:
-    out[p] = quant_lib.dequantize(layer[p], layer[f"{p}_scale"], n_inputs(p), dtype)
-  return out
-
-
 def unflatten(flat: dict[str, Any]) -> Params:
   """{'layers/q': x} -> {'layers': {'q': x}}."""
   out: Params = {}
@@ -281,14 +273,28 @@ def n_inputs(name: str) -> int:
 
 
 def project(name, x, layer, lora_layer, lora_scale):
-  """x @ W (+ scale * x @ A @ B when this projection has a LoRA adapter)."""
-  y = constrain(jnp.einsum(PROJECTIONS[name], x, layer[name].astype(x.dtype)), OUT_AXES[name])
+  """x @ W (+ scale * x @ A @ B when this projection has a LoRA adapter); W widened here if quantised."""
+  if f"{name}_scale" in layer:
+    y = quantized_matmul(PROJECTIONS[name], x, layer[name], layer[f"{name}_scale"], n_inputs(name))
+  else:
+    y = jnp.einsum(PROJECTIONS[name], x, layer[name].astype(x.dtype))
+  y = constrain(y, OUT_AXES[name])
   if lora_layer is not None and name in lora_layer:
     a, b = lora_layer[name]["a"].astype(x.dtype), lora_layer[name]["b"].astype(x.dtype)
     rank, rows = a.shape[-1], y.shape[0] * y.shape[1]
     low = low_rank(x.reshape(rows, -1), a.reshape(-1, rank), b.reshape(rank, -1))
     y = y + lora_scale * constrain(low.reshape(y.shape), OUT_AXES[name])
   return y
+
+
+@functools.partial(jax.checkpoint, static_argnums=(0, 4))
+def quantized_matmul(spec, x, values, scale, n_in):
+  """x @ W for an int8 / int4 W (gathered small by FSDP), widened to x's dtype one projection at a time.
+
+  Widening and matmul form one remat region: the backward keeps the small values and widens again.
+  Outside it, the wide W would be the matmul's residual, and the scan would stack every layer's.
+  """
+  return jnp.einsum(spec, x, quant_lib.dequantize(values, scale, n_in, x.dtype))
 
 
 @jax.custom_vjp
@@ -523,10 +529,6 @@ def forward(
     layer, lora_layer, glob, index = xs
     # FSDP: this layer's weights are all-gathered over fsdp here, one layer at a time
     layer = {k: constrain(w, layer_axes[k]) for k, w in layer.items()}
-    # int8/int4 weights are gathered small and widened here; the backward widens them again
-    # rather than keeping every layer's wide copy as a residual
-    if cfg.quant != "none":
-      layer = jax.checkpoint(functools.partial(dequantized, cfg=cfg, dtype=dtype))(layer)
     # caches are sliced here rather than scanned over, so a `span` reads fewer slots
     per_layer = [c.layer(index) for c in caches]
     y, kv = _layer(cfg, x, layer, lora_layer, lora_scale, pos_BxT, valid_BxT, glob, per_layer, segment_BxT)

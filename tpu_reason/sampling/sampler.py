@@ -6,7 +6,7 @@ Decoding runs as a jitted `while_loop` in chunks: between chunks the host checks
 strings, streams text and updates progress. Shapes depend only on
 (batch, prompt length, max_new_tokens, group), so repeated calls never recompile.
 With a tag schema the loop also tracks each row's reasoning and applies budget forcing
-(`tpu_reason.budget`) in-graph.
+(`tpu_reason.sampling.budget`) in-graph.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import budget as budget_lib
-from tpu_reason.budget import BudgetState, Forcing
 from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.distributed import to_host
 from tpu_reason.mesh import constrain
 from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
+from tpu_reason.sampling import budget as budget_lib
+from tpu_reason.sampling.budget import BudgetState, Forcing
 from tpu_reason.tags import TagSchema
 
 
@@ -314,7 +314,7 @@ def generate(
 
 def left_pad(ids_list: list[list[int]], length: int | None, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad token lists to a fixed length: (tokens_BxP, mask_BxP)."""
-  from tpu_reason.data.buckets import left_pad as left_pad_row
+  from tpu_reason.data.examples import left_pad as left_pad_row
 
   length = length or max(len(x) for x in ids_list)
   for i, ids in enumerate(ids_list):
