@@ -165,7 +165,8 @@ def _registries():
           "grpo.rewards": tuple(rewards.REWARDS), "grpo.loss": choices.GRPO_LOSSES,
           "grpo.scale_rewards": choices.ADVANTAGE_SCALES, "grpo.importance_level": choices.IMPORTANCE_LEVELS,
           "grpo.reward_aggregation": choices.REWARD_AGGREGATIONS, "model.remat": choices.REMAT,
-          "model.quant": choices.QUANT}
+          "model.quant": choices.QUANT, "model.dtype": choices.DTYPES, "train.schedule": choices.SCHEDULES,
+          "curate.strata": choices.STRATA}
 
 
 @pytest.mark.parametrize("field", list(_registries()))

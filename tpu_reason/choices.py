@@ -13,3 +13,6 @@ GRPO_LOSSES = ("grpo", "dapo", "dr_grpo")  # losses.aggregate: how token losses 
 ADVANTAGE_SCALES = ("group", "batch", "none")  # losses.group_advantages: what the centred rewards are divided by
 IMPORTANCE_LEVELS = ("token", "sequence")  # losses.log_ratio: one ratio per token, or GSPO's per completion
 REWARD_AGGREGATIONS = ("sum", "normalize_each")  # grpo.advantage_rewards: the reward the advantages come from
+SCHEDULES = ("cosine", "linear", "constant")  # train.DECAYS: the learning rate after warmup
+DTYPES = ("float32", "bfloat16")  # model.dtype: the compute / base-weight dtype
+STRATA = ("auto", "domain", "keywords")  # curate.diversity.strata: what rows are balanced over

@@ -66,7 +66,7 @@ class ModelCfg:
 
   def __post_init__(self):
     _check_choice("model.quant", self.quant, choices.QUANT)
-    _check(self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}")
+    _check_choice("model.dtype", self.dtype, choices.DTYPES)
     legacy = {**dict.fromkeys(("true", "yes", "on", "1"), "full"), **dict.fromkeys(("false", "no", "off", "0"), "none")}
     object.__setattr__(self, "remat", legacy.get(self.remat.lower(), self.remat))
     _check_choice("model.remat", self.remat, choices.REMAT)
@@ -153,7 +153,7 @@ class TrainCfg:
   grad_accum: int = 1  # micro-batches per optimizer step
   lr: float = 1e-3
   warmup_steps: int = 5
-  schedule: str = "cosine"  # cosine | linear | constant
+  schedule: str = "cosine"  # choices.SCHEDULES: cosine | linear | constant
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   seed: int = 0
@@ -174,7 +174,7 @@ class TrainCfg:
     _check(self.batch_size % self.grad_accum == 0,
            f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}")
     _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-    _check(self.schedule in ("cosine", "linear", "constant"), f"train.schedule must be cosine, linear or constant, got {self.schedule!r}")
+    _check_choice("train.schedule", self.schedule, choices.SCHEDULES)
     _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes}")
     _check(self.max_nonfinite > 0, f"train.max_nonfinite must be > 0, got {self.max_nonfinite}")
     _check(self.vocab_chunk > 0, f"train.vocab_chunk must be > 0, got {self.vocab_chunk}")
@@ -327,7 +327,7 @@ class CurateCfg:
     _check(self.temperature > 0 or self.k == 1, "curate.k > 1 greedy samples are identical: set curate.temperature > 0")
     _check(self.max_new_tokens > 0 and self.batch_size > 0 and self.top_k >= 0,
            "curate.max_new_tokens and curate.batch_size must be > 0, curate.top_k >= 0")
-    _check(self.strata in ("auto", "domain", "keywords"), f"curate.strata must be auto, domain or keywords, got {self.strata!r}")
+    _check_choice("curate.strata", self.strata, choices.STRATA)
 
 
 @dataclasses.dataclass(frozen=True)

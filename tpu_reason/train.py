@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpu_reason import lora as lora_lib, mesh as mesh_lib, models
+from tpu_reason import choices, lora as lora_lib, mesh as mesh_lib, models
 from tpu_reason.config import Config, TrainCfg
 
 
@@ -32,15 +32,18 @@ class TrainState:
   key: jax.Array
 
 
+# after warmup: cosine / linear decay to 10%, or constant (names: choices.SCHEDULES)
+DECAYS = {
+    "cosine": lambda t, steps: optax.cosine_decay_schedule(t.lr, steps, alpha=0.1),
+    "linear": lambda t, steps: optax.linear_schedule(t.lr, 0.1 * t.lr, steps),
+    "constant": lambda t, steps: optax.constant_schedule(t.lr),
+}
+assert tuple(DECAYS) == choices.SCHEDULES
+
+
 def schedule(t: TrainCfg) -> optax.Schedule:
-  """Linear warmup, then cosine / linear decay to 10% (or constant)."""
-  decay_steps = max(t.max_steps - t.warmup_steps, 1)
-  if t.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(t.lr, decay_steps, alpha=0.1)
-  elif t.schedule == "linear":
-    decay = optax.linear_schedule(t.lr, 0.1 * t.lr, decay_steps)
-  else:
-    decay = optax.constant_schedule(t.lr)
+  """Linear warmup, then `t.schedule`'s decay."""
+  decay = DECAYS[t.schedule](t, max(t.max_steps - t.warmup_steps, 1))
   warmup = optax.linear_schedule(t.lr / max(t.warmup_steps, 1), t.lr, t.warmup_steps)
   return optax.join_schedules([warmup, decay], [t.warmup_steps])
 

@@ -47,7 +47,7 @@ def keyword_topic(question: str) -> str:
 
 
 def strata(records: Sequence[Record], mode: str = "auto") -> tuple[list[str], str]:
-  """(stratum of each row, the field used: "domain" or "keywords")."""
+  """(stratum of each row, the field used: "domain" or "keywords"); `mode` one of choices.STRATA."""
   if mode == "auto":
     mode = "domain" if len({r.domain for r in records}) > 1 else "keywords"
   if mode == "domain":
