@@ -275,7 +275,7 @@ def grpo(actor: nnx.Module, reference: nnx.Module, tokenizer, mesh, g, *, prompt
     raise ValueError("the Tunix comparison supports num_iterations=1, epsilon_low == epsilon_high and "
                      f"grpo.loss in {sorted(LOSS_AGG)}")
   training = rl_cluster_lib.RLTrainingConfig(
-      actor_optimizer=make_optimizer(g.lr),
+      actor_optimizer=make_optimizer(g.optim.lr),
       eval_every_n_steps=10**9,
       max_steps=steps,  # optimizer updates: one per step when mini_batch = all prompts
       mini_batch_size=g.mini,
@@ -287,9 +287,9 @@ def grpo(actor: nnx.Module, reference: nnx.Module, tokenizer, mesh, g, *, prompt
       pbar_description=None,
   )
   rollout = base_rollout.RolloutConfig(
-      max_tokens_to_generate=g.max_new_tokens, max_prompt_length=prompt_len,
-      kv_cache_size=prompt_len + g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-      top_k=g.top_k or None, eos_tokens=list(eos_ids))
+      max_tokens_to_generate=g.sampling.max_new_tokens, max_prompt_length=prompt_len,
+      kv_cache_size=prompt_len + g.sampling.max_new_tokens, temperature=g.sampling.temperature,
+      top_p=g.sampling.top_p, top_k=g.sampling.top_k or None, eos_tokens=list(eos_ids))
   roles = rl_cluster_lib.Role
   cluster = rl_cluster_lib.RLCluster(
       actor=actor, reference=reference, tokenizer=tokenizer,

@@ -5,7 +5,7 @@ Reference on this machine: TRL GRPOTrainer, G=4, 512-token completions, ~72 s/st
 Each side runs in its own subprocess so its peak RSS is its own, and prints three things:
   1. rollout: `sampler.generate(group=G)` (ours: each prompt prefilled once) against
      `tunix.generate.sampler.Sampler` (each of the prompts x G rows prefilled), base weights,
-     temperature / top-k / top-p from grpo.*, a fresh seed per call, the first call compiling.
+     temperature / top-k / top-p from grpo.sampling, a fresh seed per call, the first call compiling.
      Against the memory-bandwidth ceiling of decode: every step streams all weights once,
      so rows x copy bandwidth / weight bytes tokens/s (ours process measures the bandwidth).
   2. a GRPO step through our trainer (`grpo.build` + `grpo.grpo_step`, grpo.init=base):
@@ -66,8 +66,8 @@ def _config(a, out_dir: str):
 
   return config.load(Config, None, [
       f"output_dir={out_dir}", "model.spec=smollm2-135m", "model.dtype=float32", "grpo.init=base",
-      f"grpo.prompts={a.prompts}", f"grpo.group={a.group}", f"grpo.max_new_tokens={a.new_tokens}",
-      f"grpo.steps={a.steps + 1}", "grpo.warmup_steps=0", "grpo.micro_batch=1", f"grpo.beta={a.beta}",
+      f"grpo.prompts={a.prompts}", f"grpo.group={a.group}", f"grpo.sampling.max_new_tokens={a.new_tokens}",
+      f"grpo.steps={a.steps + 1}", "grpo.optim.warmup_steps=0", "grpo.micro_batch=1", f"grpo.beta={a.beta}",
       f"data.max_prompt_tokens={a.prompt_tokens}", f"data.size={max(64, a.prompts * (a.steps + 1))}",
       "data.eval_size=0"])
 
@@ -110,7 +110,6 @@ def run_ours(a) -> dict:
   from tpu_reason import grpo
   from tpu_reason import lora as lora_lib
   from tpu_reason import train as train_lib
-  from tpu_reason.config import SamplingCfg
   from tpu_reason.sampling import sampler
 
   out_dir = tempfile.mkdtemp(prefix="grpo_bench_")
@@ -127,12 +126,11 @@ def run_ours(a) -> dict:
 
   # 1. rollout: the sampler alone on the base weights
   m = tr.model
-  sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
 
   def rollout(seed: int) -> int:
     gen = sampler.generate(tr.params, m.cfg, m.tokenizer, first.arrays.prompt_tokens_BxP,
-                           first.arrays.prompt_mask_BxP,
-                           eos_ids=(no_eos,), sampling=sampling, key=jax.random.key(seed), group=g.group)
+                           first.arrays.prompt_mask_BxP, eos_ids=(no_eos,), pad_id=m.pad_id, sampling=g.sampling,
+                           key=jax.random.key(seed), group=g.group)
     return int(gen.lengths.sum())
 
   r_first, r_times, r_counts = _timed_calls(rollout, a.reps)
@@ -144,7 +142,7 @@ def run_ours(a) -> dict:
   state = jax.device_put(train_lib.init_state(lora, tr.optimizer, cfg.train.seed), tr.state_sharding)
   parts = []
   with throwaway_compile_cache():
-    est = _ours_xla_memory(tr, state, g.mini * g.group, plen, g.max_new_tokens)
+    est = _ours_xla_memory(tr, state, g.mini * g.group, plen, g.sampling.max_new_tokens)
     mem_guard("ours", est, not a.no_mem_guard)
     for step, batch in enumerate(batches):
       t = time.perf_counter()
@@ -156,7 +154,7 @@ def run_ours(a) -> dict:
             f"kl {metrics['kl']:.4f}", flush=True)
   return {"rollout": {"first_s": r_first, "times": r_times, "tokens": r_counts},
           "weight_bytes": weight_bytes, "bandwidth_gb_s": bandwidth, "rows": rows, "prompt_len": plen,
-          "grpo": _step_result(parts, rows, plen, g.max_new_tokens), "xla": est}
+          "grpo": _step_result(parts, rows, plen, g.sampling.max_new_tokens), "xla": est}
 
 
 def _ours_xla_memory(tr, state, rows: int, prompt_len: int, new_tokens: int) -> dict[str, int]:
@@ -200,15 +198,16 @@ def run_tunix(a) -> dict:
   print(f"[tunix] prompts {first.id}: {first.arrays.prompt_mask_BxP.sum(1).tolist()} real of {plen} tokens")
 
   # 1. rollout: Tunix's Sampler on the base model, each prompt repeated G times
-  smp = _tunix.sampler(base, tok, cache_size=plen + g.max_new_tokens)
+  smp = _tunix.sampler(base, tok, cache_size=plen + g.sampling.max_new_tokens)
   same_ids = all(np.array_equal(smp.tokenize(s), t[k]) for s, t, k in
                  zip(texts, first.arrays.prompt_tokens_BxP, first.arrays.prompt_mask_BxP))
   print(f"[tunix] Sampler re-tokenizes the prompt texts to our ids: {same_ids}")
   group_texts = [s for s in texts for _ in range(g.group)]
 
   def rollout(seed: int) -> int:
-    out = smp(group_texts, max_generation_steps=g.max_new_tokens, max_prompt_length=plen, temperature=g.temperature,
-              top_p=g.top_p, top_k=g.top_k or None, seed=seed, eos_tokens=[no_eos])
+    out = smp(group_texts, max_generation_steps=g.sampling.max_new_tokens, max_prompt_length=plen,
+              temperature=g.sampling.temperature, top_p=g.sampling.top_p, top_k=g.sampling.top_k or None, seed=seed,
+              eos_tokens=[no_eos])
     return sum(len(t) for t in out.tokens)
 
   r_first, r_times, r_counts = _timed_calls(rollout, a.reps)
@@ -235,7 +234,7 @@ def run_tunix(a) -> dict:
               "row": np.arange(i * g.prompts, (i + 1) * g.prompts)} for i, b in enumerate(batches)]
   with throwaway_compile_cache():
     t = time.perf_counter()
-    est = _tunix.grpo_xla_memory(learner, g.micro_batch * g.group, plen, g.max_new_tokens)
+    est = _tunix.grpo_xla_memory(learner, g.micro_batch * g.group, plen, g.sampling.max_new_tokens)
     print(f"[tunix] AOT compile for the memory estimate {time.perf_counter() - t:.1f} s", flush=True)
     mem_guard("tunix", est, not a.no_mem_guard)
     clock = _tunix.GrpoClock(learner)
@@ -245,7 +244,7 @@ def run_tunix(a) -> dict:
   if len(clock.steps) != a.steps + 1:
     raise RuntimeError(f"expected {a.steps + 1} GRPOLearner steps, timed {len(clock.steps)}")
   return {"rollout": {"first_s": r_first, "times": r_times, "tokens": r_counts}, "rows": rows, "prompt_len": plen,
-          "grpo": _step_result(clock.steps, rows, plen, g.max_new_tokens), "xla": est, **info}
+          "grpo": _step_result(clock.steps, rows, plen, g.sampling.max_new_tokens), "xla": est, **info}
 
 
 def _prompt_text(tokenizer, tokens_P: np.ndarray, mask_P: np.ndarray) -> str:

@@ -66,14 +66,14 @@ def run_ours(a) -> dict:
 
   from tpu_reason import lora as lora_lib
   from tpu_reason import models, sft
-  from tpu_reason.config import LoraCfg, TrainCfg
+  from tpu_reason.config import LoraCfg, OptimCfg
   from tpu_reason.data.batch import Batch
 
   m = models.load("smollm2-135m")
   params = jax.tree.map(jnp.asarray, m.params)
   m.params = None
-  lcfg, tcfg = LoraCfg(rank=16, alpha=32), TrainCfg(max_steps=a.steps + 1, batch_size=a.batch)
-  opt = sft.make_optimizer(tcfg)
+  lcfg = LoraCfg(rank=16, alpha=32)
+  opt = sft.make_optimizer(OptimCfg(), a.steps + 1)
   lora = lora_lib.init(m.cfg, lcfg, jax.random.key(0))
   n_lora = sum(x.size for x in jax.tree.leaves(lora))
   state = sft.init_state(lora, opt, 0)

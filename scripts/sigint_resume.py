@@ -31,9 +31,9 @@ import orbax.checkpoint as ocp  # noqa: E402
 
 RUNS = {
     "sft": ["model.spec=tiny-llama", "data.size=32", "data.eval_size=0", "train.batch_size=2",
-            "train.max_steps=8", "train.save_every=3", "train.warmup_steps=1"],
+            "train.max_steps=8", "train.save_every=3", "train.optim.warmup_steps=1"],
     "grpo": ["model.spec=tiny-llama", "grpo.init=base", "grpo.steps=6", "grpo.prompts=1", "grpo.group=2",
-             "grpo.max_new_tokens=16", "grpo.save_every=2", "grpo.num_iterations=2", "data.eval_size=0",
+             "grpo.sampling.max_new_tokens=16", "grpo.save_every=2", "grpo.num_iterations=2", "data.eval_size=0",
              "train.eval_generate=0"],
 }
 

@@ -93,7 +93,7 @@ def write_run(out, spec: str = "tiny-llama", *overrides, trainer: str = "sft", i
     rng = np.random.default_rng([seed, step])
     shapes = lora_lib.shapes(model_cfg, cfg.lora)
     loras[step] = unflatten({n: jnp.asarray(0.05 * rng.standard_normal(s), jnp.float32) for n, (s, _) in shapes.items()})
-    state = train.init_state(loras[step], train.make_optimizer(cfg.train), 0)
+    state = train.init_state(loras[step], train.make_optimizer(cfg.train.optim, cfg.train.max_steps), 0)
     meta = {"step": step, "data_position": step, "config": config.to_dict(cfg)}
     ckpts.save(step, state, meta)
     ckpts.save_best(step, state, meta, {"eval_loss": loss})

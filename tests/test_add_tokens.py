@@ -132,7 +132,7 @@ def test_token_deltas_in_forward_and_head_equal_the_merge(case):
 def trainer(tmp_path_factory):
   """`sft.build` of tiny-llama with the tags added (one completion bucket: one compile of the step)."""
   data = write_rows(tmp_path_factory.mktemp("data") / "rows.jsonl", 16, 0, 4)
-  tr = sft.build(make_cfg(tmp_path_factory.mktemp("trainer"), data, ADD, "train.lr=1e-2"))
+  tr = sft.build(make_cfg(tmp_path_factory.mktemp("trainer"), data, ADD, "train.optim.lr=1e-2"))
   assert len(tr.model.cfg.new_tokens) == 4
   return tr
 

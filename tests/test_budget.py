@@ -43,7 +43,7 @@ def tiny():
 
 def _generate(params, cfg, tok, prompts, max_new, budget=None, schema=CC, eos_ids=(-1,)):
   tokens, mask = sampler.left_pad(prompts, None, 0)
-  return sampler.generate(params, cfg, tok, tokens, mask, eos_ids=eos_ids, chunk=16, budget=budget,
+  return sampler.generate(params, cfg, tok, tokens, mask, eos_ids=eos_ids, pad_id=0, chunk=16, budget=budget,
                           schema=schema, sampling=SamplingCfg(max_new_tokens=max_new))
 
 
@@ -132,7 +132,8 @@ def test_streamed_text_only_grows(tiny):
   """on_chunk never shows a close's first token that a suppression then takes back."""
   seen = []
   tokens, mask = sampler.left_pad(PROMPTS, None, 0)
-  gen = sampler.generate(tiny, TINY, CharTok(), tokens, mask, eos_ids=(-1,), chunk=1, budget=BudgetCfg(extend=2, wait="So"),
+  gen = sampler.generate(tiny, TINY, CharTok(), tokens, mask, eos_ids=(-1,), pad_id=0, chunk=1,
+                         budget=BudgetCfg(extend=2, wait="So"),
                          schema=CC, sampling=SamplingCfg(max_new_tokens=30),
                          on_chunk=lambda t, n: seen.append([CharTok().decode(r[:k]) for r, k in zip(t, n)]))
   assert gen.extensions.tolist() == [0, 2, 2]

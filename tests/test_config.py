@@ -1,6 +1,7 @@
 """Tests for tpu_reason.config: defaults, recipes, overrides, validation, dump/load, argv."""
 
 import dataclasses
+import functools
 import importlib.resources
 import pathlib
 
@@ -38,12 +39,11 @@ def test_every_recipe_loads(path):
   raw = yaml.safe_load(text)
   cfg = config.load(Config, path)
   assert cfg != Config() or path.name == "smollm2-135m-cpu.yaml"
-  # the recipe's values are really used (not silently dropped)
-  for section, values in raw.items():
-    if isinstance(values, dict):
-      for key, value in values.items():
-        got = getattr(getattr(cfg, section), key)
-        assert got == (tuple(value) if isinstance(value, list) else value), f"{section}.{key}"
+  # the recipe's values are really used (not silently dropped), at their current keys (no moved ones)
+  assert not set(config.flatten(raw)) & set(config.MOVED)
+  for key, value in config.flatten(raw).items():
+    got = functools.reduce(getattr, key.split("."), cfg)
+    assert got == (tuple(value) if isinstance(value, list) else value), key
   # model spec: embedded, or an org/name hub id
   assert cfg.model.spec in models.known_specs() or cfg.model.spec.count("/") == 1
   # the mesh builds on the 8 devices of this session (a v5e-8 has 8 chips)
@@ -165,7 +165,7 @@ def _registries():
           "grpo.rewards": tuple(rewards.REWARDS), "grpo.loss": choices.GRPO_LOSSES,
           "grpo.scale_rewards": choices.ADVANTAGE_SCALES, "grpo.importance_level": choices.IMPORTANCE_LEVELS,
           "grpo.reward_aggregation": choices.REWARD_AGGREGATIONS, "model.remat": choices.REMAT,
-          "model.quant": choices.QUANT, "model.dtype": choices.DTYPES, "train.schedule": choices.SCHEDULES,
+          "model.quant": choices.QUANT, "model.dtype": choices.DTYPES, "train.optim.schedule": choices.SCHEDULES,
           "curate.strata": choices.STRATA}
 
 
@@ -203,7 +203,7 @@ def test_malformed_overrides():
   assert "not a section" in _user_error(["model.spec=x", "model.spec.y=1"])
 
 
-@pytest.mark.parametrize("override", ["model.spec.x=1", "lora.rank=true", "train.lr=[1]"])
+@pytest.mark.parametrize("override", ["model.spec.x=1", "lora.rank=true", "train.optim.lr=[1]"])
 def test_wrongly_typed_values_are_user_errors(override):
   _user_error([override])
 
@@ -305,3 +305,42 @@ def test_output_dir():
   assert cfg.resolved_output_dir("grpo").name.startswith("exp-grpo-20")
   assert cfg.resolved_output_dir("eval", named=False).name.startswith("eval-20")
   assert cfg.resolved_output_dir("curate", timestamp=False) == pathlib.Path("runs/exp-curate")  # reruns resume
+
+
+def test_a_shared_section_overridden_in_part_keeps_its_parents_defaults():
+  cfg = config.load(Config, None, ["grpo.sampling.temperature=0.5", "curate.sampling.top_k=7", "grpo.optim.lr=1e-5"])
+  assert cfg.grpo.sampling == SamplingCfg(max_new_tokens=192, temperature=0.5, top_k=50)  # GRPO's, not SamplingCfg()'s
+  assert cfg.curate.sampling == SamplingCfg(max_new_tokens=256, temperature=0.7, top_k=7)
+  assert (cfg.grpo.optim.lr, cfg.grpo.optim.warmup_steps, cfg.train.optim.lr) == (1e-5, 2, 1e-3)
+  assert cfg.sampling == SamplingCfg()  # the top-level one is untouched
+
+
+@pytest.mark.parametrize("override,message", [
+    ("grpo.sampling.top_p=2", "grpo.sampling.top_p must be in (0, 1]"),
+    ("curate.sampling.top_k=-1", "curate.sampling.top_k must be >= 0"),
+    ("sampling.top_p=0", "sampling.top_p must be in (0, 1]"),
+    ("train.optim.lr=0", "train.optim.lr must be > 0"),
+    ("grpo.optim.clip_norm=0", "grpo.optim.weight_decay must be >= 0 and grpo.optim.clip_norm > 0"),
+    ("grpo.sampling.temperature=0", "grpo.sampling.temperature must be > 0"),
+])
+def test_a_shared_sections_errors_name_the_place_it_sits(override, message):
+  with pytest.raises(UserError) as e:
+    config.load(Config, None, [override])
+  assert str(e.value).startswith(message)
+
+
+def test_moved_keys_load_at_their_new_place_with_a_note(tmp_path, capsys):
+  assert set(config.MOVED.values()) <= set(config.flatten(config.to_dict(Config())))
+  old = tmp_path / "old-run.yaml"  # a run's config.yaml from before the sections
+  old.write_text("train:\n  lr: 0.002\n  vocab_chunk: 64\ngrpo:\n  temperature: 0.5\n  lr: 1.0e-5\n")
+  cfg = config.load(Config, old, ["grpo.top_k=3", "grpo.optim.lr=3e-6"])
+  assert (cfg.train.optim.lr, cfg.model.vocab_chunk) == (0.002, 64)
+  assert (cfg.grpo.sampling.temperature, cfg.grpo.sampling.top_k, cfg.grpo.sampling.max_new_tokens) == (0.5, 3, 192)
+  assert cfg.grpo.optim.lr == 3e-6  # the command line's new key wins over the file's old one
+  err = capsys.readouterr().err
+  assert "train.lr is now train.optim.lr" in err and "grpo.top_k is now grpo.sampling.top_k" in err
+
+
+def test_peak_flops_comes_from_the_device_kind_unless_set():
+  assert mesh.peak_flops(MeshCfg()) == mesh.PEAK_FLOPS["cpu"]  # the test devices are CPUs
+  assert mesh.peak_flops(MeshCfg(peak_flops=1e12)) == 1e12

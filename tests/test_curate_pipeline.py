@@ -181,7 +181,7 @@ def test_curate_tasks_needs_reasoning_gym(tmp_path):
 def _cli(out: pathlib.Path, *extra: str) -> subprocess.Popen:
   args = [sys.executable, "-m", "tpu_reason.curate", f"output_dir={out}", "curate.baselines=[tiny-llama]",
           "curate.tasks=[leg_counting,basic_arithmetic,chain_sum]", "data.size=6", "curate.k=2",
-          "curate.max_new_tokens=4", "curate.batch_size=2", "curate.target_size=9", *extra]
+          "curate.sampling.max_new_tokens=4", "curate.batch_size=2", "curate.target_size=9", *extra]
   env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
   return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

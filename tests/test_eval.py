@@ -276,7 +276,8 @@ def test_embedded_model_eval_greedy_matches_direct_generation(smollm2_tiny_batch
   tokens = np.stack([e.prompt_tokens_P for e in examples])
   mask = np.stack([e.prompt_mask_P for e in examples])
   gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
-                         sampling=SamplingCfg(max_new_tokens=24), stop_strings=REASONING.stop_strings)
+                         pad_id=model.pad_id, sampling=SamplingCfg(max_new_tokens=24),
+                         stop_strings=REASONING.stop_strings)
   assert [s["completion"] for s in samples] == [REASONING.primer + t for t in gen.texts]
   assert [s["tokens"] for s in samples] == gen.lengths.tolist()
   result = json.loads((out / "eval.json").read_text())

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests.test_sft import host, write_rows
-from tpu_reason import checkpoint, config, grpo, lora as lora_lib, loop, losses, runs, sft
+from tpu_reason import checkpoint, config, grpo, lora as lora_lib, loop, losses, runs, sft, train as train_lib
 from tpu_reason.config import Config
 from tpu_reason.data.batch import RolloutBatch
 from tpu_reason.errors import UserError
@@ -40,9 +40,10 @@ def cfg_args(out, data_path, *overrides) -> list[str]:
   return [
       f"output_dir={out}", "model.spec=tiny-llama", "data.source=jsonl", f"data.path={data_path}",
       "data.size=32", "data.eval_size=4", "data.system_prompt=", "data.max_prompt_tokens=56",
-      "grpo.init=base", "grpo.steps=2", "grpo.prompts=4", "grpo.micro_batch=2", "grpo.max_new_tokens=8",
-      "grpo.lr=1e-2", "grpo.warmup_steps=0", "grpo.save_every=1", "grpo.eval_every=1", "train.eval_generate=2",
-      "train.eval_max_new_tokens=4", "grpo.temperature=1.0", "grpo.top_k=0", *overrides]
+      "grpo.init=base", "grpo.steps=2", "grpo.prompts=4", "grpo.micro_batch=2", "grpo.sampling.max_new_tokens=8",
+      "grpo.optim.lr=1e-2", "grpo.optim.warmup_steps=0", "grpo.save_every=1", "grpo.eval_every=1",
+      "train.eval_generate=2", "train.eval_max_new_tokens=4", "grpo.sampling.temperature=1.0",
+      "grpo.sampling.top_k=0", *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +181,13 @@ def test_rollout_key_is_fresh_each_step_and_reproducible():
 
 def test_optimizer_counts_updates():
   cfg = config.load(Config, None, ["grpo.steps=10", "grpo.prompts=4", "grpo.mini_batch=2", "grpo.num_iterations=3",
-                                   "grpo.warmup_steps=1", "grpo.lr=1e-5"])
-  t = grpo.optimizer_cfg(cfg)
-  assert (t.max_steps, t.warmup_steps, t.lr, t.batch_size, t.grad_accum) == (60, 6, 1e-5, 8, 2)
+                                   "grpo.optim.warmup_steps=1", "grpo.optim.lr=1e-5"])
+  g = cfg.grpo
+  assert grpo.updates_per_step(g) == 6  # 2 mini-batches x 3 iterations
+  lr = train_lib.schedule(g.optim, g.steps, grpo.updates_per_step(g))
+  # warmup over the first step's 6 updates, the peak at update 6, cosine to 10 % at update 60
+  assert float(lr(0)) == pytest.approx(1e-5 / 6) and float(lr(6)) == pytest.approx(1e-5)
+  assert float(lr(5)) < 1e-5 and float(lr(60)) == pytest.approx(1e-6)
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -293,7 +298,7 @@ def test_logprobs_do_not_depend_on_padding_width(trainer):
 @pytest.mark.parametrize("loss,level", [("dr_grpo", "token"), ("grpo", "sequence")])
 def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   """The same rollout gives the same loss at its trimmed width and padded 8 columns wider: dr_grpo
-  divides by grpo.max_new_tokens, and GSPO's sequence ratio averages over real tokens only."""
+  divides by grpo.sampling.max_new_tokens, and GSPO's sequence ratio averages over real tokens only."""
   tr = trainer
   state = fresh_state(tr)
   arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
@@ -308,7 +313,7 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   narrow = dataclasses.replace(wide, **{k: getattr(wide, k)[:, :c] for k in (*cols, "ref_logp_BxC", "old_logp_BxC")})
   g = dataclasses.replace(tr.cfg.grpo, loss=loss, importance_level=level)
   fn = jax.jit(functools.partial(grpo.policy_loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
-                                 remat="none", chunk=tr.cfg.train.vocab_chunk, on_policy=False))
+                                 remat="none", chunk=tr.cfg.model.vocab_chunk, on_policy=False))
 
   def loss_at(a):
     mb = dataclasses.replace(a, num_tokens_B=np.full(16, a.completion_mask_BxC.sum(), np.float32))
@@ -345,7 +350,7 @@ def test_reference_logprobs_equal_the_base_model(trainer):
   arrays, _, _ = tr.rollout(fresh_state(tr).lora, first_batch(tr), 0)
   ref = tr.score_logprobs(None, arrays)
   placed = tr.place(arrays.tokens())
-  direct = losses.completion_logprobs(tr.params, tr.model.cfg, placed, temperature=tr.cfg.grpo.temperature)
+  direct = losses.completion_logprobs(tr.params, tr.model.cfg, placed, temperature=tr.cfg.grpo.sampling.temperature)
   np.testing.assert_allclose(ref, np.asarray(direct), atol=1e-5)
 
 
@@ -640,7 +645,7 @@ def fake_sft_run(root, name, spec, lora, trainer_name="sft", finished=True):
   config.save(cfg, run)
   runs.write_info(run, trainer_name)
   if lora is not None:
-    state = sft.init_state(lora, sft.make_optimizer(cfg.train), 0)
+    state = sft.init_state(lora, sft.make_optimizer(cfg.train.optim, cfg.train.max_steps), 0)
     ckpts = checkpoint.Checkpoints(run / "checkpoints", 1, *runs.BEST[trainer_name])
     ckpts.save_best(2, state, {"step": 2}, {"eval_loss": 0.5, "reward": 0.5})
     zero = jax.tree.map(jnp.zeros_like, state)  # "last" differs: the best one must be loaded

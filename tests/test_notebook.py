@@ -22,7 +22,7 @@ CPU_PARAMETERS = {
     "RECIPE": "smollm2-135m-cpu",
     "OVERRIDES": ["data.size=16", "data.eval_size=4", "train.eval_generate=2", "train.eval_max_new_tokens=16"],
     "SFT_OVERRIDES": ["train.max_steps=2", "train.eval_every=2", "train.save_every=2"],
-    "GRPO_OVERRIDES": ["grpo.steps=1", "grpo.prompts=1", "grpo.max_new_tokens=16"],
+    "GRPO_OVERRIDES": ["grpo.steps=1", "grpo.prompts=1", "grpo.sampling.max_new_tokens=16"],
     "EVAL_OVERRIDES": ["sampling.max_new_tokens=16"],
     "MAX_MINUTES": 60,  # a budget the stages pass on but never reach
 }

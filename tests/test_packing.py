@@ -114,7 +114,7 @@ def test_a_packed_sft_run_trains_on_real_tokens_only(tmp_path, capsys):
 
   data = write_rows(tmp_path / "rows.jsonl", 16, 16, 4)
   cfg = make_cfg(tmp_path / "run", data, "data.pack=true", "data.max_completion_tokens=160",
-                 "train.max_steps=4", "train.lr=3e-3")  # rows of 56 + 160 tokens: two examples each
+                 "train.max_steps=4", "train.optim.lr=3e-3")  # rows of 56 + 160 tokens: two examples each
   summary = sft.run(cfg)
   assert "packed 32 examples into" in capsys.readouterr().out
   tr = sft.build(cfg)

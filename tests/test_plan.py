@@ -25,7 +25,7 @@ def tiny_cfg(*overrides) -> Config:
   """TINY_LLAMA's numbers in a recipe: bf16, LoRA r4 on all 7 projections, mesh fsdp=4 x tp=2."""
   return config.load(Config, None, ["model.dtype=bfloat16", "lora.rank=4", "mesh.fsdp=4", "mesh.tp=2",
                                     "train.batch_size=8", "data.max_prompt_tokens=8", "data.max_completion_tokens=16",
-                                    "data.completion_buckets=[16]", "grpo.group=4", "grpo.max_new_tokens=8",
+                                    "data.completion_buckets=[16]", "grpo.group=4", "grpo.sampling.max_new_tokens=8",
                                     *overrides])
 
 

@@ -18,7 +18,7 @@ from tpu_reason.errors import UserError
 
 # the recipe's mesh, batches, LoRA and sampling at short sequences: the compiler's time grows with them
 SHORT = ("data.max_prompt_tokens=32", "data.max_completion_tokens=32", "data.completion_buckets=[32]",
-         "grpo.max_new_tokens=32")
+         "grpo.sampling.max_new_tokens=32")
 PROGRAMS = ("SFT step", "GRPO prefill", "GRPO decode", "GRPO log-probs", "GRPO update")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason='needs the TPU compiler: pip install "tpu_reason[tpu]" (or the test extra)')

@@ -47,8 +47,8 @@ def float_dtypes(tree) -> set:
 def sft_trainer(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("bf16_sft")
   data = test_sft.write_rows(tmp / "rows.jsonl", 16, 16, 4)
-  return sft.build(test_sft.make_cfg(tmp / "run", data, "model.dtype=bfloat16", f"train.lr={LR}",
-                                     "train.warmup_steps=0", "train.schedule=constant"))
+  return sft.build(test_sft.make_cfg(tmp / "run", data, "model.dtype=bfloat16", f"train.optim.lr={LR}",
+                                     "train.optim.warmup_steps=0", "train.optim.schedule=constant"))
 
 
 def sft_step(tr, state):
@@ -86,7 +86,7 @@ def test_the_same_step_with_bf16_adapters_barely_moves_them(sft_trainer):
 
 def test_grpo_step_in_bf16_moves_every_adapter_entry(tmp_path):
   data = test_sft.write_rows(tmp_path / "rows.jsonl", 24, 8, 4)
-  tr = grpo.build(test_grpo.make_cfg(tmp_path / "run", data, "model.dtype=bfloat16", f"grpo.lr={LR}",
+  tr = grpo.build(test_grpo.make_cfg(tmp_path / "run", data, "model.dtype=bfloat16", f"grpo.optim.lr={LR}",
                                      "grpo.beta=0.04"))
   state = fresh(tr)
   before = jax.device_get(state.lora)

@@ -133,7 +133,8 @@ def test_grpo_trains_on_a_quantized_base_with_the_quantized_reference(tmp_path, 
   arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
   wide = T.as_computed(models.load("tiny-llama").params, tr.model.cfg)  # the host weights dequantised
   direct = losses.completion_logprobs(wide, dataclasses.replace(tr.model.cfg, quant="none"),
-                                      jax.tree.map(jnp.asarray, arrays.tokens()), temperature=tr.cfg.grpo.temperature)
+                                      jax.tree.map(jnp.asarray, arrays.tokens()),
+                                      temperature=tr.cfg.grpo.sampling.temperature)
   np.testing.assert_allclose(tr.score_logprobs(None, arrays), np.asarray(direct), atol=1e-5)
   with pytest.MonkeyPatch.context() as mp:
     reuse_build(mp, tr)

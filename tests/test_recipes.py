@@ -49,7 +49,7 @@ def test_tpu_recipe_lowers_its_grpo_update(path):
   lora = plan.full_tree(lora_lib.shapes(tiny, cfg.lora), dtype, mesh)
   state = jax.eval_shape(lambda a: train_lib.init_state(a, optimizer, 0), lora)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-  rows, p, c = g.mini * g.group, cfg.data.max_prompt_tokens, g.max_new_tokens
+  rows, p, c = g.mini * g.group, cfg.data.max_prompt_tokens, g.sampling.max_new_tokens
 
   def arr(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.rows_sharding(mesh, shape))

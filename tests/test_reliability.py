@@ -101,7 +101,7 @@ def test_offline_hub_dataset_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--config", "."], "recipe not found: ."),
-    (["train.vocab_chunk=0"], "train.vocab_chunk must be > 0"),
+    (["model.vocab_chunk=0"], "model.vocab_chunk must be > 0"),
     (["train.max_nonfinite=0"], "train.max_nonfinite must be > 0"),
     (["grpo.std_ddof=2"], "grpo.std_ddof must be 0"),
 ])

@@ -39,7 +39,7 @@ def _greedy_reference(params, cfg, prompt, n):
 def test_greedy_matches_full_forward_with_left_padding(tiny):
   prompts = [[5, 6, 7, 8, 9], [11, 12]]
   tokens, mask = sampler.left_pad(prompts, 8, 0)
-  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
                          sampling=SamplingCfg(max_new_tokens=12), chunk=5)
   for i, p in enumerate(prompts):
     assert gen.tokens[i].tolist() == _greedy_reference(tiny, TINY, p, 12)
@@ -57,7 +57,7 @@ def test_greedy_across_span_buckets_matches_teacher_forcing(tiny):
   """80 steps cross the 64-slot attention span bucket; the cache must stay exact across it."""
   prompts = [[5, 6, 7, 8, 9], [11, 12]]
   tokens, mask = sampler.left_pad(prompts, 8, 0)
-  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
                          sampling=SamplingCfg(max_new_tokens=80), chunk=24)
   assert gen.lengths.tolist() == [80, 80]
   for i, p in enumerate(prompts):
@@ -71,8 +71,8 @@ def test_sharded_generate_matches_single_device(tiny):
   assert len(placed["layers"]["gate"].sharding.device_set) == 8
   tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9], [1, 2, 3], [4]], 4, 0)
   s = SamplingCfg(max_new_tokens=10)
-  one = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
-  many = sampler.generate(placed, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
+  one = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, sampling=s, group=2)
+  many = sampler.generate(placed, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, sampling=s, group=2)
   np.testing.assert_array_equal(one.tokens, many.tokens)
 
 
@@ -83,15 +83,15 @@ def test_rollout_rows_are_split_over_the_mesh(tiny):
   placed = mesh.place(tiny, mesh.shardings(T.param_shapes(TINY), m))
   tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9], [1, 2, 3], [4]], 4, 0)
   for s in (SamplingCfg(max_new_tokens=10), SamplingCfg(max_new_tokens=10, temperature=1.0, top_k=0)):
-    one = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
+    one = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, sampling=s, group=2)
     with jax.set_mesh(m):
-      many = sampler.generate(placed, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=2)
+      many = sampler.generate(placed, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, sampling=s, group=2)
     np.testing.assert_array_equal(one.tokens, many.tokens)
   with jax.set_mesh(m):
     prefix, first, next_pos = sampler.prefill(placed, None, 1.0, jnp.asarray(tokens), jnp.asarray(mask), cfg=TINY)
     shared = T.KVCache(prefix.k, prefix.v, prefix.valid, prefix.pos, group=2)
     state = sampler.start(shared, first, next_pos, jax.random.key(0), cfg=TINY, group=2, max_new=10,
-                          mode=(0.0, 0, 1.0), eos_ids=jnp.asarray([-1]))
+                          mode=(0.0, 0, 1.0), eos_ids=jnp.asarray([-1]), pad_id=0)
   kv_per_chip = TINY.num_kv_heads // 2 if TINY.num_kv_heads % 2 == 0 else TINY.num_kv_heads
   # [L, rows, K, H, S]: 4 prompts -> 1 per chip, 4 x G=2 rows -> 2 per chip
   assert {sh.data.shape[1:3] for sh in prefix.k.addressable_shards} == {(1, kv_per_chip)}
@@ -102,32 +102,36 @@ def test_rollout_rows_are_split_over_the_mesh(tiny):
 def test_group_samples_share_prompt_but_differ(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9]], 4, 0)
   s = SamplingCfg(max_new_tokens=16, temperature=1.0)
-  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, group=4)
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, sampling=s, group=4)
   assert gen.tokens.shape == (8, 16)
   assert len({tuple(r) for r in gen.tokens[:4].tolist()}) > 1  # G samples are not identical
   # greedy with a group gives G copies of the single greedy sample
-  g1 = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=8), group=3)
-  g0 = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=8))
+  g1 = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
+                        sampling=SamplingCfg(max_new_tokens=8), group=3)
+  g0 = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
+                        sampling=SamplingCfg(max_new_tokens=8))
   np.testing.assert_array_equal(g1.tokens, np.repeat(g0.tokens, 3, axis=0))
 
 
 def test_seed_controls_sampling(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7]], 4, 0)
-  run = lambda seed: sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),  # noqa: E731
+  run = lambda seed: sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,  # noqa: E731
                                       sampling=SamplingCfg(max_new_tokens=24, temperature=1.0, seed=seed)).tokens
   np.testing.assert_array_equal(run(1), run(1))
   assert not np.array_equal(run(1), run(2))
-  key_a = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), key=jax.random.key(7),
+  key_a = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, key=jax.random.key(7),
                            sampling=SamplingCfg(max_new_tokens=24, temperature=1.0)).tokens
   assert not np.array_equal(key_a, run(0))  # an explicit key overrides the config seed
 
 
 def test_eos_stops_row_and_pads(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7, 8, 9]], 8, 0)
-  free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=10))
+  free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
+                          sampling=SamplingCfg(max_new_tokens=10))
   eos = int(free.tokens[0, 3])
   first = int(np.argmax(free.tokens[0] == eos))  # the EOS may occur earlier than index 3
-  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(eos, 96), sampling=SamplingCfg(max_new_tokens=10),
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(eos, 96),
+                         sampling=SamplingCfg(max_new_tokens=10),
                          pad_id=3)
   assert gen.finished[0] and gen.lengths[0] == first + 1
   assert gen.tokens[0, first] == eos and (gen.tokens[0, first + 1:] == 3).all()  # the caller's pad id
@@ -135,10 +139,12 @@ def test_eos_stops_row_and_pads(tiny):
 
 def test_stop_string_cuts_at_the_token_that_completes_it(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7, 8, 9]], 8, 0)
-  free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=20))
+  free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
+                          sampling=SamplingCfg(max_new_tokens=20))
   text = ByteTok().decode(free.tokens[0])
   stop = text[6:8]
-  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=20),
+  gen = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
+                         sampling=SamplingCfg(max_new_tokens=20),
                          stop_strings=(stop,), chunk=4)
   n = text.index(stop) + len(stop)
   assert gen.finished[0] and gen.lengths[0] == n and gen.texts[0] == text[:n]
@@ -146,8 +152,9 @@ def test_stop_string_cuts_at_the_token_that_completes_it(tiny):
 
 def test_top_k_one_is_greedy(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7]], 4, 0)
-  greedy = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=SamplingCfg(max_new_tokens=10))
-  topk = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,),
+  greedy = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
+                            sampling=SamplingCfg(max_new_tokens=10))
+  topk = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
                           sampling=SamplingCfg(max_new_tokens=10, temperature=1.5, top_k=1, seed=3))
   np.testing.assert_array_equal(greedy.tokens, topk.tokens)
 
@@ -174,11 +181,11 @@ def test_top_p_keeps_the_nucleus():
 def test_no_recompile_across_calls(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7], [1, 2]], 4, 0)
   s = SamplingCfg(max_new_tokens=12, temperature=1.0)
-  sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), sampling=s, chunk=4)
+  sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, sampling=s, chunk=4)
   sizes = (sampler.prefill._cache_size(), sampler.start._cache_size(), sampler.decode._cache_size())
   for seed in range(3):
     other, omask = sampler.left_pad([[9, 9, 9, 9], [3]], 4, 0)
-    sampler.generate(tiny, TINY, ByteTok(), other, omask, eos_ids=(-1,), chunk=4,
+    sampler.generate(tiny, TINY, ByteTok(), other, omask, eos_ids=(-1,), pad_id=0, chunk=4,
                      sampling=SamplingCfg(max_new_tokens=12, temperature=1.0, seed=seed), key=jax.random.key(seed))
   assert (sampler.prefill._cache_size(), sampler.start._cache_size(), sampler.decode._cache_size()) == sizes
 
@@ -187,7 +194,7 @@ def test_real_model_answers_coherently():
   m = models.load("smollm2-135m")
   params = jax.tree.map(jnp.asarray, m.params)
   tokens, mask = sampler.left_pad([m.encode(m.chat_prompt("What is the capital of France?"))], None, 0)
-  gen = sampler.generate(params, m.cfg, m.tokenizer, tokens, mask, eos_ids=m.eos_ids,
+  gen = sampler.generate(params, m.cfg, m.tokenizer, tokens, mask, eos_ids=m.eos_ids, pad_id=m.pad_id,
                          sampling=SamplingCfg(max_new_tokens=24))
   assert "Paris" in gen.texts[0]
   assert gen.finished[0]  # the instruct model ends its turn with <|im_end|>

@@ -59,7 +59,7 @@ def make_cfg(out, data_path, *overrides) -> Config:
       f"output_dir={out}", "model.spec=tiny-llama", "data.source=jsonl", f"data.path={data_path}",
       "data.size=32", "data.eval_size=4", "data.system_prompt=", "data.max_prompt_tokens=56",
       "data.max_completion_tokens=64", "data.completion_buckets=[32]", "train.batch_size=8",
-      "train.max_steps=4", "train.warmup_steps=1", "train.save_every=2", "train.eval_every=2",
+      "train.max_steps=4", "train.optim.warmup_steps=1", "train.save_every=2", "train.eval_every=2",
       "train.eval_generate=0", "train.eval_max_new_tokens=8", *overrides])
 
 
@@ -255,7 +255,7 @@ def test_sharded_steps_agree(trainer, first_bucket):
   batch = sft.device_batch(batches_of(tr, first_bucket, 1)[0])
   # (8, 1) is the trainer's own mesh and jitted step; the others compile their own
   step = jax.jit(functools.partial(sft._train_step, cfg=cfg, optimizer=tr.optimizer, lora_scale=tr.lora_scale,
-                                   dtype=tr.dtype, remat=tr.cfg.model.remat, chunk=tr.cfg.train.vocab_chunk,
+                                   dtype=tr.dtype, remat=tr.cfg.model.remat, chunk=tr.cfg.model.vocab_chunk,
                                    accum=tr.cfg.train.grad_accum))
   results = {}
   for fsdp, tp in [(8, 1), (2, 4), (1, 1)]:
@@ -282,7 +282,7 @@ def test_sharded_steps_agree(trainer, first_bucket):
     # Adam's first update is ~lr * sign(grad): entries with a near-zero gradient amplify
     # reduction-order noise, hence an absolute tolerance of 1% of lr
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(upd)):
-      np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * tr.cfg.train.lr, err_msg=str(mesh_shape))
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * tr.cfg.train.optim.lr, err_msg=str(mesh_shape))
 
 
 # --------------------------------------------------------------------------- run(): outputs, resume
@@ -315,7 +315,7 @@ def read_metrics(out):
 def restore_last(tr: sft.Trainer, cfg: Config, out, step: int):
   """(state, meta) of checkpoints/last/<step>, restored into a fresh single-device state."""
   abstract = sft.init_state(lora_lib.init(tr.model.cfg, cfg.lora, jax.random.key(0)),
-                            sft.make_optimizer(cfg.train), 0)
+                            sft.make_optimizer(cfg.train.optim, cfg.train.max_steps), 0)
   ckpts = checkpoint.Checkpoints(out / "checkpoints", cfg.train.keep_last)
   try:
     assert step in ckpts.last.all_steps()
@@ -343,8 +343,8 @@ def test_run_writes_all_outputs(trainer, straight_run):
   rows = read_metrics(out)
   train = [r for r in rows if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
-  lr_at = sft.schedule(cfg.train)
-  peak = cfg.train.peak_flops * jax.device_count()
+  lr_at = sft.schedule(cfg.train.optim, cfg.train.max_steps)
+  peak = mesh_lib.peak_flops(cfg.mesh) * jax.device_count()  # by the device kind: cpu
   for r in train:
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "mfu"):
       assert key in r and np.isfinite(r[key]) and r[key] > 0, (key, r)
@@ -427,7 +427,7 @@ def test_run_stops_after_max_nonfinite_steps_on_its_last_checkpoint(trainer, com
   norm = trainer.params["final_norm"]
   bad = {**trainer.params, "final_norm": jax.device_put(norm.at[0].set(jnp.nan), norm.sharding)}
   reuse_build(monkeypatch, trainer, params=bad)
-  with pytest.raises(UserError, match=r"^3 non-finite steps in a row at step 3: lower train.lr or check the data; "
+  with pytest.raises(UserError, match=r"^3 non-finite steps in a row at step 3: lower train.optim.lr or check the data; "
                                       r"the run resumes from its last checkpoint, step 2 \(train.resume=none"):
     sft.run(cfg)
   train = [r for r in read_metrics(out) if r["split"] == "train"]
@@ -501,7 +501,7 @@ def test_ctrl_c_while_a_step_holds_the_donated_state_exits_cleanly(trainer, tmp_
 def small_state(value: float) -> sft.TrainState:
   lora = lora_lib.init(TINY_LLAMA, config.LoraCfg(rank=2, targets="q"), jax.random.key(0))
   lora = jax.tree.map(lambda x: x + value, lora)
-  state = sft.init_state(lora, sft.make_optimizer(config.TrainCfg()), 0)
+  state = sft.init_state(lora, sft.make_optimizer(config.OptimCfg(), 40), 0)
   return dataclasses.replace(state, step=jnp.array(int(value), jnp.int32))
 
 
@@ -539,9 +539,9 @@ def test_failed_save_leaves_previous_checkpoint_usable(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.parametrize("override,needle", [("train.nope=1", "train.nope"), ("train.lr=-1", "train.lr"),
+@pytest.mark.parametrize("override,needle", [("train.nope=1", "train.nope"), ("train.optim.lr=-1", "train.optim.lr"),
                                              ("train.max_nonfinite=0", "train.max_nonfinite must be > 0"),
-                                             ("train.vocab_chunk=0", "train.vocab_chunk must be > 0")])
+                                             ("model.vocab_chunk=0", "model.vocab_chunk must be > 0")])
 def test_cli_config_errors_are_one_line(tmp_path, override, needle):
   proc = subprocess.run([sys.executable, "-m", "tpu_reason.sft", override], cwd=tmp_path, capture_output=True,
                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})

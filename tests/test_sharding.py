@@ -28,7 +28,7 @@ def recipe(*overrides) -> Config:
       "model.dtype=bfloat16", "lora.rank=4", f"mesh.fsdp={FSDP}", "mesh.tp=2", f"train.batch_size={ROWS}",
       f"data.max_prompt_tokens={PROMPT}", f"data.max_completion_tokens={COMPLETION}",
       f"data.completion_buckets=[{COMPLETION}]", "grpo.group=4", "grpo.prompts=10", "grpo.mini_batch=10",
-      "grpo.micro_batch=10", f"grpo.max_new_tokens={COMPLETION}", "train.vocab_chunk=64", *overrides])
+      "grpo.micro_batch=10", f"grpo.sampling.max_new_tokens={COMPLETION}", "model.vocab_chunk=64", *overrides])
 
 
 def ops(hlo: str, name: str) -> list[list[tuple[int, ...]]]:
@@ -72,7 +72,7 @@ def compiled_grpo_update(cfg: Config, m) -> str:
   g = cfg.grpo
   _, step_fn, _, state_sh = grpo.jitted(TINY_LLAMA, cfg, m)
   lora = plan.full_tree(lora_lib.shapes(TINY_LLAMA, cfg.lora), jnp.float32, m)
-  optimizer = train_lib.make_optimizer(grpo.optimizer_cfg(cfg))
+  optimizer = grpo.make_optimizer(cfg.grpo)
   state = _abstract(jax.eval_shape(lambda x: train_lib.init_state(x, optimizer, 0), lora), state_sh)
   params = plan.full_tree(param_shapes(TINY_LLAMA), jnp.bfloat16, m)
   batch = plan.grpo_batch(g.mini * g.group, PROMPT, COMPLETION)

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import importlib.resources
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -63,6 +64,7 @@ class ModelCfg:
   # tokenizer surgery: strings (e.g. the tags) added as single tokens; their embedding rows (and untied head
   # columns) train with the LoRA. () = the tokenizer as shipped.
   add_tokens: tuple[str, ...] = ()
+  vocab_chunk: int = 8192  # vocabulary columns per step of the chunked log-softmax (loss, log-probs)
 
   def __post_init__(self):
     _check_choice("model.quant", self.quant, choices.QUANT)
@@ -70,6 +72,7 @@ class ModelCfg:
     legacy = {**dict.fromkeys(("true", "yes", "on", "1"), "full"), **dict.fromkeys(("false", "no", "off", "0"), "none")}
     object.__setattr__(self, "remat", legacy.get(self.remat.lower(), self.remat))
     _check_choice("model.remat", self.remat, choices.REMAT)
+    _check(self.vocab_chunk > 0, f"model.vocab_chunk must be > 0, got {self.vocab_chunk}")
     _check(all(self.add_tokens), f"model.add_tokens must not contain empty strings, got {list(self.add_tokens)}")
     dups = sorted({t for t in self.add_tokens if self.add_tokens.count(t) > 1})
     _check(not dups, f"model.add_tokens lists {', '.join(map(repr, dups))} more than once")
@@ -94,15 +97,19 @@ class MeshCfg:
 
   fsdp: int = -1
   tp: int = 1
+  # per-device peak FLOP/s, the MFU denominator; 0 = by the device kind (mesh.PEAK_FLOPS: v5e 1.97e14 bf16, ...)
+  peak_flops: float = 0.0
 
   def __post_init__(self):
+    _check(self.peak_flops >= 0, f"mesh.peak_flops must be >= 0 (0 = by the device kind), got {self.peak_flops}")
     _check(self.tp >= 1 and (self.fsdp >= 1 or self.fsdp == -1), f"mesh sizes must be >= 1 (fsdp may be -1), got fsdp={self.fsdp} tp={self.tp}")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingCfg:
-  """Generation settings."""
+  """Generation settings: `sampling` (eval, chat, generate), `grpo.sampling` (rollouts), `curate.sampling`."""
 
+  section: typing.ClassVar[str] = "sampling"  # the name its messages use; `build` renames it where it is nested
   max_new_tokens: int = 512
   temperature: float = 0.0  # 0 = greedy
   top_k: int = 0  # 0 = off
@@ -145,39 +152,51 @@ class DataCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimCfg:
+  """AdamW on the adapters with a clipped global norm and a warmup then decay of the learning rate:
+  `train.optim` (SFT) and `grpo.optim`, warmup counted in each phase's steps."""
+
+  section: typing.ClassVar[str] = "optim"
+  lr: float = 1e-3
+  warmup_steps: int = 5
+  schedule: str = "cosine"  # choices.SCHEDULES: cosine | linear | constant (after warmup, to 10% of lr)
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+
+  def __post_init__(self):
+    _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+    _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+    _check_choice("optim.schedule", self.schedule, choices.SCHEDULES)
+    _check(self.weight_decay >= 0 and self.clip_norm > 0,
+           f"optim.weight_decay must be >= 0 and optim.clip_norm > 0, got {self.weight_decay} and {self.clip_norm}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainCfg:
-  """Optimisation, evaluation and checkpoint cadence (SFT; GRPO reuses the optimizer part)."""
+  """SFT's steps, batch and optimizer; the run-wide settings both trainers' loop reads (seed, held-out
+  generation, checkpoints kept, resume, the non-finite stop and the session budget)."""
 
   max_steps: int = 40
   batch_size: int = 4
   grad_accum: int = 1  # micro-batches per optimizer step
-  lr: float = 1e-3
-  warmup_steps: int = 5
-  schedule: str = "cosine"  # choices.SCHEDULES: cosine | linear | constant
-  weight_decay: float = 0.0
-  clip_norm: float = 1.0
-  seed: int = 0
+  optim: OptimCfg = OptimCfg()
   eval_every: int = 20
+  save_every: int = 20
+  seed: int = 0
   eval_generate: int = 128  # held-out prompts generated for format / answer accuracy (before / after)
   eval_max_new_tokens: int = 256
-  save_every: int = 20
   keep_last: int = 2
   resume: str = "latest"  # latest | none | a step number
   max_nonfinite: int = 5  # consecutive skipped steps before the run stops
   max_minutes: float = 0.0  # session budget: save and stop after the step that crosses it (0 = none)
-  vocab_chunk: int = 8192
-  peak_flops: float = 1.5e11  # per device, for MFU (2-core AVX2 CPU ~1.5e11; TPU v5e 1.97e14 bf16)
 
   def __post_init__(self):
     _check(self.max_steps > 0 and self.batch_size > 0 and self.grad_accum > 0,
            "train.max_steps, train.batch_size and train.grad_accum must be > 0")
     _check(self.batch_size % self.grad_accum == 0,
            f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}")
-    _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-    _check_choice("train.schedule", self.schedule, choices.SCHEDULES)
     _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes}")
     _check(self.max_nonfinite > 0, f"train.max_nonfinite must be > 0, got {self.max_nonfinite}")
-    _check(self.vocab_chunk > 0, f"train.vocab_chunk must be > 0, got {self.vocab_chunk}")
     _check(self.eval_every > 0 and self.save_every > 0 and self.keep_last > 0, "train.eval_every, save_every, keep_last must be > 0")
     _check(self.resume in ("latest", "none") or self.resume.isdigit(), f"train.resume must be latest, none or a step, got {self.resume!r}")
 
@@ -219,10 +238,10 @@ class EvalCfg:
 
 @dataclasses.dataclass(frozen=True)
 class GrpoCfg:
-  """GRPO: rollouts, rewards, the clipped objective and its own cadence.
+  """GRPO: rollouts (`sampling`), rewards, the clipped objective, its optimizer and cadence.
 
-  The optimizer's other settings (schedule, clip_norm, weight_decay, seed) and the eval /
-  checkpoint settings (eval_generate, eval_max_new_tokens, keep_last, resume) come from `train`.
+  The run-wide settings (seed of the prompt order and the adapters, held-out generation, checkpoints
+  kept, resume, the non-finite stop, the session budget) are `train`'s, read by the loop both share.
   """
 
   # Prompts: this reasoning-gym task ("" = data.task). The CPU default is one-digit arithmetic, where
@@ -231,12 +250,8 @@ class GrpoCfg:
   steps: int = 30  # rollout steps (each: generate, score, then num_iterations passes of updates)
   prompts: int = 2  # prompts per step; each is sampled `group` times
   group: int = 4  # completions per prompt (G)
-  lr: float = 2e-4
-  warmup_steps: int = 2
-  max_new_tokens: int = 192
-  temperature: float = 0.9
-  top_k: int = 50
-  top_p: float = 1.0
+  optim: OptimCfg = OptimCfg(lr=2e-4, warmup_steps=2)  # warmup in GRPO steps
+  sampling: SamplingCfg = SamplingCfg(max_new_tokens=192, temperature=0.9, top_k=50)  # seed: the rollouts' keys
   rewards: tuple[str, ...] = ("format", "process", "outcome")  # of rewards.REWARDS
   reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
   scale_rewards: str = "group"  # choices.ADVANTAGE_SCALES: group | batch | none (Dr. GRPO)
@@ -248,7 +263,7 @@ class GrpoCfg:
   importance_level: str = "token"  # token | sequence (GSPO: one length-normalised ratio per completion)
   gspo_epsilon_low: float = 3e-4  # the clip of sequence-level ratios, which sit near 1 (GSPO paper, sec. 5.1)
   gspo_epsilon_high: float = 4e-4
-  overlong_buffer: int = 0  # DAPO: N tokens before max_new_tokens over which a reward penalty grows (0 = off)
+  overlong_buffer: int = 0  # DAPO: N tokens before sampling.max_new_tokens over which a reward penalty grows (0 = off)
   overlong_penalty: float = 1.0  # that penalty: 0 at max_new_tokens - N tokens, linear to -this at the cap
   reward_aggregation: str = "sum"  # sum | normalize_each (GDPO: each reward normalised in its group first)
   # DAPO dynamic sampling: drop groups whose rewards are all equal (no gradient) and sample fresh prompts,
@@ -273,9 +288,10 @@ class GrpoCfg:
     return self.mini_batch or self.prompts
 
   def __post_init__(self):
-    _check(self.steps > 0 and self.prompts > 0 and self.lr > 0, "grpo.steps, grpo.prompts and grpo.lr must be > 0")
+    _check(self.steps > 0 and self.prompts > 0, "grpo.steps and grpo.prompts must be > 0")
     _check(self.group >= 2, f"grpo.group must be >= 2 (advantages compare samples), got {self.group}")
-    _check(self.max_new_tokens > 0 and self.temperature > 0, "grpo.max_new_tokens and grpo.temperature must be > 0")
+    _check(self.sampling.temperature > 0,
+           "grpo.sampling.temperature must be > 0 (greedy samples of a group are identical)")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
     _check_choice("grpo.rewards", self.rewards, tuple(rewards.REWARDS))
     _check_choice("grpo.reward_aggregation", self.reward_aggregation, choices.REWARD_AGGREGATIONS)
@@ -285,8 +301,9 @@ class GrpoCfg:
     _check(self.beta >= 0 and self.epsilon_low >= 0 and self.epsilon_high >= 0, "grpo.beta and grpo.epsilon_* must be >= 0")
     _check_choice("grpo.importance_level", self.importance_level, choices.IMPORTANCE_LEVELS)
     _check(self.gspo_epsilon_low >= 0 and self.gspo_epsilon_high >= 0, "grpo.gspo_epsilon_* must be >= 0")
-    _check(0 <= self.overlong_buffer <= self.max_new_tokens and self.overlong_penalty >= 0,
-           f"grpo.overlong_buffer must be in [0, grpo.max_new_tokens={self.max_new_tokens}] and grpo.overlong_penalty "
+    _check(0 <= self.overlong_buffer <= self.sampling.max_new_tokens and self.overlong_penalty >= 0,
+           f"grpo.overlong_buffer must be in [0, grpo.sampling.max_new_tokens={self.sampling.max_new_tokens}] and "
+           "grpo.overlong_penalty "
            f">= 0, got {self.overlong_buffer} and {self.overlong_penalty}")
     _check(self.max_resample_rounds >= 0, f"grpo.max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
     _check(self.max_completions >= 0 and self.max_completions % (self.prompts * self.group) == 0,
@@ -312,21 +329,19 @@ class CurateCfg:
   baselines: tuple[str, ...] = ("smollm2-135m",)  # model specs; () skips the difficulty stage
   k: int = 4  # samples per question per baseline
   max_solved: int = 0  # keep questions no baseline solved in more than this many of its k samples
-  max_new_tokens: int = 256
-  temperature: float = 0.7
-  top_k: int = 50
+  sampling: SamplingCfg = SamplingCfg(max_new_tokens=256, temperature=0.7, top_k=50)  # the baselines' samples
   batch_size: int = 8  # prompts per generate call (each sampled k times)
   strata: str = "auto"  # auto (domain if it varies, else keywords) | domain | keywords
-  seed: int = 0
+  seed: int = 0  # the sample drawn within each stratum
 
   def __post_init__(self):
     _check(self.target_size > 0, f"curate.target_size must be > 0, got {self.target_size}")
     _check(0 < self.near_dup_threshold <= 1, f"curate.near_dup_threshold must be in (0, 1], got {self.near_dup_threshold}")
     _check(self.k >= 1 and 0 <= self.max_solved < self.k,
            f"curate needs k >= 1 and 0 <= max_solved < k, got k={self.k} max_solved={self.max_solved}")
-    _check(self.temperature > 0 or self.k == 1, "curate.k > 1 greedy samples are identical: set curate.temperature > 0")
-    _check(self.max_new_tokens > 0 and self.batch_size > 0 and self.top_k >= 0,
-           "curate.max_new_tokens and curate.batch_size must be > 0, curate.top_k >= 0")
+    _check(self.sampling.temperature > 0 or self.k == 1,
+           "curate.k > 1 greedy samples are identical: set curate.sampling.temperature > 0")
+    _check(self.batch_size > 0, f"curate.batch_size must be > 0, got {self.batch_size}")
     _check_choice("curate.strata", self.strata, choices.STRATA)
 
 
@@ -391,8 +406,8 @@ class Raw(str):
   """A command-line override value: parsed as YAML only for non-string fields."""
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-  """Convert a YAML / command-line value to the field's declared type."""
+def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
+  """Convert a YAML / command-line value to the field's declared type (a section: over its `default`)."""
   if isinstance(value, Raw):
     if typ is str or typ == (str | None):
       return str(value)
@@ -401,7 +416,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
   if dataclasses.is_dataclass(typ):
     if not isinstance(value, dict):
       raise UserError(f"{where} must be a mapping, got {value!r}")
-    return build(typ, value, where + ".")
+    return build(typ, value, where + ".", default)
   if origin in (typing.Union, types.UnionType):
     args = [a for a in typing.get_args(typ) if a is not type(None)]
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -443,15 +458,44 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
   return value
 
 
-def build(cls, values: dict, prefix: str = ""):
-  """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys."""
+def build(cls, values: dict, prefix: str = "", base=None):
+  """Dataclass `cls` from a nested dict over `base` (a section's default in its parent, e.g. GRPO's
+  sampling; else `cls()`), rejecting unknown keys. A shared section's messages name it where it sits."""
   hints = typing.get_type_hints(cls)
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - names)
   if unknown:
     raise UserError(f"unknown config key '{prefix}{unknown[0]}'; valid keys here: {', '.join(sorted(names))}")
-  kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
-  return cls(**kwargs)
+  base = cls() if base is None else base
+  kwargs = {k: _coerce(v, hints[k], prefix + k, getattr(base, k)) for k, v in values.items()}
+  try:
+    return dataclasses.replace(base, **kwargs)
+  except UserError as e:
+    section = getattr(cls, "section", None)
+    raise UserError(str(e).replace(f"{section}.", prefix) if section and prefix else str(e)) from None
+
+
+# Keys that moved into shared sections (old -> new): recipes, overrides and the config.yaml of runs
+# made before the move still load, with a note.
+MOVED = {
+    **{f"train.{k}": f"train.optim.{k}" for k in ("lr", "warmup_steps", "schedule", "weight_decay", "clip_norm")},
+    **{f"grpo.{k}": f"grpo.optim.{k}" for k in ("lr", "warmup_steps")},
+    **{f"grpo.{k}": f"grpo.sampling.{k}" for k in ("max_new_tokens", "temperature", "top_k", "top_p")},
+    **{f"curate.{k}": f"curate.sampling.{k}" for k in ("max_new_tokens", "temperature", "top_k")},
+    "train.vocab_chunk": "model.vocab_chunk",
+    "train.peak_flops": "mesh.peak_flops",
+}
+
+
+def _migrate(tree: dict, where: str) -> dict:
+  """A recipe's `tree` with every key of MOVED at its new place (one note per key moved)."""
+  for old, new in MOVED.items():
+    section, leaf = old.split(".")
+    node = tree.get(section)
+    if isinstance(node, dict) and leaf in node:
+      print(f"note: {where}: {old} is now {new}", file=sys.stderr)
+      _set(tree, new, node.pop(leaf))
+  return tree
 
 
 def _set(tree: dict, dotted: str, value: Any):
@@ -507,11 +551,16 @@ def load(cls, config: str | Path | None = None, overrides: list[str] = ()):
       raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
       raise UserError(f"{path}: a recipe must be a mapping of sections")
+    tree = _migrate(tree, str(path)) if cls is Config else tree
   for item in overrides:
     if "=" not in item:
       raise UserError(f"override {item!r} must look like key.sub=value")
     key, value = item.split("=", 1)
-    _set(tree, key.strip().lstrip("-"), Raw(value))
+    key = key.strip().lstrip("-")
+    if cls is Config and key in MOVED:
+      print(f"note: {key} is now {MOVED[key]}", file=sys.stderr)
+      key = MOVED[key]
+    _set(tree, key, Raw(value))
   return build(cls, tree)
 
 

@@ -24,7 +24,7 @@ import optax
 from tpu_reason import config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs
 from tpu_reason import distributed, loop, tags
 from tpu_reason import train as train_lib
-from tpu_reason.config import Config, GrpoCfg, SamplingCfg
+from tpu_reason.config import Config, GrpoCfg
 from tpu_reason.data import loader
 from tpu_reason.data.batch import Batch, Collated, RolloutBatch, reward_columns
 from tpu_reason.data.prepare import prepare_prompts, split_records
@@ -173,7 +173,7 @@ class Stream:
 def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, chunk, on_policy: bool):
   """Clipped surrogate + β·k3 KL over one micro-batch, aggregated as `g.loss`; aux for logging."""
   logp = losses.completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale, dtype=dtype, remat=remat,
-                                    chunk=chunk, temperature=g.temperature)
+                                    chunk=chunk, temperature=g.sampling.temperature)
   # μ = 1: the rollout policy is the current one, so its log-probs are these (ratio 1)
   old = jax.lax.stop_gradient(logp) if on_policy else mb.old_logp_BxC
   mask = mb.completion_mask_BxC
@@ -183,7 +183,7 @@ def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, 
                                                   mask_BxT=mask)
   kl = losses.kl_k3(logp, mb.ref_logp_BxC) if g.beta else jnp.zeros_like(logp)
   # dr_grpo divides by the cap, not by this step's trimmed width: the same batch, the same loss
-  loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, max_tokens=g.max_new_tokens,
+  loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, max_tokens=g.sampling.max_new_tokens,
                           num_tokens=mb.num_tokens_B[0])
   aux = {"kl": losses.masked_mean(kl, mask), "clip_ratio/low_mean": losses.masked_mean(low, mask),
          "clip_ratio/high_mean": losses.masked_mean(high, mask)}
@@ -208,12 +208,9 @@ def updates_per_step(g: GrpoCfg) -> int:
   return g.num_iterations * (g.prompts // g.mini)
 
 
-def optimizer_cfg(cfg: Config) -> config.TrainCfg:
-  """`train` with GRPO's lr, and steps / warmup counted in optimizer updates."""
-  g = cfg.grpo
-  updates = updates_per_step(g)
-  return dataclasses.replace(cfg.train, lr=g.lr, max_steps=g.steps * updates, warmup_steps=g.warmup_steps * updates,
-                             batch_size=g.mini * g.group, grad_accum=g.mini // g.micro_batch)
+def make_optimizer(g: GrpoCfg):
+  """`grpo.optim` over `grpo.steps`, each step `updates_per_step` optimizer updates."""
+  return train_lib.make_optimizer(g.optim, g.steps, updates_per_step(g))
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -240,7 +237,7 @@ class Trainer:
   init: str  # "base" or the run dir whose adapter is merged into `params`
   stream: Stream | None = dataclasses.field(default=None, repr=False)  # set by `batches`
   kind = "grpo"
-  lr_key = "grpo.lr"
+  lr_key = "grpo.optim.lr"
   samples_file = "rollouts.jsonl"
   plot = ([("train", "reward"), ("train", "rewards/format/mean"), ("train", "rewards/process/mean"),
            ("train", "rewards/outcome/mean"), ("eval", "reward"), ("train", "completions/mean_length"),
@@ -265,7 +262,8 @@ class Trainer:
   def step(self, state, batch: Collated, step: int):
     """Rollout, scoring and updates: (state, metrics row, the step's completions)."""
     state, m, drawn = grpo_step(self, state, batch, step)
-    m["lr"] = float(train_lib.schedule(optimizer_cfg(self.cfg))(int(state.step) - 1))
+    g = self.cfg.grpo
+    m["lr"] = float(train_lib.schedule(g.optim, g.steps, updates_per_step(g))(int(state.step) - 1))
     return state, m, self.record(**drawn)
 
   def record(self, ids: list, texts: list[str], kept: list[bool] | None = None) -> dict:
@@ -375,11 +373,10 @@ class Trainer:
     """Sample G completions per prompt (the key of `step` and `round`), score them, compute advantages."""
     g, m = self.cfg.grpo, self.model
     batch = trim_prompts(batch)
-    sampling = SamplingCfg(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
     a = batch.arrays
     prompts = self.place((a.prompt_tokens_BxP, a.prompt_mask_BxP))
     gen = sampler.generate(self.params, m.cfg, m.tokenizer, *prompts,
-                           eos_ids=m.eos_ids, sampling=sampling, key=rollout_key(self.cfg.train.seed, step, round),
+                           eos_ids=m.eos_ids, sampling=g.sampling, key=rollout_key(g.sampling.seed, step, round),
                            lora=lora, lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
                            dtype=self.dtype, pad_id=m.pad_id)
     texts = [self.schema.primer + t for t in gen.texts]
@@ -387,7 +384,7 @@ class Trainer:
     columns = {name: rep(values) for name, values in batch.columns.items()}  # one value per completion
     total, parts = rewards.score(rep(batch.prompt_text), texts, dict(zip(g.rewards, g.reward_weights)),
                                  **columns, schema=self.schema.name)
-    overlong = (np.asarray(losses.overlong_penalty(gen.lengths, g.max_new_tokens, g.overlong_buffer,
+    overlong = (np.asarray(losses.overlong_penalty(gen.lengths, g.sampling.max_new_tokens, g.overlong_buffer,
                                                    g.overlong_penalty), np.float32)
                 if g.overlong_buffer else np.zeros(len(texts), np.float32))
     rewards_B = advantage_rewards(total, parts, g) + overlong
@@ -509,15 +506,15 @@ def build(cfg: Config) -> Trainer:
 def jitted(model_cfg, cfg: Config, mesh):
   """(optimizer, update step, log-prob function, state shardings) for this config and mesh."""
   g, dtype, scale = cfg.grpo, jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
-  t = optimizer_cfg(cfg)
-  optimizer = train_lib.make_optimizer(t)
+  optimizer = make_optimizer(g)
   state_sh = train_lib.state_sharding(model_cfg, cfg, optimizer, mesh)
   loss_fn = functools.partial(policy_loss, cfg=model_cfg, g=g, lora_scale=scale, dtype=dtype, remat=cfg.model.remat,
-                              chunk=cfg.train.vocab_chunk, on_policy=updates_per_step(g) == 1)
-  step_fn = jax.jit(functools.partial(train_lib.step, loss_fn=loss_fn, optimizer=optimizer, accum=t.grad_accum),
+                              chunk=cfg.model.vocab_chunk, on_policy=updates_per_step(g) == 1)
+  accum = g.mini // g.micro_batch
+  step_fn = jax.jit(functools.partial(train_lib.step, loss_fn=loss_fn, optimizer=optimizer, accum=accum),
                     donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh)))
   logp_fn = jax.jit(functools.partial(_logprobs, cfg=model_cfg, lora_scale=scale, dtype=dtype,
-                                      chunk=cfg.train.vocab_chunk, temperature=g.temperature))
+                                      chunk=cfg.model.vocab_chunk, temperature=g.sampling.temperature))
   return optimizer, step_fn, logp_fn, state_sh
 
 

@@ -33,6 +33,16 @@ SHARDING_RULES: dict[str, str | None] = {
 }
 
 
+# Per-chip peak dense bf16 FLOP/s by jax's `device_kind` (vendor figures): the MFU denominator when
+# mesh.peak_flops is 0. "cpu" is a 2-core AVX2 machine's f32 rate, measured here.
+PEAK_FLOPS = {"TPU v4": 2.75e14, "TPU v5 lite": 1.97e14, "TPU v5": 4.59e14, "TPU v6 lite": 9.18e14, "cpu": 1.5e11}
+
+
+def peak_flops(cfg: MeshCfg) -> float | None:
+  """Per-device peak FLOP/s: mesh.peak_flops, else by the device kind (None: unknown, no MFU)."""
+  return cfg.peak_flops or PEAK_FLOPS.get(jax.devices()[0].device_kind)
+
+
 def mesh_shape(cfg: MeshCfg, n_devices: int) -> tuple[int, int]:
   """(fsdp, tp) sizes covering exactly `n_devices` (fsdp=-1 takes what tp leaves)."""
   fsdp = n_devices // cfg.tp if cfg.fsdp == -1 else cfg.fsdp

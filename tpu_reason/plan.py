@@ -51,7 +51,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
 from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sft, train as train_lib
-from tpu_reason.config import Config, SamplingCfg
+from tpu_reason.config import Config
 from tpu_reason.data.batch import Batch, PackedBatch, RolloutBatch
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models.transformer import (KVCache, ModelConfig, flatten, init_cache, param_dtypes, param_shapes,
@@ -167,13 +167,13 @@ def residual_bytes(fn, primal, *rest) -> int:
 def sft_loss(model_cfg: ModelConfig, cfg: Config):
   """SFT's loss(lora, params, batch, remat=...) for these shapes."""
   return functools.partial(sft.loss, cfg=model_cfg, lora_scale=lora_lib.scale(cfg.lora),
-                           dtype=jnp.dtype(cfg.model.dtype), chunk=cfg.train.vocab_chunk)
+                           dtype=jnp.dtype(cfg.model.dtype), chunk=cfg.model.vocab_chunk)
 
 
 def grpo_loss(model_cfg: ModelConfig, cfg: Config):
   """GRPO's policy loss(lora, params, micro_batch, remat=...) for these shapes."""
   return functools.partial(grpo.policy_loss, cfg=model_cfg, g=cfg.grpo, lora_scale=lora_lib.scale(cfg.lora),
-                           dtype=jnp.dtype(cfg.model.dtype), chunk=cfg.train.vocab_chunk,
+                           dtype=jnp.dtype(cfg.model.dtype), chunk=cfg.model.vocab_chunk,
                            on_policy=grpo.updates_per_step(cfg.grpo) == 1)
 
 
@@ -216,7 +216,7 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   resident = {
       "base params": nbytes(local_tree(param_shapes(model_cfg), param_dtypes(model_cfg, dtype), mesh)),
       "LoRA adapters": nbytes(lora_local),
-      "optimizer state": nbytes(jax.eval_shape(train_lib.make_optimizer(t).init, lora_local)),
+      "optimizer state": nbytes(jax.eval_shape(train_lib.make_optimizer(t.optim, t.max_steps).init, lora_local)),
   }
   unsplit = mesh_lib.abstract_mesh(config.MeshCfg(fsdp=1, tp=mesh.shape["tp"]), mesh.shape["tp"])
 
@@ -242,15 +242,16 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   sft_phase = train_phase("SFT step", sft_loss(local, cfg), sft_batch(cfg), t.batch_size // t.grad_accum,
                           d.max_completion_tokens, t.grad_accum > 1)
   prompts, rows = rows_per_device(g.prompts, mesh), rows_per_device(g.prompts * g.group, mesh)
-  kv = kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype) + kv_cache_bytes(local, rows, g.max_new_tokens, dtype)
+  new = g.sampling.max_new_tokens
+  kv = kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype) + kv_cache_bytes(local, rows, new, dtype)
   vocab = mesh_lib.shard_shape((model_cfg.vocab_size,), ("vocab",), mesh)[0]
   rollout = Phase("GRPO rollout", {**resident, **gathered, "KV cache": kv, "sampling logits": rows * vocab * 4},
-                  f"{prompts} prompts x G={g.group} = {rows} rows/device, {d.max_prompt_tokens}+{g.max_new_tokens} tokens")
+                  f"{prompts} prompts x G={g.group} = {rows} rows/device, {d.max_prompt_tokens}+{new} tokens")
   if prompts == g.prompts and fsdp > 1:
     notes.append(f"GRPO rollout: grpo.prompts={g.prompts} is not a multiple of fsdp={fsdp}, so every chip holds "
                  "every prompt's cache")
   grpo_train = train_phase("GRPO train", grpo_loss(local, cfg), grpo_batch, g.micro_batch * g.group,
-                           g.max_new_tokens, g.mini > g.micro_batch)
+                           g.sampling.max_new_tokens, g.mini > g.micro_batch)
 
   lora_n = sum(math.prod(s) for s, _ in lora_lib.shapes(model_cfg, cfg.lora).values())
   title = (f"{cfg.name}: {cfg.model.spec} ({model_cfg.family}, {model_cfg.num_params / 1e9:.2f}B params, "
@@ -313,7 +314,7 @@ def abstract_state(model_cfg: ModelConfig, cfg: Config, optimizer, state_sh) -> 
 
 def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowered:
   """`sft`'s jitted train step lowered on `mesh` for the recipe's batch shapes (abstract inputs)."""
-  optimizer = train_lib.make_optimizer(cfg.train)
+  optimizer = train_lib.make_optimizer(cfg.train.optim, cfg.train.max_steps)
   step, state_sh = sft.jit_train_step(cfg, model_cfg, optimizer, mesh)
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
   params = base_params(model_cfg, jnp.dtype(cfg.model.dtype), mesh)
@@ -375,23 +376,24 @@ def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.st
   cache, first, next_pos = jax.eval_shape(functools.partial(sampler.prefill, cfg=model_cfg, dtype=dtype),
                                           params, lora, scale, tokens, mask)
   prefix = cache_layout(dataclasses.replace(cache, group=g.group), mesh)
-  mode = sampler.sampling_mode(SamplingCfg(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+  mode = sampler.sampling_mode(g.sampling)
   eos = jax.ShapeDtypeStruct((1,), jnp.int32)
-  start = functools.partial(sampler.start, cfg=model_cfg, group=g.group, max_new=g.max_new_tokens, mode=mode,
-                            slots=g.max_new_tokens, dtype=dtype)
-  state = jax.eval_shape(start, prefix, first, next_pos, jax.eval_shape(jax.random.key, 0), eos_ids=eos)
+  start = functools.partial(sampler.start, cfg=model_cfg, group=g.group, max_new=g.sampling.max_new_tokens, mode=mode,
+                            slots=g.sampling.max_new_tokens, dtype=dtype)
+  pad = jax.ShapeDtypeStruct((), jnp.int32)
+  state = jax.eval_shape(start, prefix, first, next_pos, jax.eval_shape(jax.random.key, 0), eos_ids=eos, pad_id=pad)
   # span = all slots: the last and largest of the decode calls `sampler.generate` makes
   state = dataclasses.replace(rows_over_fsdp(dataclasses.replace(state, suffix=None), mesh),
                               suffix=cache_layout(state.suffix, mesh))
   with jax.set_mesh(mesh):
     return {"GRPO prefill": sampler.prefill.lower(params, lora, scale, tokens, mask, cfg=model_cfg, dtype=dtype),
-            "GRPO decode": sampler.decode.lower(params, lora, scale, prefix, state, g.max_new_tokens, eos, 0,
-                                                cfg=model_cfg, mode=mode, span=g.max_new_tokens, dtype=dtype)}
+            "GRPO decode": sampler.decode.lower(params, lora, scale, prefix, state, g.sampling.max_new_tokens, eos, pad,
+                                                cfg=model_cfg, mode=mode, span=g.sampling.max_new_tokens, dtype=dtype)}
 
 
 def lower_grpo_train(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
   """GRPO's log-prob pass on one micro-batch (with the adapters) and its update on one mini-batch, lowered."""
-  g, p, c = cfg.grpo, cfg.data.max_prompt_tokens, cfg.grpo.max_new_tokens
+  g, p, c = cfg.grpo, cfg.data.max_prompt_tokens, cfg.grpo.sampling.max_new_tokens
   optimizer, step_fn, logp_fn, state_sh = grpo.jitted(model_cfg, cfg, mesh)
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
   params = base_params(model_cfg, jnp.dtype(cfg.model.dtype), mesh)
@@ -490,16 +492,17 @@ def tpu_notes(cfg: Config, model_cfg: ModelConfig, mesh) -> list[str]:
   """What the compiled programs' shapes are, and what the per-program figures leave out."""
   g, d, t = cfg.grpo, cfg.data, cfg.train
   lora_local = local_tree(lora_lib.shapes(model_cfg, cfg.lora), jnp.float32, mesh)
-  adam = nbytes(jax.eval_shape(train_lib.make_optimizer(t).init, lora_local))
+  adam = nbytes(jax.eval_shape(train_lib.make_optimizer(t.optim, t.max_steps).init, lora_local))
   return [
       f"  SFT step: batch {t.batch_size} (micro-batches of {t.batch_size // t.grad_accum}) x "
       f"({d.max_prompt_tokens}+{d.max_completion_tokens}) tokens",
       f"  GRPO prefill / decode: {g.prompts} prompts of {d.max_prompt_tokens} tokens, then {g.prompts * g.group} "
-      f"rows (G={g.group}) of {g.max_new_tokens} new tokens, rows over fsdp",
-      f"  GRPO log-probs: {g.micro_batch * g.group} rows x ({d.max_prompt_tokens}+{g.max_new_tokens}), with the "
+      f"rows (G={g.group}) of {g.sampling.max_new_tokens} new tokens, rows over fsdp",
+      f"  GRPO log-probs: {g.micro_batch * g.group} rows x ({d.max_prompt_tokens}+{g.sampling.max_new_tokens}), "
+      "with the "
       "adapters (the old-policy pass; the reference pass is the same without them); no analytical column",
       f"  GRPO update: {g.mini * g.group} rows (micro-batches of {g.micro_batch * g.group}) x "
-      f"({d.max_prompt_tokens}+{g.max_new_tokens}) tokens",
+      f"({d.max_prompt_tokens}+{g.sampling.max_new_tokens}) tokens",
       "  outputs: those not donated to an argument's buffer; plan: the analytical total above for the phase",
       f"  note: prefill, decode and log-probs run while the trainer also holds the Adam moments "
       f"({adam / GIB:.3f} GiB per chip), which are not among those programs' arguments",

@@ -75,7 +75,7 @@ class Trainer:
   state_sharding: Any
   kind = "sft"
   init = "base"
-  lr_key = "train.lr"
+  lr_key = "train.optim.lr"
   samples_file = None
   plot = ([("train", "loss"), ("eval", "eval_loss"), ("train", "tokens_per_s"), ("eval", "format_accuracy")],
           "loss.png")
@@ -108,9 +108,11 @@ class Trainer:
     state, m = self.step_fn(state, self.params, self.place_batch(batch))
     m = jax.device_get(m)
     dt = time.perf_counter() - t0
-    row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": float(schedule(t)(step)),
-           "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": int(not m["finite"]),
-           "mfu": 6 * self.model.cfg.num_params * tokens / dt / (t.peak_flops * jax.device_count())}
+    lr = float(schedule(t.optim, t.max_steps)(step))
+    row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
+           "tokens_per_s": tokens / dt, "step_time_s": dt, "skipped": int(not m["finite"])}
+    if peak := mesh_lib.peak_flops(self.cfg.mesh):
+      row["mfu"] = 6 * self.model.cfg.num_params * tokens / dt / (peak * jax.device_count())
     return state, row, None
 
   def held_out(self, lora, full: bool) -> dict:
@@ -167,10 +169,11 @@ def build(cfg: Config) -> Trainer:
   dtype = jnp.dtype(cfg.model.dtype)
   params = mesh_lib.place_params(model.params, model.cfg, mesh, dtype)
   model.params = None  # the host copy is no longer needed: keep one copy of the weights
-  optimizer = make_optimizer(cfg.train)
+  optimizer = make_optimizer(cfg.train.optim, cfg.train.max_steps)
   step_fn, state_sh = jit_train_step(cfg, model.cfg, optimizer, mesh)
   scale = lora_lib.scale(cfg.lora)
-  eval_fn = jax.jit(functools.partial(_eval_sums, cfg=model.cfg, lora_scale=scale, dtype=dtype, chunk=cfg.train.vocab_chunk))
+  eval_fn = jax.jit(functools.partial(_eval_sums, cfg=model.cfg, lora_scale=scale, dtype=dtype,
+                                      chunk=cfg.model.vocab_chunk))
   return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale, state_sh)
 
 
@@ -197,7 +200,7 @@ def jit_train_step(cfg: Config, model_cfg, optimizer, mesh):
   """(jitted `_train_step`, TrainState of shardings) for `mesh`; also what `plan` compiles."""
   state_sh = state_sharding(model_cfg, cfg, optimizer, mesh)
   step = functools.partial(_train_step, cfg=model_cfg, optimizer=optimizer, lora_scale=lora_lib.scale(cfg.lora),
-                           dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, chunk=cfg.train.vocab_chunk,
+                           dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, chunk=cfg.model.vocab_chunk,
                            accum=cfg.train.grad_accum)
   # Pinning the output layout to the input layout keeps one compile per batch shape.
   return jax.jit(step, donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh))), state_sh

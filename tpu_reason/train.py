@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from tpu_reason import choices, lora as lora_lib, mesh as mesh_lib, models
-from tpu_reason.config import Config, TrainCfg
+from tpu_reason.config import Config, OptimCfg
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -34,23 +34,25 @@ class TrainState:
 
 # after warmup: cosine / linear decay to 10%, or constant (names: choices.SCHEDULES)
 DECAYS = {
-    "cosine": lambda t, steps: optax.cosine_decay_schedule(t.lr, steps, alpha=0.1),
-    "linear": lambda t, steps: optax.linear_schedule(t.lr, 0.1 * t.lr, steps),
-    "constant": lambda t, steps: optax.constant_schedule(t.lr),
+    "cosine": lambda o, steps: optax.cosine_decay_schedule(o.lr, steps, alpha=0.1),
+    "linear": lambda o, steps: optax.linear_schedule(o.lr, 0.1 * o.lr, steps),
+    "constant": lambda o, steps: optax.constant_schedule(o.lr),
 }
 assert tuple(DECAYS) == choices.SCHEDULES
 
 
-def schedule(t: TrainCfg) -> optax.Schedule:
-  """Linear warmup, then `t.schedule`'s decay."""
-  decay = DECAYS[t.schedule](t, max(t.max_steps - t.warmup_steps, 1))
-  warmup = optax.linear_schedule(t.lr / max(t.warmup_steps, 1), t.lr, t.warmup_steps)
-  return optax.join_schedules([warmup, decay], [t.warmup_steps])
+def schedule(o: OptimCfg, steps: int, per_step: int = 1) -> optax.Schedule:
+  """The learning rate by optimizer update: linear warmup over `o.warmup_steps` steps, then `o.schedule`'s
+  decay until `steps` end; a step is `per_step` updates (GRPO's mini-batches times iterations)."""
+  total, warm = steps * per_step, o.warmup_steps * per_step
+  decay = DECAYS[o.schedule](o, max(total - warm, 1))
+  warmup = optax.linear_schedule(o.lr / max(warm, 1), o.lr, warm)
+  return optax.join_schedules([warmup, decay], [warm])
 
 
-def make_optimizer(t: TrainCfg) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(t.clip_norm),
-                     optax.adamw(schedule(t), b1=0.9, b2=0.999, weight_decay=t.weight_decay))
+def make_optimizer(o: OptimCfg, steps: int, per_step: int = 1) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                     optax.adamw(schedule(o, steps, per_step), b1=0.9, b2=0.999, weight_decay=o.weight_decay))
 
 
 def init_state(lora, optimizer, seed: int) -> TrainState:

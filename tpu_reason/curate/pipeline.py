@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from tpu_reason import config, mesh as mesh_lib, models, tags
-from tpu_reason.config import Config, SamplingCfg
+from tpu_reason.config import Config
 from tpu_reason.curate import difficulty, diversity, quality
 from tpu_reason.curate.report import CurateReport, StageCount, length_summary, plot
 from tpu_reason.data import stats
@@ -90,11 +90,10 @@ class Ledger:
 def _solver_factory(cfg: Config, train_model, schema):
   """make_solver(spec) for the difficulty stage; reuses the already loaded model when it is a baseline."""
   c = cfg.curate
-  sampling = SamplingCfg(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k, seed=c.seed)
 
   def make_solver(spec: str) -> difficulty.Solver:
     model = train_model if spec == cfg.model.spec else models.load(spec)
-    return difficulty.ModelSolver(model, schema, system_prompt=cfg.data.system_prompt, sampling=sampling, k=c.k,
+    return difficulty.ModelSolver(model, schema, system_prompt=cfg.data.system_prompt, sampling=c.sampling, k=c.k,
                                   batch_size=c.batch_size, mesh=mesh_lib.make_mesh(cfg.mesh))
 
   return make_solver
@@ -103,8 +102,9 @@ def _solver_factory(cfg: Config, train_model, schema):
 def settings(cfg: Config) -> str:
   """The difficulty cache's settings key: everything that changes a solved count except the question."""
   c, d = cfg.curate, cfg.data
-  return difficulty.settings_key({"k": c.k, "max_new_tokens": c.max_new_tokens, "temperature": c.temperature,
-                                  "top_k": c.top_k, "seed": c.seed, "schema": d.schema,
+  s = c.sampling
+  return difficulty.settings_key({"k": c.k, "max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
+                                  "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed, "schema": d.schema,
                                   "system_prompt": d.system_prompt})
 
 

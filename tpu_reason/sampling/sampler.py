@@ -133,7 +133,7 @@ def _append(s: DecodeState, sampled_B, forcing: Forcing | None, eos_ids, pad_id)
 
 @functools.partial(jax.jit, static_argnames=("cfg", "group", "max_new", "slots", "mode", "dtype"))
 def start(prefix: KVCache, first_logits_BxV, next_pos_B, key, forcing: Forcing | None = None, *,
-          cfg: ModelConfig, group: int, max_new: int, mode: tuple, eos_ids, pad_id=0,
+          cfg: ModelConfig, group: int, max_new: int, mode: tuple, eos_ids, pad_id,
           slots: int | None = None, dtype=jnp.float32) -> DecodeState:
   """Sample each row's first token (G different ones per prompt) and set up the loop.
 
@@ -265,6 +265,7 @@ def generate(
     prompt_mask_BxP: np.ndarray,
     *,
     eos_ids: tuple[int, ...],
+    pad_id: int,
     sampling: SamplingCfg,
     key: jax.Array | None = None,
     lora=None,
@@ -276,7 +277,6 @@ def generate(
     dtype=jnp.float32,
     budget: BudgetCfg | None = None,
     schema: TagSchema | None = None,
-    pad_id: int = 0,
 ) -> Generation:
   """Generate up to `sampling.max_new_tokens` tokens for each prompt, `group` times.
 
