@@ -92,6 +92,24 @@ def test_bad_tpu_name_is_one_error_line():
       "error: --devices (fake CPU devices) and --tpu (the TPU compiler) are exclusive"]
 
 
+@needs_libtpu
+def test_libtpu_held_by_another_process_is_a_one_line_error():
+  env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+  hold = ("from tpu_reason import plan; plan.tpu_devices('v5e-8'); print('held', flush=True); "
+          "import sys; sys.stdin.read()")
+  holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    proc = subprocess.run([sys.executable, "-m", "tpu_reason.plan", "--tpu", "v5e-8"], capture_output=True,
+                          text=True, timeout=600, env=env)
+  finally:
+    holder.communicate("", timeout=60)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1:] == [
+      "error: --tpu: another process holds libtpu (/tmp/libtpu_lockfile; any running jax program takes it): wait "
+      "for it to end, or run with ALLOW_MULTIPLE_LIBTPU_LOAD=1"]
+
+
 def test_without_libtpu_the_error_names_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)  # what a failed import leaves: find_spec sees no libtpu
   with pytest.raises(UserError, match=r'^--tpu needs the TPU compiler \(libtpu\): pip install "tpu_reason\[tpu\]"$'):

@@ -439,7 +439,14 @@ def tpu_devices(name: str) -> list:
   if importlib.util.find_spec("libtpu") is None:
     raise UserError('--tpu needs the TPU compiler (libtpu): pip install "tpu_reason[tpu]"')
   topology, host = TPUS[name]
-  return topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=list(host)).devices
+  try:
+    return topologies.get_topology_desc(topology, "tpu", chips_per_host_bounds=list(host)).devices
+  except jax.errors.JaxRuntimeError as e:
+    if "lockfile" not in str(e):
+      raise
+    # libtpu admits one process a host, and any jax process (a CPU run too) takes it when libtpu is installed
+    raise UserError("--tpu: another process holds libtpu (/tmp/libtpu_lockfile; any running jax program "
+                    "takes it): wait for it to end, or run with ALLOW_MULTIPLE_LIBTPU_LOAD=1") from None
 
 
 def all_gathers(hlo: str) -> int:
