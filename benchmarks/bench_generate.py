@@ -52,8 +52,8 @@ def main():
   s = SamplingCfg(max_new_tokens=a.new, temperature=1.0, top_k=50)
 
   def run(seed):
-    return sampler.generate(params, m.cfg, m.tokenizer, tokens, mask, eos_ids=(-1,), pad_id=m.pad_id, sampling=s, group=a.group,
-                            key=jax.random.key(seed), chunk=a.new)
+    return sampler.generate(params, m.cfg, m.tokenizer, tokens, mask, eos_ids=(-1,), pad_id=m.pad_id, sampling=s,
+                            group=a.group, key=jax.random.key(seed), chunk=a.new)
 
   t = time.perf_counter()
   run(0)

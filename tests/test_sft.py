@@ -427,8 +427,8 @@ def test_run_stops_after_max_nonfinite_steps_on_its_last_checkpoint(trainer, com
   norm = trainer.params["final_norm"]
   bad = {**trainer.params, "final_norm": jax.device_put(norm.at[0].set(jnp.nan), norm.sharding)}
   reuse_build(monkeypatch, trainer, params=bad)
-  with pytest.raises(UserError, match=r"^3 non-finite steps in a row at step 3: lower train.optim.lr or check the data; "
-                                      r"the run resumes from its last checkpoint, step 2 \(train.resume=none"):
+  with pytest.raises(UserError, match=r"^3 non-finite steps in a row at step 3: lower train.optim.lr or check the "
+                                      r"data; the run resumes from its last checkpoint, step 2 \(train.resume=none"):
     sft.run(cfg)
   train = [r for r in read_metrics(out) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3]
