@@ -303,7 +303,7 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   state = fresh_state(tr)
   arrays, _, _ = tr.rollout(state.lora, first_batch(tr), 0)
   c = arrays.completion_tokens_BxC.shape[1]
-  cols = ("completion_tokens_BxC", "completion_mask_BxC")
+  cols = ("completion_tokens_BxC", "completion_mask_BxC", "sampler_logp_BxC")
   wide = dataclasses.replace(arrays, **{k: np.pad(getattr(arrays, k), ((0, 0), (0, 8))) for k in cols},
                              advantages_B=np.where(np.arange(16) % 2 == 0, 1.0, -1.0).astype(np.float32))
   wide = dataclasses.replace(wide, ref_logp_BxC=tr.score_logprobs(None, wide))

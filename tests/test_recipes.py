@@ -56,7 +56,8 @@ def test_tpu_recipe_lowers_its_grpo_update(path):
 
   batch = RolloutBatch(arr((rows, p), jnp.int32), arr((rows, p), bool), arr((rows, c), jnp.int32), arr((rows, c), bool),
                        advantages_B=arr((rows,), jnp.float32), num_tokens_B=arr((rows,), jnp.float32),
-                       old_logp_BxC=arr((rows, c), jnp.float32), ref_logp_BxC=arr((rows, c), jnp.float32))
+                       old_logp_BxC=arr((rows, c), jnp.float32), ref_logp_BxC=arr((rows, c), jnp.float32),
+                       sampler_logp_BxC=arr((rows, c), jnp.float32))
   out_state, metrics = step_fn.lower(state, params, batch).out_info
   assert metrics["kl"].shape == () and out_state.lora["layers"]["q"]["a"].shape == lora["layers"]["q"]["a"].shape
   micro = jax.tree.map(lambda v: arr((g.micro_batch * g.group,) + v.shape[1:], v.dtype), batch.tokens())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
 
 import jax.numpy as jnp
 
@@ -21,7 +20,7 @@ from tpu_reason import config, mesh as mesh_lib, policy, tags
 from tpu_reason.config import Config
 from tpu_reason.errors import cli
 from tpu_reason.generate import Streamer
-from tpu_reason.sampling import batched, sampler
+from tpu_reason.sampling import batched, layout, sampler
 
 FLAGS = {"--model": "model", "--hide-thoughts": "hide_thoughts?", "--system": "data.system_prompt",
          "--max-thinking-tokens": "budget.max_thinking_tokens", "--extend": "budget.extend", "--wait": "budget.wait",
@@ -34,8 +33,7 @@ class Session:
   """One conversation with one model: weights on device, settings, the turns so far."""
 
   policy: policy.Policy
-  params: Any
-  lora: Any
+  weights: layout.Weights  # what generation reads: the merged decode copy, or the training layout
   schema: tags.TagSchema
   cfg: Config
   history: list[dict] = dataclasses.field(default_factory=list)
@@ -55,8 +53,8 @@ class Session:
     stream = Streamer(model.tokenizer, out) if live else None
     if live:
       out.write(schema.primer)
-    gen = sampler.generate(self.params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
-                           sampling=self.cfg.sampling, lora=self.lora, lora_scale=self.policy.lora_scale,
+    gen = sampler.generate(self.weights.params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
+                           sampling=self.cfg.sampling, **self.weights.kwargs(),
                            stop_strings=schema.stop_strings, chunk=8, on_chunk=stream,
                            dtype=jnp.dtype(self.cfg.model.dtype), pad_id=model.pad_id,
                            **batched.budget_kwargs(self.cfg.budget, schema))
@@ -77,8 +75,8 @@ class Session:
 def open_session(cfg: Config, spec: str) -> Session:
   """Load `spec` (model spec or run dir) onto the mesh and start an empty conversation."""
   pol = policy.load(spec, cfg.model.dtype)
-  params, lora = policy.place(pol, mesh_lib.make_mesh(cfg.mesh), cfg.model.dtype)
-  session = Session(pol, params, lora, tags.get_schema(cfg.data.schema), cfg)
+  w = policy.decode_weights(pol, mesh_lib.make_mesh(cfg.mesh), cfg.model.dtype, cfg.mesh.decode_layout)
+  session = Session(pol, w, tags.get_schema(cfg.data.schema), cfg)
   session.reset()
   return session
 

@@ -99,8 +99,13 @@ class MeshCfg:
   tp: int = 1
   # per-device peak FLOP/s, the MFU denominator; 0 = by the device kind (mesh.PEAK_FLOPS: v5e 1.97e14 bf16, ...)
   peak_flops: float = 0.0
+  # the weights generation reads (choices.DECODE_LAYOUTS): merged = base + LoRA folded in, whole over fsdp, built
+  # once per rollout (no weight all-gather per token); train = the training layout, adapters applied per token;
+  # auto = merged when its copy fits beside what the device already holds
+  decode_layout: str = "auto"
 
   def __post_init__(self):
+    _check_choice("mesh.decode_layout", self.decode_layout, choices.DECODE_LAYOUTS)
     _check(self.peak_flops >= 0, f"mesh.peak_flops must be >= 0 (0 = by the device kind), got {self.peak_flops}")
     _check(self.tp >= 1 and (self.fsdp >= 1 or self.fsdp == -1), f"mesh sizes must be >= 1 (fsdp may be -1), got fsdp={self.fsdp} tp={self.tp}")
 
@@ -277,6 +282,10 @@ class GrpoCfg:
   mini_batch: int = 0  # prompts per optimizer update (0 = all prompts of the step)
   micro_batch: int = 1  # prompts per forward/backward (gradient accumulation inside a mini-batch)
   mask_truncated_completions: bool = False
+  # the sampler's log-probs (merged bf16 weights) differ from the trainer's (adapters unmerged): `tis` weighs each
+  # token's policy loss by min(exp(trainer - sampler), cap), truncated importance sampling (TRL's, Tunix's)
+  rollout_correction: str = "none"
+  rollout_correction_cap: float = 2.0
   init: str = "auto"  # auto (latest finished SFT run of model.spec, else base) | base | a run dir
   curriculum: tuple[str, ...] = ()  # easy reasoning-gym tasks served first (a warm-up)
   curriculum_steps: int = 0  # steps drawn from `curriculum` before `data.task`
@@ -300,6 +309,9 @@ class GrpoCfg:
     _check_choice("grpo.loss", self.loss, choices.GRPO_LOSSES)
     _check(self.beta >= 0 and self.epsilon_low >= 0 and self.epsilon_high >= 0, "grpo.beta and grpo.epsilon_* must be >= 0")
     _check_choice("grpo.importance_level", self.importance_level, choices.IMPORTANCE_LEVELS)
+    _check_choice("grpo.rollout_correction", self.rollout_correction, choices.ROLLOUT_CORRECTIONS)
+    _check(self.rollout_correction_cap >= 1,
+           f"grpo.rollout_correction_cap must be >= 1, got {self.rollout_correction_cap}")
     _check(self.gspo_epsilon_low >= 0 and self.gspo_epsilon_high >= 0, "grpo.gspo_epsilon_* must be >= 0")
     _check(0 <= self.overlong_buffer <= self.sampling.max_new_tokens and self.overlong_penalty >= 0,
            f"grpo.overlong_buffer must be in [0, grpo.sampling.max_new_tokens={self.sampling.max_new_tokens}] and "

@@ -174,15 +174,15 @@ def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tu
   """(eval.json content, samples, {column: metrics}) of one model, plain and (if set) budget-forced."""
   schema = tags.get_schema(cfg.data.schema)
   pol = policy.load(spec, cfg.model.dtype)
-  params, lora = policy.place(pol, mesh, cfg.model.dtype)
+  w = policy.decode_weights(pol, mesh, cfg.model.dtype, cfg.mesh.decode_layout)
   examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
   result, all_samples, columns = {"model": spec, "source": pol.source}, [], {}
   settings = {"": None, budget_lib.label(cfg.budget): cfg.budget} if budget_lib.active(cfg.budget) else {"": None}
   for suffix, budget in settings.items():
     with jax.set_mesh(mesh):  # each chip decodes its own rows
       metrics, samples = evaluate.evaluate(
-          pol.model, params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=lora,
-          lora_scale=pol.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
+          pol.model, w.params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=w.lora,
+          lora_scale=w.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
           dtype=jnp.dtype(cfg.model.dtype), redact=cfg.redact_thoughts, desc=name + suffix)
     setting = "forced" if budget else "plain"
     all_samples += [{"setting": setting, **s} for s in samples]

@@ -14,7 +14,7 @@ import numpy as np
 
 from tpu_reason import config, mesh as mesh_lib, models
 from tpu_reason.errors import UserError, cli
-from tpu_reason.sampling import sampler
+from tpu_reason.sampling import layout, sampler
 
 FLAGS = {"--model": "model.spec", "--max-new-tokens": "sampling.max_new_tokens",
          "--temperature": "sampling.temperature", "--seed": "sampling.seed",
@@ -51,12 +51,17 @@ def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> s
   model = models.load_for(cfg.model)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   params = mesh_lib.place_params(model.params, model.cfg, mesh, jnp.dtype(cfg.model.dtype))
+  w, note = layout.build(params, None, model.cfg, mesh, lora_scale=1.0, dtype=cfg.model.dtype,
+                         mode=cfg.mesh.decode_layout)
+  del params  # the decode copy replaces them (or is them, on the training layout)
+  if note:
+    print(note, file=sys.stderr)
   text = prompt if raw or not model.tokenizer.chat_template else model.chat_prompt(prompt)
   ids = model.encode(text)
   tokens, mask = sampler.left_pad([ids], sampler.prompt_width(len(ids)), model.pad_id)
   stream = Streamer(model.tokenizer, out)
   with jax.set_mesh(mesh):
-    gen = sampler.generate(params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
+    gen = sampler.generate(w.params, model.cfg, model.tokenizer, tokens, mask, eos_ids=model.eos_ids,
                            sampling=cfg.sampling, chunk=8, on_chunk=stream, dtype=jnp.dtype(cfg.model.dtype),
                            pad_id=model.pad_id)
   stream.write(gen.texts[0])

@@ -29,7 +29,7 @@ from tpu_reason.data import loader
 from tpu_reason.data.batch import Batch, Collated, RolloutBatch, reward_columns
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
-from tpu_reason.sampling import sampler
+from tpu_reason.sampling import layout, sampler
 
 # --------------------------------------------------------------------------- pure pieces
 
@@ -181,12 +181,16 @@ def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, 
   eps = (g.gspo_epsilon_low, g.gspo_epsilon_high) if sequence else (g.epsilon_low, g.epsilon_high)
   per_token, low, high = losses.clipped_surrogate(logp, old, mb.advantages_B, *eps, level=g.importance_level,
                                                   mask_BxT=mask)
+  if g.rollout_correction == "tis":  # the policy term only, as TRL does: the KL is the trainer's own
+    per_token = per_token * losses.truncated_is_weight(old, mb.sampler_logp_BxC, g.rollout_correction_cap)
   kl = losses.kl_k3(logp, mb.ref_logp_BxC) if g.beta else jnp.zeros_like(logp)
   # dr_grpo divides by the cap, not by this step's trimmed width: the same batch, the same loss
   loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, max_tokens=g.sampling.max_new_tokens,
                           num_tokens=mb.num_tokens_B[0])
+  gap = jnp.abs(old - mb.sampler_logp_BxC)  # the trainer's rollout-policy log-probs against the sampler's
   aux = {"kl": losses.masked_mean(kl, mask), "clip_ratio/low_mean": losses.masked_mean(low, mask),
-         "clip_ratio/high_mean": losses.masked_mean(high, mask)}
+         "clip_ratio/high_mean": losses.masked_mean(high, mask), "rollout/logp_diff/mean": losses.masked_mean(gap, mask),
+         "rollout/logp_diff/max": jnp.max(jnp.where(mask, gap, 0.0))}
   return loss, aux
 
 
@@ -236,6 +240,7 @@ class Trainer:
   state_sharding: Any
   init: str  # "base" or the run dir whose adapter is merged into `params`
   stream: Stream | None = dataclasses.field(default=None, repr=False)  # set by `batches`
+  noted: bool = False  # the decode layout's fallback note was printed
   kind = "grpo"
   lr_key = "grpo.optim.lr"
   samples_file = "rollouts.jsonl"
@@ -330,16 +335,39 @@ class Trainer:
     arrays, metrics, texts = self.rollout(lora, batch, step)
     return arrays, metrics, {"ids": batch.id, "texts": texts}
 
+  def timed_weights(self, lora) -> tuple[layout.Weights, dict]:
+    """`decode_weights` and the time it took (`time/decode_weights`: the merge and its one all-gather)."""
+    t0 = time.perf_counter()
+    weights = self.decode_weights(lora)
+    jax.block_until_ready(weights.params)
+    return weights, {"time/decode_weights": time.perf_counter() - t0}
+
+  def decode_weights(self, lora) -> layout.Weights:
+    """What the sampler reads for the policy `lora`: the merged decode copy (`sampling.layout`), or the training
+    layout when mesh.decode_layout says so or the copy does not fit (said once)."""
+    m, g = self.model, self.cfg.grpo
+    rows = g.prompts * g.group
+    kv = layout.cache_bytes(m.cfg, rows, self.cfg.data.max_prompt_tokens + g.sampling.max_new_tokens, self.dtype,
+                            self.mesh)
+    weights, note = layout.build(self.params, lora, m.cfg, self.mesh, lora_scale=self.lora_scale, dtype=self.dtype,
+                                 mode=self.cfg.mesh.decode_layout, extra_bytes=kv)
+    if note and not self.noted:
+      print(note, flush=True)
+      self.noted = True
+    return weights
+
   def rollout(self, lora, batch: Collated, step: int) -> tuple[RolloutBatch, dict, list[str]]:
     """Sample, score and compute advantages: (train arrays, metrics, completions)."""
-    r = self.sample_round(lora, batch, step)
-    return r.arrays, rollout_metrics([r], self.cfg.grpo), r.texts
+    weights, timing = self.timed_weights(lora)
+    r = self.sample_round(weights, batch, step)
+    return r.arrays, {**rollout_metrics([r], self.cfg.grpo), **timing}, r.texts
 
   def dynamic_rollout(self, lora, batch: Collated, step: int) -> tuple[RolloutBatch, dict, dict]:
     """DAPO's dynamic sampling: keep the informative groups of `batch`, then of further batches of the stream
     (each round its own key), until grpo.prompts are kept or grpo.max_resample_rounds extra rounds are spent;
     a batch still short is filled with masked groups (`fill_batch`). Advantages are those of the kept rows."""
     g = self.cfg.grpo
+    weights, timing = self.timed_weights(lora)  # once: every round samples the same policy
     rounds, keep, taken, extra = [], [], set(), 0.0
     while True:
       t0 = time.perf_counter()
@@ -347,7 +375,7 @@ class Trainer:
         batch = next(self.stream, None)  # fresh prompts, further along the stream
         if batch is None:  # grpo.max_completions is spent: train on what was kept
           break
-      r = self.sample_round(lora, batch, step, len(rounds))
+      r = self.sample_round(weights, batch, step, len(rounds))
       k = keep_groups(informative_groups(r.rewards_B, g.group, g.std_ddof), r.batch.prompt_text, taken,
                       g.prompts - len(taken))
       taken |= {p for p, kept in zip(r.batch.prompt_text, k) if kept}
@@ -362,23 +390,24 @@ class Trainer:
       arrays.advantages_B[:n] = losses.group_advantages(rewards_B[:n], g.group, scale=g.scale_rewards,
                                                            ddof=g.std_ddof)
     drawn = g.prompts * len(rounds)
-    metrics = {**rollout_metrics(rounds, g), "time/resample": extra, "dynamic/groups_drawn": float(drawn),
+    metrics = {**rollout_metrics(rounds, g), **timing, "time/resample": extra, "dynamic/groups_drawn": float(drawn),
                "dynamic/groups_kept": float(len(taken)), "dynamic/groups_dropped": float(drawn - len(taken)),
                "dynamic/rounds": float(len(rounds) - 1)}
     record = {"ids": [i for r in rounds for i in r.batch.id], "texts": [t for r in rounds for t in r.texts],
               "kept": [bool(x) for k in keep for x in k]}
     return arrays, metrics, record
 
-  def sample_round(self, lora, batch: Collated, step: int, round: int = 0) -> Round:
+  def sample_round(self, weights: layout.Weights, batch: Collated, step: int, round: int = 0) -> Round:
     """Sample G completions per prompt (the key of `step` and `round`), score them, compute advantages."""
     g, m = self.cfg.grpo, self.model
     batch = trim_prompts(batch)
     a = batch.arrays
     prompts = self.place((a.prompt_tokens_BxP, a.prompt_mask_BxP))
-    gen = sampler.generate(self.params, m.cfg, m.tokenizer, *prompts,
-                           eos_ids=m.eos_ids, sampling=g.sampling, key=rollout_key(g.sampling.seed, step, round),
-                           lora=lora, lora_scale=self.lora_scale, group=g.group, stop_strings=self.schema.stop_strings,
-                           dtype=self.dtype, pad_id=m.pad_id)
+    with jax.set_mesh(self.mesh):  # each chip decodes its own rows
+      gen = sampler.generate(weights.params, m.cfg, m.tokenizer, *prompts, eos_ids=m.eos_ids, sampling=g.sampling,
+                             key=rollout_key(g.sampling.seed, step, round), group=g.group,
+                             stop_strings=self.schema.stop_strings, dtype=self.dtype, pad_id=m.pad_id,
+                             **weights.kwargs())
     texts = [self.schema.primer + t for t in gen.texts]
     rep = lambda xs: [x for x in xs for _ in range(g.group)]  # noqa: E731
     columns = {name: rep(values) for name, values in batch.columns.items()}  # one value per completion
@@ -395,7 +424,8 @@ class Trainer:
     mask = gen.mask & ~(gen.truncated[:, None] & g.mask_truncated_completions)
     width = sampler.pow2_bucket(int(gen.lengths.max()), gen.tokens.shape[1])  # right padding nobody uses
     arrays = RolloutBatch(np.repeat(a.prompt_tokens_BxP, g.group, 0), np.repeat(a.prompt_mask_BxP, g.group, 0),
-                          gen.tokens[:, :width], mask[:, :width], advantages_B=np.asarray(adv, np.float32))
+                          gen.tokens[:, :width], mask[:, :width], advantages_B=np.asarray(adv, np.float32),
+                          sampler_logp_BxC=gen.logprobs[:, :width])
     return Round(batch, arrays, rewards_B, total, parts, gen, texts)
 
   def score_logprobs(self, lora, arrays: Batch) -> np.ndarray:
@@ -419,7 +449,8 @@ class Trainer:
         state, m = self.step_fn(state, self.params, self.place(mb))
         metrics.append(m)
     metrics = jax.device_get(metrics)
-    return state, {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    reduce = lambda k: np.max if k.endswith("/max") else np.mean  # noqa: E731
+    return state, {k: float(reduce(k)([m[k] for m in metrics])) for k in metrics[0]}
 
   def evaluate(self, lora) -> dict:
     """Greedy completions on held-out prompts: accuracy, format, mean of each reward, length."""
@@ -427,9 +458,11 @@ class Trainer:
     rows = self.eval[: t.eval_generate]
     if not rows:
       return {}
-    scores, texts = evaluate.generate_and_score(self.model, self.params, rows, self.schema, lora=lora,
-                                                lora_scale=self.lora_scale, max_new_tokens=t.eval_max_new_tokens,
-                                                dtype=self.dtype)
+    w = self.decode_weights(lora)
+    with jax.set_mesh(self.mesh):
+      scores, texts = evaluate.generate_and_score(self.model, w.params, rows, self.schema, lora=w.lora,
+                                                  lora_scale=w.lora_scale, max_new_tokens=t.eval_max_new_tokens,
+                                                  dtype=self.dtype)
     total, parts = rewards.score([r.prompt_text for r in rows], texts, dict(zip(g.rewards, g.reward_weights)),
                                  **reward_columns(rows), schema=self.schema.name)
     return {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],

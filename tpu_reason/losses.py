@@ -156,6 +156,14 @@ def clipped_surrogate(logp_BxT, old_logp_BxT, adv_B, eps_low: float, eps_high: f
   return loss, low, high
 
 
+def truncated_is_weight(trainer_logp_BxT, sampler_logp_BxT, cap: float):
+  """Truncated importance sampling (TIS): min(pi_trainer / pi_sampler, cap) per token, no gradient. The
+  sampler's numerics (merged bf16 weights) are not the trainer's; this reweighs its samples toward the policy
+  being trained, capped so a token the sampler found unlikely cannot dominate."""
+  d = jax.lax.stop_gradient(trainer_logp_BxT - sampler_logp_BxT)
+  return jnp.minimum(jnp.exp(d), cap)
+
+
 def aggregate(loss_BxT, mask_BxT, mode: str, max_tokens: int | None = None, num_tokens=None):
   """Token losses -> scalar: grpo (mean over sequences of token-means), dapo (token-mean over
   the batch, or token-sum / `num_tokens` when the batch is a micro-slice of a larger one),

@@ -32,6 +32,11 @@ SHARDING_RULES: dict[str, str | None] = {
     "seq": None,
 }
 
+# The decode layout (`sampling.layout`): the same table with the model dim whole. A decode step reads every
+# weight for a few rows, so weights split over fsdp would be all-gathered for every generated token; whole over
+# fsdp, each chip decodes its own rows on its own copy (pure data parallel), still split over tp.
+DECODE_RULES: dict[str, str | None] = {**SHARDING_RULES, "embed": None}
+
 
 # Per-chip peak dense bf16 FLOP/s by jax's `device_kind` (vendor figures): the MFU denominator when
 # mesh.peak_flops is 0. "cpu" is a 2-core AVX2 machine's f32 rate, measured here.
@@ -62,11 +67,11 @@ def abstract_mesh(cfg: MeshCfg, n_devices: int) -> AbstractMesh:
   return AbstractMesh(mesh_shape(cfg, n_devices), MESH_AXES)
 
 
-def spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> PartitionSpec:
+def spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh, rules: dict = SHARDING_RULES) -> PartitionSpec:
   """PartitionSpec from logical axes; a dim the mesh axis doesn't divide stays replicated."""
   out, used = [], set()
   for dim, axis in zip(shape, axes):
-    mesh_axis = SHARDING_RULES[axis]
+    mesh_axis = rules[axis]
     if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis]:
       out.append(None)
     else:
@@ -75,16 +80,17 @@ def spec(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh) -> Partition
   return PartitionSpec(*out)
 
 
-def shard_shape(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh | AbstractMesh) -> tuple[int, ...]:
-  """The block of a `shape` array that one device holds under the table."""
-  return tuple(d // (1 if a is None else mesh.shape[a]) for d, a in zip(shape, spec(shape, axes, mesh)))
+def shard_shape(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh | AbstractMesh,
+                rules: dict = SHARDING_RULES) -> tuple[int, ...]:
+  """The block of a `shape` array that one device holds under the table (`rules`)."""
+  return tuple(d // (1 if a is None else mesh.shape[a]) for d, a in zip(shape, spec(shape, axes, mesh, rules)))
 
 
-def shardings(table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], mesh: Mesh):
+def shardings(table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], mesh: Mesh, rules: dict = SHARDING_RULES):
   """Nested pytree of NamedShardings for a flat {name: (shape, axes)} table."""
   from tpu_reason.models.transformer import unflatten
 
-  return unflatten({k: NamedSharding(mesh, spec(s, a, mesh)) for k, (s, a) in table.items()})
+  return unflatten({k: NamedSharding(mesh, spec(s, a, mesh, rules)) for k, (s, a) in table.items()})
 
 
 def rows_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:

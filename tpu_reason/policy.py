@@ -11,6 +11,7 @@ are merged into the loaded weights. Eval, chat and export load through `load`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, models, runs
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
+from tpu_reason.sampling import layout
 
 
 @dataclasses.dataclass
@@ -98,3 +100,14 @@ def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:
   if policy.lora is None:
     return params, None
   return params, mesh_lib.place(policy.lora, mesh_lib.shardings(lora_lib.shapes(cfg, policy.lora_cfg), mesh))
+
+
+def decode_weights(policy: Policy, mesh, dtype: str = "float32", mode: str = "auto") -> layout.Weights:
+  """What eval and chat generate with: the policy's merged decode copy (`sampling.layout`), built from the weights
+  placed in the training layout (each device is handed only its own block), or those when `mode` says train."""
+  params, lora = place(policy, mesh, dtype)
+  weights, note = layout.build(params, lora, policy.model.cfg, mesh, lora_scale=policy.lora_scale, dtype=dtype,
+                               mode=mode)
+  if note:
+    print(note, file=sys.stderr)
+  return weights

@@ -27,6 +27,7 @@ from tpu_reason.data import loader, packing
 from tpu_reason.data.batch import Batch, Collated, PackedBatch, real_tokens
 from tpu_reason.data.prepare import prepare
 from tpu_reason.errors import UserError, cli
+from tpu_reason.sampling import layout
 
 
 def device_batch(batch: Collated) -> Batch | PackedBatch:
@@ -146,9 +147,12 @@ class Trainer:
     rows = self.eval[: t.eval_generate]
     if not rows:
       return {}
-    scores, _ = evaluate.generate_and_score(self.model, self.params, rows, self.schema, lora=lora,
-                                            lora_scale=self.lora_scale, max_new_tokens=t.eval_max_new_tokens,
-                                            dtype=self.dtype)
+    w, _ = layout.build(self.params, lora, self.model.cfg, self.mesh, lora_scale=self.lora_scale, dtype=self.dtype,
+                        mode=self.cfg.mesh.decode_layout)
+    with jax.set_mesh(self.mesh):  # each chip decodes its own rows
+      scores, _ = evaluate.generate_and_score(self.model, w.params, rows, self.schema, lora=w.lora,
+                                              lora_scale=w.lora_scale, max_new_tokens=t.eval_max_new_tokens,
+                                              dtype=self.dtype)
     return scores
 
 

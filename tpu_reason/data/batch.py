@@ -11,6 +11,7 @@ The array field names are the one place the batch layout is spelled; their suffi
   `RolloutBatch(Batch)` (a GRPO update's rows) adds
     advantages_B, num_tokens_B             float32  per row (num_tokens_B: the token-mean's share)
     old_logp_BxC, ref_logp_BxC             float32  stored log-probs of the sampled tokens
+    sampler_logp_BxC                       float32  the same tokens' log-probs as the sampler computed them
 
   `PackedBatch` (`data.pack`, see `packing.pack` and `collate_packed`): several examples per row of
   width L = P + max_completion_tokens, attention within each example
@@ -73,13 +74,14 @@ class RolloutBatch(Batch):
   num_tokens_B: Any = None  # the micro-slice's share of the mini-batch's tokens (dapo's token-mean)
   old_logp_BxC: Any = None
   ref_logp_BxC: Any = None
+  sampler_logp_BxC: Any = None  # what the sampler's weights gave (the merged decode copy): rollout/logp_diff, tis
 
   @classmethod
   def spec(cls, rows: int, prompt: int, completion: int, sharding=None) -> RolloutBatch:
     per_row = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sharding)
     per_token = jax.ShapeDtypeStruct((rows, completion), jnp.float32, sharding=sharding)
     return cls(**vars(Batch.spec(rows, prompt, completion, sharding)), advantages_B=per_row, num_tokens_B=per_row,
-               old_logp_BxC=per_token, ref_logp_BxC=per_token)
+               old_logp_BxC=per_token, ref_logp_BxC=per_token, sampler_logp_BxC=per_token)
 
 
 @jax.tree_util.register_dataclass

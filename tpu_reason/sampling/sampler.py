@@ -31,13 +31,14 @@ from tpu_reason.tags import TagSchema
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "suffix", "tokens", "last", "pos", "step", "done", "lengths", "key", "budget"], meta_fields=[])
+    "suffix", "tokens", "logps", "last", "pos", "step", "done", "lengths", "key", "budget"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
   """Everything the decode loop carries; `suffix` caches the fed tokens, one slot per step."""
 
   suffix: KVCache  # [L, B*G, ..., S] with S = N + slots for rewound tokens
   tokens: jax.Array  # [B*G, N] generated ids (pad after the end)
+  logps: jax.Array  # [B*G, N] f32 log-prob of each generated id under the sampling temperature (0 after the end)
   last: jax.Array  # [B*G] last token, input to the next step
   pos: jax.Array  # [B*G] position of `last`
   step: jax.Array  # [] decode steps so far (tokens generated, unless budget forcing rewound some)
@@ -56,6 +57,9 @@ class Generation:
   finished: np.ndarray  # [B*G] ended by EOS or stop string (else hit the length cap)
   texts: list[str]
   seconds: float
+  # [B*G, N] f32 log p of each token under the sampler's weights at its temperature (0 after `lengths`): beside
+  # the trainer's own log-probs of the same tokens it shows how far the two numerics are apart
+  logprobs: np.ndarray | None = None
   # with a tag schema (else None):
   thinking_tokens: np.ndarray | None = None  # [B*G] tokens before the reasoning close
   forced_closes: np.ndarray | None = None  # [B*G] closes forced by the thinking cap (0 or 1)
@@ -100,6 +104,13 @@ def sample_token(logits_BxV, key, temperature: float, top_k: int, top_p: float):
   return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def token_logprob(logits_BxV, tok_B, temperature: float):
+  """log p(tok) at the sampling temperature over the whole vocabulary (not top-k / top-p's cut): the
+  quantity the trainer scores (`losses.token_logprobs`); greedy decoding reports it at temperature 1."""
+  x = logits_BxV.astype(jnp.float32) / (temperature or 1.0)
+  return jnp.take_along_axis(x, tok_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
 def prefill(params, lora, lora_scale, tokens_BxP, mask_BxP, *, cfg: ModelConfig, dtype=jnp.float32):
   """Run the (left-padded) prompts once: their cache and last-token logits."""
@@ -116,17 +127,19 @@ def alive(s: DecodeState):
   return ~s.done & (s.lengths < s.tokens.shape[1])
 
 
-def _append(s: DecodeState, sampled_B, forcing: Forcing | None, eos_ids, pad_id):
-  """Add one token to every live row (forced or `sampled`): (state, rewind_B)."""
+def _append(s: DecodeState, logits_BxV, sampled_B, temperature: float, forcing: Forcing | None, eos_ids, pad_id):
+  """Add one token to every live row (forced or `sampled`) and its log-prob: (state, rewind_B)."""
   live = alive(s)
   tok, b, rewind = sampled_B, s.budget, jnp.zeros_like(s.lengths)
   if forcing is not None:
     tok, b, rewind = budget_lib.step(forcing, b, s.tokens, s.lengths, sampled_B, live)
   lengths = s.lengths - rewind
   rows = jnp.arange(lengths.shape[0])
-  tokens = s.tokens.at[rows, jnp.where(live, lengths, s.tokens.shape[1])].set(tok, mode="drop")
+  at = jnp.where(live, lengths, s.tokens.shape[1])
+  tokens = s.tokens.at[rows, at].set(tok, mode="drop")
+  logps = s.logps.at[rows, at].set(token_logprob(logits_BxV, tok, temperature), mode="drop")
   done = s.done | (live & jnp.isin(tok, eos_ids))
-  s = dataclasses.replace(s, tokens=tokens, last=jnp.where(live, tok, pad_id), done=done,
+  s = dataclasses.replace(s, tokens=tokens, logps=logps, last=jnp.where(live, tok, pad_id), done=done,
                           lengths=lengths + live, budget=b)
   return s, rewind
 
@@ -142,13 +155,15 @@ def start(prefix: KVCache, first_logits_BxV, next_pos_B, key, forcing: Forcing |
   """
   b = first_logits_BxV.shape[0] * group
   key, sub = jax.random.split(key)
-  first = sample_token(jnp.repeat(first_logits_BxV, group, 0), sub, *mode)
+  logits_BxV = jnp.repeat(first_logits_BxV, group, 0)
+  first = sample_token(logits_BxV, sub, *mode)
   rows = lambda x: constrain(x, ("batch",) + ("seq",) * (x.ndim - 1))  # noqa: E731  each chip: its own rows
   zeros = rows(jnp.zeros((b,), jnp.int32))
-  state = DecodeState(init_cache(cfg, b, slots or max_new, dtype), rows(jnp.zeros((b, max_new), jnp.int32)), zeros,
-                      rows(jnp.repeat(next_pos_B, group)), jnp.array(1, jnp.int32), rows(jnp.zeros((b,), bool)),
-                      zeros, key, None if forcing is None else budget_lib.init(forcing, b))
-  return _append(state, first, forcing, eos_ids, pad_id)[0]
+  state = DecodeState(init_cache(cfg, b, slots or max_new, dtype), rows(jnp.zeros((b, max_new), jnp.int32)),
+                      rows(jnp.zeros((b, max_new), jnp.float32)), zeros, rows(jnp.repeat(next_pos_B, group)),
+                      jnp.array(1, jnp.int32), rows(jnp.zeros((b,), bool)), zeros, key,
+                      None if forcing is None else budget_lib.init(forcing, b))
+  return _append(state, logits_BxV, first, mode[0], forcing, eos_ids, pad_id)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mode", "span", "dtype"), donate_argnames=("state",))
@@ -169,8 +184,10 @@ def decode(params, lora, lora_scale, prefix: KVCache, state: DecodeState, until,
                              lora_scale=lora_scale, caches=caches, dtype=dtype, return_kv=True)
     suffix = write(s.suffix, k, v, pos, live[:, None], s.step - 1)
     key, sub = jax.random.split(s.key)
-    sampled = sample_token(logits(params, cfg, hidden, lora)[:, 0], sub, *mode)
-    s, rewind = _append(dataclasses.replace(s, suffix=suffix, key=key), sampled, forcing, eos_ids, pad_id)
+    logits_BxV = logits(params, cfg, hidden, lora)[:, 0]
+    sampled = sample_token(logits_BxV, sub, *mode)
+    s, rewind = _append(dataclasses.replace(s, suffix=suffix, key=key), logits_BxV, sampled, mode[0], forcing,
+                        eos_ids, pad_id)
     next_pos = s.pos + 1 - rewind
     if forcing is not None:
       suffix = budget_lib.forget(suffix, rewind, next_pos)
@@ -243,13 +260,14 @@ def _forcing(tokenizer, schema: TagSchema | None, budget: BudgetCfg | None) -> F
 
 def _result(tokenizer, state: DecodeState, stop_len: np.ndarray, pad: int, t0: float) -> Generation:
   """Host-side Generation: cut at stop strings, pad after the end, decode texts; seconds since `t0`."""
-  tokens, done, lengths, b = to_host((state.tokens, state.done, state.lengths, state.budget))
+  tokens, logps, done, lengths, b = to_host((state.tokens, state.logps, state.done, state.lengths, state.budget))
   seconds = time.perf_counter() - t0  # the fetch above waited for the last decode chunk to run
   stopped = stop_len > 0
   lengths = np.where(stopped, np.minimum(stop_len, lengths), lengths).astype(np.int32)
-  tokens = np.where(np.arange(tokens.shape[1])[None] < lengths[:, None], tokens, pad).astype(np.int32)
+  kept = np.arange(tokens.shape[1])[None] < lengths[:, None]
+  tokens = np.where(kept, tokens, pad).astype(np.int32)
   texts = [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(tokens, lengths)]
-  gen = Generation(tokens, lengths, done | stopped, texts, seconds)
+  gen = Generation(tokens, lengths, done | stopped, texts, seconds, np.where(kept, logps, 0.0).astype(np.float32))
   if b is None:
     return gen
   return dataclasses.replace(gen, thinking_tokens=np.minimum(b.thinking, lengths), forced_closes=b.forced,
