@@ -49,6 +49,8 @@ LORA = (2 * 8 * 4 + 2 * 4 * 2 * 8  # q: A [L, D/fsdp, r], B [L, r, N/tp, H]
         + 2 * 32 * 4 + 2 * 4 * 8) * F32  # down: A [L, F/tp, r], B [L, r, D/fsdp]; f32 master weights
 ADAM = 2 * LORA + 4 + 4  # mu and nu like the adapters; int32 step counts of adam and the lr schedule
 LAYER = (32 * 2 * 8 + 2 * 32 * 1 * 8 + 2 * 8 * 32 + 3 * 32 * 32 + 2 * 32) * BF16  # one layer, D whole, tp split
+# the merged decode copy: every layer whole over fsdp (D = 32), tp split; embed [V/tp, D], final norm
+DECODE = 2 * LAYER + (64 * 32 + 32) * BF16
 
 
 def kv(rows, slots):
@@ -62,7 +64,9 @@ def test_resident_bytes_match_hand_counts(tiny_plan):
     assert phase.items["base params"] == PARAMS
     assert phase.items["LoRA adapters"] == LORA
     assert phase.items["optimizer state"] == ADAM
-    assert phase.items["gathered layer (FSDP)"] == LAYER
+  assert sft_step.items["gathered layer (FSDP)"] == train.items["gathered layer (FSDP)"] == LAYER
+  # the rollout decodes on the merged copy (whole over fsdp) instead of gathering a layer at a time
+  assert rollout.items["decode copy (merged)"] == DECODE and "gathered layer (FSDP)" not in rollout.items
   assert sft_step.items["LoRA gradients"] == LORA  # grad_accum=1
   assert train.items["LoRA gradients"] == 2 * LORA  # micro_batch 1 of grpo.prompts=2: accumulated
   assert "LoRA gradients" not in rollout.items and "activations" not in rollout.items
@@ -73,10 +77,21 @@ def test_rollout_bytes_match_hand_counts(tiny_plan):
   # grpo.prompts=2 do not split over fsdp=4: every chip keeps both prefixes; their 2 x G=4 = 8 rows do (2 each)
   assert rollout.items["KV cache"] == kv(2, 8) + kv(2, 8)  # prefix P=8; 2 sample rows of 8 tokens
   assert rollout.items["sampling logits"] == 2 * 64 * 4  # 2 rows x vocab 128 / tp 2, f32
-  assert rollout.total == PARAMS + LORA + ADAM + LAYER + 2 * kv(2, 8) + 2 * 64 * 4
+  assert rollout.total == PARAMS + LORA + ADAM + DECODE + 2 * kv(2, 8) + 2 * 64 * 4
+  assert tiny_plan.decode_layout == "merged"
   assert any("grpo.prompts=2 is not a multiple of fsdp=4" in n for n in tiny_plan.notes)
   split = plan.plan(tiny_cfg("grpo.prompts=4", "grpo.micro_batch=2"), TINY_LLAMA, 8, 16 * plan.GIB).phases[1]
   assert split.items["KV cache"] == kv(1, 8) + kv(4, 8)  # 4 prompts -> 1 per chip, 16 rows -> 4 per chip
+
+
+def test_the_decode_copy_falls_back_to_the_training_layout_where_it_does_not_fit(tiny_plan):
+  """auto: merged when the copy fits beside the training state; else the training layout, said in a note."""
+  rollout = tiny_plan.phases[1]
+  tight = plan.plan(tiny_cfg(), TINY_LLAMA, 8, rollout.total - 1)
+  assert tight.decode_layout == "train" and any("does not fit" in n for n in tight.notes)
+  assert tight.phases[1].items["gathered layer (FSDP)"] == LAYER and "decode copy (merged)" not in tight.phases[1].items
+  forced = plan.plan(tiny_cfg("mesh.decode_layout=train"), TINY_LLAMA, 8, 16 * plan.GIB)
+  assert forced.decode_layout == "train" and not any("does not fit" in n for n in forced.notes)
 
 
 def test_abstract_bytes_equal_real_placement():

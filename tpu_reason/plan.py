@@ -11,6 +11,9 @@ from abstract shapes only: no weights are loaded or allocated.
                                  the rows one device holds, plus one layer's worth of working memory
                                  while that layer is recomputed and differentiated (the reference
                                  and old-policy log-probs are forward-only)
+  decode copy                    the merged weights the rollout decodes with (`sampling.layout`): base +
+                                 LoRA in the compute dtype, whole over fsdp, split over tp; in its place,
+                                 where it does not fit (or mesh.decode_layout=train), the gathered layer
   KV cache                       grpo.prompts prefixes + G samples each, rows split over fsdp like a
                                  batch (each chip decodes its own rows), kv heads over tp
   sampling logits                f32 logits of the device's rollout rows (vocabulary split over tp)
@@ -56,7 +59,7 @@ from tpu_reason.data.batch import Batch, PackedBatch, RolloutBatch
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models.transformer import (KVCache, ModelConfig, flatten, init_cache, param_dtypes, param_shapes,
                                           unflatten)
-from tpu_reason.sampling import sampler
+from tpu_reason.sampling import layout, sampler
 
 GIB = 2**30
 FLAGS = {"--devices": "devices", "--hbm-gib": "hbm_gib", "--tpu": "tpu", "--stand-in": "stand_in?"}
@@ -89,6 +92,7 @@ class Plan:
   hbm: int
   notes: tuple[str, ...] = ()
   errors: tuple[str, ...] = ()  # settings a trainer would refuse on this mesh
+  decode_layout: str = "merged"  # what the rollout decodes with (`sampling.layout`): merged | train
 
   @property
   def fits(self) -> bool:
@@ -245,8 +249,17 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   new = g.sampling.max_new_tokens
   kv = kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype) + kv_cache_bytes(local, rows, new, dtype)
   vocab = mesh_lib.shard_shape((model_cfg.vocab_size,), ("vocab",), mesh)[0]
-  rollout = Phase("GRPO rollout", {**resident, **gathered, "KV cache": kv, "sampling logits": rows * vocab * 4},
-                  f"{prompts} prompts x G={g.group} = {rows} rows/device, {d.max_prompt_tokens}+{new} tokens")
+  sampling = {"KV cache": kv, "sampling logits": rows * vocab * 4}
+  copy = {"decode copy (merged)": layout.bytes_per_device(model_cfg, mesh, dtype)}
+  # auto: merged when the copy fits beside the training state (what the trainer decides at run time)
+  merged = sum({**resident, **copy, **sampling}.values()) <= hbm_bytes
+  decode = cfg.mesh.decode_layout if cfg.mesh.decode_layout != "auto" else ("merged" if merged else "train")
+  if cfg.mesh.decode_layout == "auto" and not merged:
+    notes.append(f"GRPO rollout: the merged decode copy ({copy['decode copy (merged)'] / GIB:.2f} GiB) does not fit "
+                 "beside the training state: decoding on the training layout (weights all-gathered per token)")
+  rollout = Phase("GRPO rollout", {**resident, **(copy if decode == "merged" else gathered), **sampling},
+                  f"{prompts} prompts x G={g.group} = {rows} rows/device, {d.max_prompt_tokens}+{new} tokens, "
+                  f"{decode} decode layout")
   if prompts == g.prompts and fsdp > 1:
     notes.append(f"GRPO rollout: grpo.prompts={g.prompts} is not a multiple of fsdp={fsdp}, so every chip holds "
                  "every prompt's cache")
@@ -257,7 +270,7 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   title = (f"{cfg.name}: {cfg.model.spec} ({model_cfg.family}, {model_cfg.num_params / 1e9:.2f}B params, "
            f"{cfg.model.dtype}), LoRA r{cfg.lora.rank} on {cfg.lora.targets} ({lora_n / 1e6:.1f}M), "
            f"mesh fsdp={mesh.shape['fsdp']} x tp={mesh.shape['tp']}")
-  return Plan(title, (sft_phase, rollout, grpo_train), hbm_bytes, tuple(notes), tuple(errors))
+  return Plan(title, (sft_phase, rollout, grpo_train), hbm_bytes, tuple(notes), tuple(errors), decode)
 
 
 def table(p: Plan) -> str:
@@ -365,12 +378,25 @@ def cache_layout(cache: KVCache, mesh) -> KVCache:
                              valid=one(cache.valid, ("batch", "seq")), pos=one(cache.pos, ("batch", "seq")))
 
 
-def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
-  """The sampler's prefill of `grpo.prompts` prompts and its decode loop over G samples of each, lowered."""
-  g, dtype, scale = cfg.grpo, jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
+def decode_weights(cfg: Config, model_cfg: ModelConfig, mesh, decode: str):
+  """(params, lora, lora_scale) as the sampler reads them in the `decode` layout, abstract; and the merge that
+  builds the merged copy from the training layout, lowered (None on the training layout)."""
+  dtype, scale = jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
   params = base_params(model_cfg, dtype, mesh)
   table = lora_lib.shapes(model_cfg, cfg.lora)
   lora = laid_out(train_lib.abstract_lora(table), mesh_lib.shardings(table, mesh))  # TrainState.lora's layout
+  if decode == "train":
+    return (params, lora, scale), None
+  merge = layout.merge_fn(model_cfg, mesh, float(scale), dtype)
+  merged = laid_out(jax.eval_shape(merge, params, lora), layout.shardings(model_cfg, mesh))
+  return (merged, None, 1.0), merge.lower(params, lora)
+
+
+def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh, decode: str = "merged") -> dict[str, jax.stages.Lowered]:
+  """The merge into the decode copy (once per rollout), the sampler's prefill of `grpo.prompts` prompts and its
+  decode loop over G samples of each, lowered."""
+  g, dtype = cfg.grpo, jnp.dtype(cfg.model.dtype)
+  (params, lora, scale), merge = decode_weights(cfg, model_cfg, mesh, decode)
   prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, mesh_lib.rows_sharding(mesh, (g.prompts, 1)))
   tokens, mask = prompt.prompt_tokens_BxP, prompt.prompt_mask_BxP
   cache, first, next_pos = jax.eval_shape(functools.partial(sampler.prefill, cfg=model_cfg, dtype=dtype),
@@ -386,9 +412,11 @@ def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.st
   state = dataclasses.replace(rows_over_fsdp(dataclasses.replace(state, suffix=None), mesh),
                               suffix=cache_layout(state.suffix, mesh))
   with jax.set_mesh(mesh):
-    return {"GRPO prefill": sampler.prefill.lower(params, lora, scale, tokens, mask, cfg=model_cfg, dtype=dtype),
-            "GRPO decode": sampler.decode.lower(params, lora, scale, prefix, state, g.sampling.max_new_tokens, eos, pad,
-                                                cfg=model_cfg, mode=mode, span=g.sampling.max_new_tokens, dtype=dtype)}
+    programs = {
+        "GRPO prefill": sampler.prefill.lower(params, lora, scale, tokens, mask, cfg=model_cfg, dtype=dtype),
+        "GRPO decode": sampler.decode.lower(params, lora, scale, prefix, state, g.sampling.max_new_tokens, eos, pad,
+                                            cfg=model_cfg, mode=mode, span=g.sampling.max_new_tokens, dtype=dtype)}
+  return programs if merge is None else {"GRPO merge": merge, **programs}
 
 
 def lower_grpo_train(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
@@ -404,16 +432,16 @@ def lower_grpo_train(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax
             "GRPO update": step_fn.lower(state, params, mini)}
 
 
-def lower_all(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages.Lowered]:
-  """Every program a run compiles at its largest shapes, by name."""
-  return {"SFT step": lower_sft_step(cfg, model_cfg, mesh), **lower_rollout(cfg, model_cfg, mesh),
+def lower_all(cfg: Config, model_cfg: ModelConfig, mesh, decode: str = "merged") -> dict[str, jax.stages.Lowered]:
+  """Every program a run compiles at its largest shapes, by name (the rollout's in the `decode` layout)."""
+  return {"SFT step": lower_sft_step(cfg, model_cfg, mesh), **lower_rollout(cfg, model_cfg, mesh, decode),
           **lower_grpo_train(cfg, model_cfg, mesh)}
 
 
 # --------------------------------------------------------------------------- the TPU compiler
 
 # each program beside the analytical phase that covers it (the log-prob pass has none)
-PLAN_PHASE = {"SFT step": "SFT step", "GRPO prefill": "GRPO rollout", "GRPO decode": "GRPO rollout",
+PLAN_PHASE = {"SFT step": "SFT step", "GRPO merge": "GRPO rollout", "GRPO prefill": "GRPO rollout", "GRPO decode": "GRPO rollout",
               "GRPO update": "GRPO train"}
 
 
@@ -541,7 +569,7 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
   print(f"\nTPU compiler (libtpu {importlib.metadata.version('libtpu')}): {tpu} = {TPUS[tpu][0]}, {model}, "
         f"{hbm_gib:g} GiB usable per chip\n{TPU_HEAD}", file=out, flush=True)
   results = []
-  for name, lowered in lower_all(cfg, model_cfg, mesh).items():
+  for name, lowered in lower_all(cfg, model_cfg, mesh, p.decode_layout).items():
     results.append(compile_tpu(name, lowered, options))
     print(tpu_row(results[-1], p), file=out, flush=True)
   fits, line = tpu_verdict(tpu, results, p)

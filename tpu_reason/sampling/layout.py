@@ -116,7 +116,7 @@ def merge_layer_weights(params, lora, *, model_cfg: ModelConfig, lora_scale: flo
 
 
 @functools.lru_cache(maxsize=8)
-def _merge_fn(model_cfg: ModelConfig, mesh, lora_scale: float, dtype):
+def merge_fn(model_cfg: ModelConfig, mesh, lora_scale: float, dtype):
   """The jitted merge for one model, mesh and scale: computed where training keeps each weight, written
   in the decode layout (the one all-gather of the rollout)."""
   merge = functools.partial(merge_layer_weights, model_cfg=model_cfg, lora_scale=lora_scale, dtype=dtype)
@@ -132,6 +132,6 @@ def build(params, lora, model_cfg: ModelConfig, mesh, *, lora_scale: float, dtyp
   layout, note = choose(mode, need + extra_bytes, free_bytes(mesh) if mode == "auto" else None)
   if layout == "train":
     return Weights(params, lora, lora_scale, "train"), note
-  merged = _merge_fn(model_cfg, mesh, float(lora_scale), jnp.dtype(dtype))(params, lora)
+  merged = merge_fn(model_cfg, mesh, float(lora_scale), jnp.dtype(dtype))(params, lora)
   return Weights(merged, None, 1.0, "merged"), note
 
