@@ -53,6 +53,8 @@ def _args(argv=None):
   ap.add_argument("--new-tokens", type=int, default=512)
   ap.add_argument("--prompt-tokens", type=int, default=160, help="data.max_prompt_tokens: the padded prompt length")
   ap.add_argument("--beta", type=float, default=0.04, help="grpo.beta: KL weight (0 skips the reference pass)")
+  ap.add_argument("--remat", default="none", choices=("none", "dots", "full"),
+                  help="ours: model.remat (full matches TRL's gradient checkpointing)")
   ap.add_argument("--only", choices=("both", "ours", "tunix"), default="both",
                   help="run one side in this process (default: both, each in a subprocess)")
   ap.add_argument("--no-mem-guard", action="store_true",
@@ -69,7 +71,7 @@ def _config(a, out_dir: str):
       f"grpo.prompts={a.prompts}", f"grpo.group={a.group}", f"grpo.sampling.max_new_tokens={a.new_tokens}",
       f"grpo.steps={a.steps + 1}", "grpo.optim.warmup_steps=0", "grpo.micro_batch=1", f"grpo.beta={a.beta}",
       f"data.max_prompt_tokens={a.prompt_tokens}", f"data.size={max(64, a.prompts * (a.steps + 1))}",
-      "data.eval_size=0"])
+      "data.eval_size=0", f"model.remat={a.remat}"])
 
 
 def _no_eos(model_cfg) -> int:
@@ -149,6 +151,7 @@ def run_ours(a) -> dict:
       state, metrics, _ = grpo.grpo_step(tr, state, batch, step)
       jax.block_until_ready(state)
       parts.append({"total": time.perf_counter() - t, "rollout": metrics["time/rollout"],
+                    "decode_weights": metrics["time/decode_weights"],
                     "reference": metrics["time/reference"], "train": metrics["time/train"]})
       print(f"[ours] step {step}: {_fmt_parts(parts[-1])}, reward {metrics['reward']:.3f}, "
             f"kl {metrics['kl']:.4f}", flush=True)
@@ -165,7 +168,8 @@ def _ours_xla_memory(tr, state, rows: int, prompt_len: int, new_tokens: int) -> 
   mb = RolloutBatch(np.zeros((rows, prompt_len), np.int32), np.ones((rows, prompt_len), bool),
                     np.zeros((rows, new_tokens), np.int32), np.ones((rows, new_tokens), bool),
                     advantages_B=np.zeros(rows, f32), num_tokens_B=np.ones(rows, f32),
-                    old_logp_BxC=np.zeros((rows, new_tokens), f32), ref_logp_BxC=np.zeros((rows, new_tokens), f32))
+                    old_logp_BxC=np.zeros((rows, new_tokens), f32), ref_logp_BxC=np.zeros((rows, new_tokens), f32),
+                    sampler_logp_BxC=np.zeros((rows, new_tokens), f32))
   ma = tr.step_fn.lower(state, tr.params, tr.place(mb)).compile().memory_analysis()
   return {"temp": ma.temp_size_in_bytes, "args": ma.argument_size_in_bytes, "out": ma.output_size_in_bytes}
 

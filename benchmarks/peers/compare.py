@@ -12,6 +12,7 @@ benchmarks/peers/last_run.md.
   generate16  4 prompts x G=4 x 512 new tokens (16 rows), temperature 1 / top-k 50, no early stop
   generate4   1 prompt x G=4 x 512 new tokens
   grpo1x4     1 prompt x G=4 x 512 new tokens, beta 0.04, median of 2 steps
+  grpo1x4_ckpt  the same with checkpointing on both sides (TRL gradient checkpointing, ours model.remat=full)
   grpo4x4     4 prompts x G=4 x 512 new tokens, beta 0.04, 1 timed step
 --small shrinks them all for a smoke run (64 new / 64 + 128 SFT tokens, 1 timed step).
 TRL's GRPO runs with gradient checkpointing (TRL's default; --theirs-no-grad-ckpt turns it off): without
@@ -57,7 +58,7 @@ class Shape:
   group: int = 0
   new: int = 0
   beta: float = 0.04
-  ckpt: bool = False  # sft: checkpointing on both sides
+  ckpt: bool = False  # checkpointing on both sides (sft; grpo: ours too, TRL's is on by default)
 
   def describe(self) -> str:
     if self.kind == "sft":
@@ -67,7 +68,8 @@ class Shape:
     rows = f"{self.prompts} prompt{'s' if self.prompts > 1 else ''} x G={self.group} x {self.new} new"
     if self.kind == "generate":
       return f"{rows} ({self.prompts * self.group} rows), median of {self.steps}"
-    return f"{rows}, beta {self.beta}, median of {self.steps}"
+    ckpt = ", checkpointing both sides" if self.ckpt else ""
+    return f"{rows}, beta {self.beta}{ckpt}, median of {self.steps}"
 
 
 WORK = {"sft": "SFT step: TRL SFTTrainer+PEFT vs ours", "generate": "decode: HF generate vs ours",
@@ -82,6 +84,7 @@ def shapes(small: bool) -> dict[str, Shape]:
           "generate16": Shape("generate16", "generate", 1, prompts=4, group=4, new=new),
           "generate4": Shape("generate4", "generate", 1, prompts=1, group=4, new=new),
           "grpo1x4": Shape("grpo1x4", "grpo", steps, prompts=1, group=4, new=new),
+          "grpo1x4_ckpt": Shape("grpo1x4_ckpt", "grpo", steps, prompts=1, group=4, new=new, ckpt=True),
           # one timed step: the 16-row step takes TRL ~4 min (warm-up step included, 8 min a side)
           "grpo4x4": Shape("grpo4x4", "grpo", 1, prompts=4, group=4, new=new)}
 
@@ -102,7 +105,7 @@ def command(side: str, s: Shape, grpo_ckpt: bool = True) -> list[str]:
   else:
     flags = ["--prompts", s.prompts, "--group", s.group, "--steps", s.steps, "--beta", s.beta]
     if side == "ours":
-      flags += ["--new-tokens", s.new]
+      flags += ["--new-tokens", s.new, *(["--remat", "full"] if s.ckpt else [])]
       script = (BENCH / "grpo_throughput.py", "--only", "ours")
     else:
       flags += ["--new", s.new, *(["--grad-ckpt"] if grpo_ckpt else [])]
