@@ -34,6 +34,8 @@ import functools
 import math
 import re
 
+# the op_name jax gives `sampler.decode`'s while_loop: one iteration generates one token of every row
+DECODE_LOOP = "jit(decode)/while"
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 # ops that move no data of their own (their operands' producers and users already count it)
 FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all", "partition-id", "replica-id",
@@ -444,7 +446,7 @@ def iteration_cost(hlo: str | Module, loop: str, trips: dict[str, int] | None = 
   return counter.cost(found[0].attr("body"), False) + counter.cost(found[0].attr("condition"), False)
 
 
-def loop_collective_bytes(hlo: str, loop: str = "jit(decode)/while") -> dict[str, float]:
+def loop_collective_bytes(hlo: str, loop: str = DECODE_LOOP) -> dict[str, float]:
   """Bytes each kind of collective moves per chip in one iteration of `loop` (default: one decoded token)."""
   return iteration_cost(hlo, loop).collective_bytes()
 

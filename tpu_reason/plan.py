@@ -412,8 +412,7 @@ def lower_all(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax.stages
 
 # --------------------------------------------------------------------------- the TPU compiler
 
-# `sampler.decode`'s while_loop: one iteration generates one token of every row (its count is data dependent)
-DECODE_LOOP = "jit(decode)/while"
+DECODE_LOOP = hlo_cost.DECODE_LOOP  # its trip count is data dependent: a run's max_new_tokens at most
 # each program beside the analytical phase that covers it (the log-prob pass has none)
 PLAN_PHASE = {"SFT step": "SFT step", "GRPO prefill": "GRPO rollout", "GRPO decode": "GRPO rollout",
               "GRPO update": "GRPO train"}
