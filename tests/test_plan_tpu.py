@@ -32,9 +32,9 @@ def _plan(*args, **env) -> subprocess.CompletedProcess:
                         env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", **env})
 
 
-def tpu_rows(stdout: str) -> dict[str, str]:
-  """The TPU table's line of each program, without its name."""
-  table = stdout.split(plan.TPU_HEAD, 1)[1].splitlines()
+def tpu_rows(stdout: str, head: str = plan.TPU_HEAD) -> dict[str, str]:
+  """The line of each program in the TPU table (or the time table, `head=plan.TIME_HEAD`), without its name."""
+  table = stdout.split(head, 1)[1].split("\n\n", 1)[0].splitlines()  # the time table follows a blank line
   return {line[:16].rstrip(): line[16:] for line in table if line[:16].rstrip() in PROGRAMS}
 
 
@@ -64,6 +64,19 @@ def test_stand_in_compiles_every_program_and_fits():
       totals[0], totals[1], totals[1], totals[2]]
   assert proc.stdout.rstrip().splitlines()[-1].startswith("TPU v5e-8: FIT, peak ")
   assert "tiny gemma3 stand-in, 15.75 GiB usable per chip" in proc.stdout
+  # time on paper: every program's loop-weighted counts; the layer scan makes them exceed XLA's own (body once)
+  times = {name: [float(x) for x in row.split()] for name, row in tpu_rows(proc.stdout, plan.TIME_HEAD).items()}
+  assert tuple(times) == PROGRAMS
+  for name, (gflop, xla_gflop, hbm_gb, coll_mb, compute, hbm, ici, roofline) in times.items():
+    assert gflop >= xla_gflop > 0 and coll_mb > 0, (name, times[name])
+    assert roofline == pytest.approx(max(compute, hbm) + ici, abs=0.015), (name, times[name])
+  assert times["SFT step"][0] > 2 * times["SFT step"][1] and times["GRPO decode"][0] > 2 * times["GRPO decode"][1]
+  per_token = re.search(r"GRPO decode, per generated token per chip: collectives [\d,.]+ MB \(all-gather (\d+\.\d)",
+                        proc.stdout)
+  # the stand-in's tied head: vocabulary 262,144 x 64 bf16, half a chip's over tp, all-gathered over fsdp each token
+  assert per_token and float(per_token.group(1)) == pytest.approx(262144 * 64 * 2 / 2 / 1e6, rel=0.02)
+  assert re.search(r"^estimated SFT step: [\d.]+ s \(1024 tokens\), MFU [\d.]+%", proc.stdout, re.M)
+  assert re.search(r"^estimated GRPO step: .* log-probs 16 x .* update 2 x ", proc.stdout, re.M)  # beta > 0, mu = 2
 
 
 @needs_libtpu

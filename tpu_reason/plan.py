@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
-from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, sft, train as train_lib
+from tpu_reason import config, grpo, hlo_cost, lora as lora_lib, mesh as mesh_lib, models, sft, train as train_lib
 from tpu_reason.config import Config
 from tpu_reason.data.batch import Batch, PackedBatch, RolloutBatch
 from tpu_reason.errors import UserError, cli
@@ -440,9 +440,10 @@ def lower_all(cfg: Config, model_cfg: ModelConfig, mesh, decode: str = "merged")
 
 # --------------------------------------------------------------------------- the TPU compiler
 
+DECODE_LOOP = hlo_cost.DECODE_LOOP  # its trip count is data dependent: a run's max_new_tokens at most
 # each program beside the analytical phase that covers it (the log-prob pass has none)
-PLAN_PHASE = {"SFT step": "SFT step", "GRPO merge": "GRPO rollout", "GRPO prefill": "GRPO rollout", "GRPO decode": "GRPO rollout",
-              "GRPO update": "GRPO train"}
+PLAN_PHASE = {"SFT step": "SFT step", "GRPO merge": "GRPO rollout", "GRPO prefill": "GRPO rollout",
+              "GRPO decode": "GRPO rollout", "GRPO update": "GRPO train"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,6 +456,9 @@ class Compiled:
   seconds: float
   refused: str = ""  # the compiler's one-line reason
   log: str = ""  # where libtpu wrote its buffer list, when refused
+  cost: hlo_cost.Cost | None = None  # per chip, every loop at its trip count (`hlo_cost`)
+  token: hlo_cost.Cost | None = None  # one iteration of the decode loop: one generated token (decode only)
+  xla_flops: float = 0.0  # the compiler's own cost analysis: loop bodies counted once, for comparison
 
   def fits(self, hbm: int) -> bool:
     return not self.refused and self.sizes["total"] <= hbm
@@ -495,8 +499,10 @@ def tpu_log() -> str:
   return logs[-1] if logs else folder
 
 
-def compile_tpu(name: str, lowered: jax.stages.Lowered, options: dict) -> Compiled:
-  """Compile one program for TPU: its per-chip bytes and all-gathers, or the compiler's refusal."""
+def compile_tpu(name: str, lowered: jax.stages.Lowered, options: dict, trips: dict[str, int] | None = None
+                ) -> Compiled:
+  """Compile one program for TPU: its per-chip bytes, all-gathers and loop-weighted costs (`trips`: loop
+  op_name -> count for loops the HLO cannot count), or the compiler's refusal."""
   t0 = time.perf_counter()
   try:
     compiled = lowered.compile(options)
@@ -504,7 +510,12 @@ def compile_tpu(name: str, lowered: jax.stages.Lowered, options: dict) -> Compil
     if not str(e).startswith("RESOURCE_EXHAUSTED"):
       raise
     return Compiled(name, {}, 0, time.perf_counter() - t0, refusal(str(e)), tpu_log())
-  return Compiled(name, xla_bytes(compiled), all_gathers(compiled.as_text()), time.perf_counter() - t0)
+  text = compiled.as_text()
+  module = hlo_cost.parse(text)
+  token = hlo_cost.iteration_cost(module, DECODE_LOOP) if hlo_cost.loops(module, DECODE_LOOP) else None
+  xla = compiled.cost_analysis() or {}
+  return Compiled(name, xla_bytes(compiled), all_gathers(text), time.perf_counter() - t0,
+                  cost=hlo_cost.program_cost(module, trips), token=token, xla_flops=float(xla.get("flops", 0.0)))
 
 
 TPU_HEAD = (f"{'per chip (GiB)':<16}{'arguments':>11}{'outputs':>9}{'temporaries':>13}{'total':>9}{'plan':>9}"
@@ -554,6 +565,98 @@ def tpu_verdict(tpu: str, results: list[Compiled], p: Plan) -> tuple[bool, str]:
   return not failed, f"TPU {tpu}: {verdict}{peak} of {p.hbm / GIB:g} GiB per chip"
 
 
+# --------------------------------------------------------------------------- time on paper
+
+TIME_HEAD = (f"{'per chip':<16}{'GFLOP':>9}{'XLA GFLOP':>11}{'HBM GB':>9}{'coll. MB':>10}{'compute ms':>12}"
+             f"{'HBM ms':>9}{'ICI ms':>9}{'roofline ms':>13}")
+
+
+def ms(seconds: float) -> str:
+  return f"{seconds * 1e3:,.2f} ms"
+
+
+def time_row(c: Compiled) -> str:
+  """One program's loop-weighted counts per chip and its roofline time on a v5e chip."""
+  if c.cost is None:
+    return f"{c.name:<16}  - (refused)"
+  r, coll = hlo_cost.roofline(c.cost), sum(c.cost.collective_bytes().values())
+  return (f"{c.name:<16}{c.cost.flops / 1e9:>9.2f}{c.xla_flops / 1e9:>11.2f}{c.cost.hbm_bytes / 1e9:>9.2f}"
+          f"{coll / 1e6:>10.1f}{r.compute_s * 1e3:>12.2f}{r.hbm_s * 1e3:>9.2f}{r.ici_s * 1e3:>9.2f}"
+          f"{r.seconds * 1e3:>13.2f}")
+
+
+def decode_floor(cfg: Config, model_cfg: ModelConfig, mesh, p: Plan) -> tuple[int, int]:
+  """(weights, KV cache) bytes a chip must read per generated token: its tp share of the weights whole over
+  fsdp (each chip decodes its own rows) and its rows' KV cache (the plan's), each once."""
+  tp = mesh.shape["tp"]
+  unsplit = mesh_lib.abstract_mesh(config.MeshCfg(fsdp=1, tp=tp), tp)
+  weights = nbytes(local_tree(param_shapes(model_cfg), param_dtypes(model_cfg, jnp.dtype(cfg.model.dtype)), unsplit))
+  return weights, next(ph.items["KV cache"] for ph in p.phases if ph.name == "GRPO rollout")
+
+
+def decode_lines(token: hlo_cost.Cost, weights: int, kv: int) -> list[str]:
+  """Per generated token per chip: what the collectives move, the roofline, and how far it is off the HBM floor."""
+  moved = sorted(token.collective_bytes().items(), key=lambda kv: -kv[1])
+  r, floor = hlo_cost.roofline(token), (weights + kv) / hlo_cost.V5E.hbm
+  return [f"GRPO decode, per generated token per chip: collectives {sum(b for _, b in moved) / 1e6:,.1f} MB ("
+          + ", ".join(f"{k} {b / 1e6:,.1f}" for k, b in moved) + ")",
+          f"  roofline {ms(r.seconds)} (compute {ms(r.compute_s)}, HBM {ms(r.hbm_s)}, ICI {ms(r.ici_s)}) against "
+          f"an HBM floor of {ms(floor)} (weights {weights / 1e9:.2f} GB + KV cache {kv / 1e9:.2f} GB read once): "
+          f"{r.seconds / floor:.1f}x the floor"]
+
+
+def grpo_calls(g: config.GrpoCfg) -> dict[str, int]:
+  """How often one GRPO step runs each program: log-probs per micro-batch for the reference pass (beta > 0) and
+  the old-policy pass (more than one update per rollout), the update per mini-batch per iteration."""
+  passes = (1 if g.beta else 0) + (grpo.updates_per_step(g) > 1)
+  return {"GRPO prefill": 1, "GRPO decode": 1, "GRPO log-probs": passes * (g.prompts // g.micro_batch),
+          "GRPO update": grpo.updates_per_step(g)}
+
+
+def grpo_model_flops(cfg: Config, n_params: int) -> float:
+  """A GRPO step's model FLOPs: 2·N per token forward (prefill, decode, log-prob passes), 6·N per token trained."""
+  g, prompt, new = cfg.grpo, cfg.data.max_prompt_tokens, cfg.grpo.sampling.max_new_tokens
+  calls = grpo_calls(g)
+  forward = g.prompts * prompt + g.prompts * g.group * new + calls["GRPO log-probs"] * g.micro_batch * g.group * (
+      prompt + new)
+  return 2 * n_params * forward + 6 * n_params * calls["GRPO update"] * g.mini * g.group * (prompt + new)
+
+
+def step_lines(cfg: Config, model_cfg: ModelConfig, seconds: dict[str, float], chips: int) -> list[str]:
+  """The SFT and GRPO steps in roofline time and their MFU against the chips' peak."""
+  n, d, peak = model_cfg.num_params, cfg.data, hlo_cost.V5E.flops * chips
+  lines = []
+  if "SFT step" in seconds:
+    t, tokens = seconds["SFT step"], cfg.train.batch_size * (d.max_prompt_tokens + d.max_completion_tokens)
+    lines.append(f"estimated SFT step: {t:.3f} s ({tokens} tokens), MFU {6 * n * tokens / (t * peak):.1%} "
+                 "(model FLOPs 6·N·tokens)")
+  calls = grpo_calls(cfg.grpo)
+  if "GRPO merge" in seconds:  # the decode copy, built once per rollout
+    calls = {"GRPO merge": 1, **calls}
+  if all(name in seconds for name in calls):
+    parts = {name: k * seconds[name] for name, k in calls.items()}
+    total = sum(parts.values())
+    lines.append(f"estimated GRPO step: {total:.3f} s = " + " + ".join(
+        f"{name.removeprefix('GRPO ')} {calls[name]} x {seconds[name]:.3f}" for name in calls)
+        + f", MFU {grpo_model_flops(cfg, n) / (total * peak):.1%} (model FLOPs 2·N per token forward, "
+        f"6·N per token trained; decode at its full {cfg.grpo.sampling.max_new_tokens} tokens)")
+  return lines
+
+
+def time_report(cfg: Config, model_cfg: ModelConfig, mesh, p: Plan, results: list[Compiled]) -> list[str]:
+  """Time on paper: each program's loop-weighted counts and roofline, the decode per token, the steps."""
+  chip = hlo_cost.V5E
+  lines = [f"\nTime on paper ({chip.name}: {chip.flops / 1e12:g} TFLOP/s bf16, {chip.hbm / 1e9:g} GB/s HBM, ICI "
+           f"{chip.link / 1e9:g} GB/s per link and direction; roofline = max(compute, HBM) + collectives, not "
+           "overlapped; counts per chip, each loop at its trip count)", TIME_HEAD]
+  lines += [time_row(c) for c in results]
+  decode = next((c for c in results if c.token is not None), None)
+  if decode is not None:
+    lines += decode_lines(decode.token, *decode_floor(cfg, model_cfg, mesh, p))
+  seconds = {c.name: hlo_cost.roofline(c.cost).seconds for c in results if c.cost is not None}
+  return lines + step_lines(cfg, model_cfg, seconds, mesh.devices.size)
+
+
 def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model: bool = False,
             out=sys.stdout) -> bool:
   """Print the plan, then compile every program for the TPU slice `tpu`; whether all of them fit."""
@@ -568,12 +671,13 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
   model = f"tiny {model_cfg.family} stand-in" if stand_in_model else cfg.model.spec
   print(f"\nTPU compiler (libtpu {importlib.metadata.version('libtpu')}): {tpu} = {TPUS[tpu][0]}, {model}, "
         f"{hbm_gib:g} GiB usable per chip\n{TPU_HEAD}", file=out, flush=True)
-  results = []
+  results, trips = [], {DECODE_LOOP: cfg.grpo.sampling.max_new_tokens}  # a whole rollout: no row stops early
   for name, lowered in lower_all(cfg, model_cfg, mesh, p.decode_layout).items():
-    results.append(compile_tpu(name, lowered, options))
+    results.append(compile_tpu(name, lowered, options, trips))
     print(tpu_row(results[-1], p), file=out, flush=True)
   fits, line = tpu_verdict(tpu, results, p)
-  print("\n".join([*tpu_notes(cfg, model_cfg, mesh), line]), file=out, flush=True)
+  report = [*tpu_notes(cfg, model_cfg, mesh), *time_report(cfg, model_cfg, mesh, p, results), line]
+  print("\n".join(report), file=out, flush=True)
   return fits
 
 
