@@ -72,7 +72,7 @@ def cache_bytes(model_cfg: ModelConfig, rows: int, slots: int, dtype, mesh) -> i
 
 def free_bytes(mesh) -> int | None:
   """HBM left on the fullest device of `mesh` (None where the backend does not say: CPU)."""
-  stats = [d.memory_stats() for d in mesh.devices.flat]
+  stats = [d.memory_stats() for d in mesh.devices.flat if d.process_index == jax.process_index()]
   if any(s is None or "bytes_limit" not in s for s in stats):
     return None
   return min(s["bytes_limit"] - s["bytes_in_use"] for s in stats)
