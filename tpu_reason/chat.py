@@ -77,6 +77,7 @@ class Session:
 def open_session(cfg: Config, spec: str) -> Session:
   """Load `spec` (model spec or run dir) onto the mesh and start an empty conversation."""
   pol = policy.load(spec, cfg.model.dtype)
+  policy.check_top_k(cfg.sampling, "sampling", pol.model)
   params, lora = policy.place(pol, mesh_lib.make_mesh(cfg.mesh), cfg.model.dtype)
   session = Session(pol, params, lora, tags.get_schema(cfg.data.schema), cfg)
   session.reset()
