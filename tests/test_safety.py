@@ -113,6 +113,7 @@ CASES = {
     "two --config flags": ("sft", ["--config", "{w}/a.yaml", "--config", "{w}/dup.yaml"], [], [],
                            ["--config given twice"]),
     "a reward named twice": ("grpo", ["grpo.rewards=[format,outcome,outcome]"], [], [], ["outcome more than once"]),
+    "no reward at all": ("grpo", ["grpo.rewards=[]", "grpo.reward_weights=[]"], [], [], ["grpo.rewards is empty"]),
     "a negative seed": ("sft", [*SFT, "train.seed=-1", "output_dir={w}/seed"], [], ["{w}/seed"], ["train.seed"]),
     "no held-out tokens": ("sft", ["train.eval_max_new_tokens=0"], [], [], ["train.eval_max_new_tokens"]),
     "plan --hbm-gib inf": ("plan", ["--hbm-gib", "inf"], [], [], ["--hbm-gib"]),

@@ -299,6 +299,7 @@ class GrpoCfg:
            "grpo.sampling.temperature must be > 0 (greedy samples of a group are identical)")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
     _check_choice("grpo.rewards", self.rewards, tuple(rewards.REWARDS))
+    _check(bool(self.rewards), "grpo.rewards is empty: give at least one of " + ", ".join(rewards.REWARDS))
     twice = sorted({r for r in self.rewards if self.rewards.count(r) > 1})
     _check(not twice, f"grpo.rewards names {', '.join(twice)} more than once: give each reward once, with its weight "
            "in grpo.reward_weights")
