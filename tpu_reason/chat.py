@@ -75,6 +75,7 @@ class Session:
 def open_session(cfg: Config, spec: str) -> Session:
   """Load `spec` (model spec or run dir) onto the mesh and start an empty conversation."""
   pol = policy.load(spec, cfg.model.dtype)
+  policy.check_top_k(cfg.sampling, "sampling", pol.model)
   w = policy.decode_weights(pol, mesh_lib.make_mesh(cfg.mesh), cfg.model.dtype, cfg.mesh.decode_layout)
   session = Session(pol, w, tags.get_schema(cfg.data.schema), cfg)
   session.reset()

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import importlib.resources
 import json
+import math
 import sys
 import types
 import typing
@@ -126,6 +127,7 @@ class SamplingCfg:
     _check(self.temperature >= 0, f"sampling.temperature must be >= 0, got {self.temperature}")
     _check(0 < self.top_p <= 1, f"sampling.top_p must be in (0, 1], got {self.top_p}")
     _check(self.top_k >= 0, f"sampling.top_k must be >= 0, got {self.top_k}")
+    _check(self.seed >= 0, f"sampling.seed must be >= 0, got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +204,9 @@ class TrainCfg:
            f"train.batch_size={self.batch_size} must be a multiple of train.grad_accum={self.grad_accum}")
     _check(self.max_minutes >= 0, f"train.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes}")
     _check(self.max_nonfinite > 0, f"train.max_nonfinite must be > 0, got {self.max_nonfinite}")
+    _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+    _check(self.eval_generate >= 0, f"train.eval_generate must be >= 0 (0 = no generation), got {self.eval_generate}")
+    _check(self.eval_max_new_tokens > 0, f"train.eval_max_new_tokens must be > 0, got {self.eval_max_new_tokens}")
     _check(self.eval_every > 0 and self.save_every > 0 and self.keep_last > 0, "train.eval_every, save_every, keep_last must be > 0")
     _check(self.resume in ("latest", "none") or self.resume.isdigit(), f"train.resume must be latest, none or a step, got {self.resume!r}")
 
@@ -303,6 +308,10 @@ class GrpoCfg:
            "grpo.sampling.temperature must be > 0 (greedy samples of a group are identical)")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
     _check_choice("grpo.rewards", self.rewards, tuple(rewards.REWARDS))
+    _check(bool(self.rewards), "grpo.rewards is empty: give at least one of " + ", ".join(rewards.REWARDS))
+    twice = sorted({r for r in self.rewards if self.rewards.count(r) > 1})
+    _check(not twice, f"grpo.rewards names {', '.join(twice)} more than once: give each reward once, with its weight "
+           "in grpo.reward_weights")
     _check_choice("grpo.reward_aggregation", self.reward_aggregation, choices.REWARD_AGGREGATIONS)
     _check_choice("grpo.scale_rewards", self.scale_rewards, choices.ADVANTAGE_SCALES)
     _check(self.std_ddof in (0, 1), f"grpo.std_ddof must be 0 (population) or 1 (sample, TRL's), got {self.std_ddof}")
@@ -454,8 +463,10 @@ def _coerce(value: Any, typ: Any, where: str, default: Any = None) -> Any:
       raise UserError(f"{where} must be {typ.__name__}, got {value!r}")
     try:
       out = typ(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
       raise UserError(f"{where} must be {typ.__name__}, got {value!r}") from None
+    if typ is float and not math.isfinite(out):  # no setting means anything at nan or inf
+      raise UserError(f"{where} must be a finite number, got {value!r}")
     if typ is int and isinstance(value, float) and value != out:
       raise UserError(f"{where} must be an integer, got {value!r}")
     return out
@@ -500,14 +511,36 @@ MOVED = {
 
 
 def _migrate(tree: dict, where: str) -> dict:
-  """A recipe's `tree` with every key of MOVED at its new place (one note per key moved)."""
+  """A recipe's `tree` with every key of MOVED at its new place (one note per key moved); both places set is
+  an error (which would win is a guess)."""
   for old, new in MOVED.items():
     section, leaf = old.split(".")
     node = tree.get(section)
     if isinstance(node, dict) and leaf in node:
+      if _get(tree, new) is not _MISSING:
+        raise UserError(f"{where}: sets both {old} (an old name) and {new}: keep only {new}")
       print(f"note: {where}: {old} is now {new}", file=sys.stderr)
       _set(tree, new, node.pop(leaf))
   return tree
+
+
+_MISSING = object()
+
+
+def _get(tree: dict, dotted: str):
+  node = tree
+  for p in dotted.split("."):
+    if not isinstance(node, dict) or p not in node:
+      return _MISSING
+    node = node[p]
+  return node
+
+
+def from_saved(tree: dict, where: str):
+  """The Config a run saved (its config.yaml or a checkpoint's meta), keys moved since read at their new place."""
+  if not isinstance(tree, dict):
+    raise UserError(f"{where}: the saved config is not a mapping")
+  return build(Config, _migrate(json.loads(json.dumps(tree)), where))
 
 
 def _set(tree: dict, dotted: str, value: Any):
@@ -552,18 +585,59 @@ def recipe_list() -> str:
   return "\n".join(f"{n:<{width}}  {h.removeprefix('#').strip()}" for n, h in zip(names, heads))
 
 
+class _StrictLoader(yaml.SafeLoader):
+  """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+  def construct_mapping(self, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+      key = self.construct_object(key_node, deep=deep)
+      if key in seen:
+        raise UserError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in the same section")
+      seen.add(key)
+    return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+  """A YAML file's content; errors name the file and line."""
+  try:
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+  except UnicodeDecodeError:
+    raise UserError(f"{path}: not a text file (invalid UTF-8): a recipe is YAML text") from None
+  except OSError as e:
+    raise UserError(f"{path}: cannot read ({e.strerror})") from None
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from None
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    raise UserError(f"{path}: invalid YAML{line}: {problem}") from None
+
+
+def _check_keys(cls, tree: dict, where: str, prefix: str = ""):
+  """Every key of a recipe file names a field (the message names the file, not an override)."""
+  fields = {f.name: f.type for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  for key, value in tree.items():
+    if key not in fields:
+      raise UserError(f"{where}: unknown config key '{prefix}{key}'; valid keys here: {', '.join(sorted(fields))}")
+    if dataclasses.is_dataclass(hints[key]):
+      if not isinstance(value, dict):
+        raise UserError(f"{where}: {prefix}{key} must be a section (a mapping of keys), got {value!r}")
+      _check_keys(hints[key], value, where, f"{prefix}{key}.")
+
+
 def load(cls, config: str | Path | None = None, overrides: list[str] = ()):
   """Defaults <- recipe YAML <- `a.b=value` overrides, validated."""
   tree: dict = {}
   if config:
     path = recipe_path(config)
-    try:
-      tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-      raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    tree = read_yaml(path) or {}
     if not isinstance(tree, dict):
       raise UserError(f"{path}: a recipe must be a mapping of sections")
     tree = _migrate(tree, str(path)) if cls is Config else tree
+    _check_keys(cls, tree, str(path))
   for item in overrides:
     if "=" not in item:
       raise UserError(f"override {item!r} must look like key.sub=value")
@@ -600,6 +674,9 @@ def parse_args(cls, argv: list[str], extra: dict[str, str] | None = None):
       else:
         raise UserError(f"{name} needs a value")
       if name == "--config":
+        if config is not None:
+          raise UserError(f"--config given twice ({config} and {value}): give one recipe, and key.sub=value "
+                          "overrides for the rest")
         config = value
       elif "." in extra[name]:
         overrides.append(f"{extra[name]}={value}")

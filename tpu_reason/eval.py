@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from tpu_reason import config, mesh as mesh_lib, policy, tags
+from tpu_reason import config, mesh as mesh_lib, policy, runs, tags
 from tpu_reason import evaluate
 from tpu_reason.config import Config, DataCfg
 from tpu_reason.data.prepare import load_records, split_records
@@ -174,6 +174,7 @@ def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tu
   """(eval.json content, samples, {column: metrics}) of one model, plain and (if set) budget-forced."""
   schema = tags.get_schema(cfg.data.schema)
   pol = policy.load(spec, cfg.model.dtype)
+  policy.check_top_k(cfg.sampling, "sampling", pol.model)
   w = policy.decode_weights(pol, mesh, cfg.model.dtype, cfg.mesh.decode_layout)
   examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
   result, all_samples, columns = {"model": spec, "source": pol.source}, [], {}
@@ -202,8 +203,12 @@ def run(cfg: Config, specs: list[str], data_file: bool = False) -> dict[str, dic
   """
   if cfg.eval.k > 1 and cfg.sampling.temperature == 0:
     raise UserError(f"eval.k={cfg.eval.k} samples of greedy decoding are identical: set sampling.temperature > 0")
-  records = eval_records(cfg.data, cfg.eval.limit, data_file)  # before any model loads: bad data fails fast
   out = cfg.resolved_output_dir("eval", named=False)
+  runs.check_output(out, "output_dir (--out)", ("eval.json", "compare.json"))
+  if len(specs) > 1:  # every model checked before the first is evaluated and written
+    for spec in specs:
+      policy.check(spec)
+  records = eval_records(cfg.data, cfg.eval.limit, data_file)  # before any model loads: bad data fails fast
   mesh = mesh_lib.make_mesh(cfg.mesh)
   results, columns = {}, {}
   for name, spec in zip(labels(specs), specs):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpu_reason import config, lora as lora_lib, models, policy
+from tpu_reason import config, lora as lora_lib, models, policy, runs
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models import convert, hf
@@ -80,7 +80,6 @@ def _save_tensors(tensors: dict[str, np.ndarray], path: Path):
 
 def export(pol: policy.Policy, out: Path, adapter_only: bool = False) -> Path:
   """Write `pol` to `out` in Hugging Face (or, with adapter_only, PEFT) format."""
-  out.mkdir(parents=True, exist_ok=True)
   model = pol.model
   if adapter_only:
     if pol.lora is None:
@@ -88,6 +87,8 @@ def export(pol: policy.Policy, out: Path, adapter_only: bool = False) -> Path:
     if model.cfg.new_tokens:  # PEFT would need modules_to_save: whole embedding / head copies in the adapter
       raise UserError(f"{pol.source} added tokens (model.add_tokens), which a PEFT adapter cannot carry: "
                       "export the merged model (drop --adapter-only)")
+  out.mkdir(parents=True, exist_ok=True)  # only once nothing is refused: no empty --out left behind
+  if adapter_only:
     if pol.base != pol.run_config.model.spec:
       print(f"note: this adapter applies to {pol.base} merged (export that run first), not to the bare base model")
     _save_tensors(adapter_tensors(pol), out / "adapter_model.safetensors")
@@ -106,6 +107,7 @@ def export(pol: policy.Policy, out: Path, adapter_only: bool = False) -> Path:
 
 def run(checkpoint: str, out: str, adapter_only: bool = False) -> Path:
   """Load `checkpoint` (run dir, checkpoint dir or model spec) and export it to `out`."""
+  runs.check_output(Path(out), "--out", ("tpu_reason_export.json",))
   pol = policy.load(checkpoint)  # float32: the export dtype
   path = export(pol, Path(out), adapter_only)
   n = sum(int(np.prod(np.shape(x))) for x in flatten(pol.lora if adapter_only else pol.model.params).values())

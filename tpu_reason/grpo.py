@@ -516,8 +516,8 @@ def build(cfg: Config) -> Trainer:
   schema = tags.get_schema(cfg.data.schema)
   # a resumed run keeps the weights it started from, whatever `auto` would pick today
   resuming = (out / "run.json").exists() and cfg.train.resume != "none"
-  init = runs.info(out)["init"] if resuming else resolve_init(cfg)
-  runs.check_tokens(init, cfg.model.add_tokens)
+  init = runs.info(out).get("init", "base") if resuming else resolve_init(cfg)
+  runs.check_init(init, cfg.model)
   model = models.load_for(cfg.model)
   train, warmup, evals = load_prompts(cfg, model)
   if len(train) < g.prompts:
@@ -572,7 +572,7 @@ def grpo_step(tr: Trainer, state, batch: Collated, step: int) -> tuple[Any, dict
 
 def run(cfg: Config) -> dict:
   """Train with GRPO, evaluate before/after, checkpoint; returns the summary (also summary.json)."""
-  return loop.run(cfg, build)
+  return loop.run(cfg, build, "grpo")
 
 
 @cli

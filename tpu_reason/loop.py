@@ -74,10 +74,18 @@ class Algorithm(Protocol):
   def table(self, before: dict, after: dict) -> str: ...
 
 
-def run(cfg: Config, build: Callable[[Config], Algorithm]) -> dict:
-  """Join the multi-host run, build the trainer, train it on its mesh; returns the summary."""
+def run(cfg: Config, build: Callable[[Config], Algorithm], kind: str = "") -> dict:
+  """Join the multi-host run, build the trainer, train it on its mesh; returns the summary.
+
+  `kind` ("sft" | "grpo") checks an existing `output_dir` before the model loads; the built trainer's
+  is checked again in any case (a GRPO init resolved by `build`), before anything is written.
+  """
   distributed.initialize()  # before anything touches a device
+  if kind and cfg.output_dir:
+    runs.check_output_dir(Path(cfg.output_dir), cfg, kind)
   algo = build(cfg)
+  runs.check_output_dir(algo.out, algo.cfg, algo.kind)
+  check_model(algo.cfg, algo.model.cfg.vocab_size)
   fresh = not algo.out.exists()
   try:
     with jax.set_mesh(algo.mesh):  # activations take their layout from the mesh (mesh.constrain)
@@ -88,6 +96,14 @@ def run(cfg: Config, build: Callable[[Config], Algorithm]) -> dict:
     if fresh and not isinstance(e, NonFinite) and distributed.is_main() and not checkpoint.any_saved(algo.out):
       shutil.rmtree(algo.out, ignore_errors=True)
     raise
+
+
+def check_model(cfg: Config, vocab: int):
+  """Settings that only the loaded model can check: a sampling top_k beyond its vocabulary."""
+  top_k = cfg.grpo.sampling.top_k
+  if top_k > vocab:
+    raise UserError(f"grpo.sampling.top_k={top_k} exceeds the vocabulary of {cfg.model.spec} ({vocab} tokens): "
+                    f"set it <= {vocab}, or 0 for no top-k")
 
 
 def initial_state(a: Algorithm, ckpts: checkpoint.Checkpoints) -> tuple[Any, dict]:
@@ -144,18 +160,19 @@ class Loop:
   def __init__(self, algo: Algorithm):
     self.algo, self.cfg, self.out = algo, algo.cfg, algo.out
     self.main = distributed.is_main()
-    self.log = MetricsLog(self.out, write=self.main)
+    self.log = None  # opened once the initial state is in hand: a refused restore leaves the directory as it was
     self.ckpts = checkpoint.Checkpoints(self.out / "checkpoints", self.cfg.train.keep_last, *runs.BEST[algo.kind])
     self.saved_at = 0
     self.position = 0  # batches drawn after the last whole step: what `batches` resumes from
 
   def run(self) -> dict:
     a = self.algo
-    if self.main:
-      config.save(self.cfg, self.out)
-      runs.write_info(self.out, a.kind, a.init)
     try:
       state, saved = initial_state(a, self.ckpts)
+      self.log = MetricsLog(self.out, write=self.main)
+      if self.main:
+        config.save(self.cfg, self.out)
+        runs.write_info(self.out, a.kind, a.init)
       start = saved.get("step", 0)
       self.position = saved.get("data_position", start)
       self.log.truncate(start)  # steps after the checkpoint are run (and logged) again
@@ -168,7 +185,8 @@ class Loop:
         self.log.log(self.saved_at, after, "eval")  # saved_at: the last step (a finished run saves it)
         self.ckpts.save_best(self.saved_at, state, self.meta(self.saved_at), after)
     except BaseException:
-      self.log.close()  # TensorBoard's buffered events: the CLI then exits without teardown
+      if self.log is not None:
+        self.log.close()  # TensorBoard's buffered events: the CLI then exits without teardown
       raise
     finally:
       self.ckpts.close()

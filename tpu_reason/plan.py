@@ -684,14 +684,17 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
 # --------------------------------------------------------------------------- CLI
 
 
-def _positive(flags: dict, name: str, kind, default):
+def _positive(flags: dict, name: str, kind, default, least=0):
+  """A flag's finite value above `least` (nan, inf and a memory of no whole byte are refused here, not deep inside)."""
   value = flags.get(name, default)
+  flag = f"--{name.replace('_', '-')}"
   try:
     value = kind(value)
-  except (TypeError, ValueError):
-    raise UserError(f"--{name.replace('_', '-')} must be a positive {kind.__name__}, got {value!r}") from None
-  if value <= 0:
-    raise UserError(f"--{name.replace('_', '-')} must be a positive {kind.__name__}, got {value!r}")
+  except (TypeError, ValueError, OverflowError):
+    raise UserError(f"{flag} must be a positive {kind.__name__}, got {value!r}") from None
+  if not math.isfinite(value) or value <= least:
+    bound = f"a finite number above {least:g}" if least else f"a positive finite {kind.__name__}"
+    raise UserError(f"{flag} must be {bound}, got {flags.get(name, default)}")
   return value
 
 
@@ -711,7 +714,7 @@ def run(cfg: Config, devices: int | None = None, hbm_gib: float = V5E_HBM_GIB, o
 def main(argv: list[str] | None = None):
   cfg, flags = config.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
   devices = _positive(flags, "devices", int, 0) if "devices" in flags else None
-  hbm_gib = _positive(flags, "hbm_gib", float, V5E_HBM_GIB)
+  hbm_gib = _positive(flags, "hbm_gib", float, V5E_HBM_GIB, least=0.001)  # below 1 MiB nothing fits
   tpu, stand_in_model = flags.get("tpu"), "stand_in" in flags
   if tpu is not None and devices:
     raise UserError("--devices (fake CPU devices) and --tpu (the TPU compiler) are exclusive")

@@ -73,16 +73,9 @@ def load(spec: str, dtype: str = "float32") -> Policy:
   path = Path(spec)
   step = checkpoint.find_step(path) if path.is_dir() else None
   if step is None:
-    if path.is_dir() and (path / "checkpoints").is_dir():
-      raise UserError(f"{spec}: no completed checkpoint under {path / 'checkpoints'}")
+    check_plain(spec)
     return Policy(models.load(spec, jnp.dtype(dtype)), None, 1.0, None, spec, spec)
-  try:
-    lora, meta = checkpoint.restore_lora(step)
-  except (ValueError, FileNotFoundError) as e:
-    raise UserError(f"{step}: cannot restore its LoRA: {e}") from None
-  if "config" not in meta:
-    raise UserError(f"{step}: the checkpoint's meta has no config (not saved by tpu_reason)")
-  run_cfg = config.build(Config, meta["config"])
+  lora, run_cfg = _saved_lora(step)
   model = models.load_for(run_cfg.model, jnp.dtype(dtype))
   base, source = run_cfg.model.spec, f"{step} on {run_cfg.model.spec}"
   init = _init_run(spec)
@@ -91,6 +84,50 @@ def load(spec: str, dtype: str = "float32") -> Policy:
     base, source = init, f"{source} + {init}"
   lora = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), lora)
   return Policy(model, lora, lora_lib.scale(run_cfg.lora), run_cfg, source, base)
+
+
+def check_plain(spec: str):
+  """A spec that is no checkpoint: refuse a run directory without one before it is taken for a model directory."""
+  path = Path(spec)
+  if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "run.json").exists()):
+    raise UserError(f"{spec}: a training run with no completed checkpoint (under {path / 'checkpoints'})")
+  if path.is_dir() and not (path / "config.json").exists():
+    raise UserError(f"{spec}: neither a training run (no checkpoints/) nor a Hugging Face model directory (no "
+                    "config.json)")
+  if spec.endswith(".gguf") and not path.is_file():
+    raise UserError(f"GGUF file not found: {spec}")
+
+
+def _saved_lora(step: Path) -> tuple[Any, Config]:
+  """(LoRA, the run's config) of one saved step, the config's moved keys at their new place."""
+  try:
+    lora, meta = checkpoint.restore_lora(step)
+  except (ValueError, FileNotFoundError) as e:
+    raise UserError(f"{step}: cannot restore its LoRA: {e}") from None
+  if "config" not in meta:
+    raise UserError(f"{step}: the checkpoint's meta has no config (not saved by tpu_reason)")
+  return lora, config.from_saved(meta["config"], f"{step} (its saved config)")
+
+
+def check(spec: str):
+  """What `load` would refuse, found without loading weights: `eval --compare` checks every model first."""
+  path = Path(spec)
+  step = checkpoint.find_step(path) if path.is_dir() else None
+  if step is None:
+    check_plain(spec)
+    return
+  _, run_cfg = _saved_lora(step)
+  check_plain(run_cfg.model.spec)
+  if (init := _init_run(spec)) != "base":
+    runs.info(Path(init))
+
+
+def check_top_k(sampling, section: str, model: models.Model):
+  """A top_k beyond the vocabulary (the sampler's top-k would fail on it)."""
+  vocab = model.cfg.vocab_size
+  if sampling.top_k > vocab:
+    raise UserError(f"{section}.top_k={sampling.top_k} exceeds the vocabulary of {model.name} ({vocab} tokens): "
+                    f"set it <= {vocab}, or 0 for no top-k")
 
 
 def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:

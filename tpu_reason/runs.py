@@ -14,9 +14,10 @@ from typing import Any
 
 from tpu_reason import checkpoint, config, lora as lora_lib
 from tpu_reason.config import Config
-from tpu_reason.errors import UserError
+from tpu_reason.errors import UserError, first_line
 
 RUNS = Path("runs")
+KIND = {"sft": "an SFT", "grpo": "a GRPO"}
 BEST = {"sft": ("eval_loss", "min"), "grpo": ("reward", "max")}  # how each trainer ranks checkpoints/best
 
 
@@ -29,11 +30,21 @@ def info(run_dir: Path) -> dict:
   path = Path(run_dir) / "run.json"
   if not path.exists():
     raise UserError(f"{run_dir} is not a tpu_reason run directory (no run.json)")
-  return json.loads(path.read_text())
+  try:
+    found = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise UserError(f"{path}: unreadable ({first_line(e)})") from None
+  if not isinstance(found, dict) or found.get("trainer") not in BEST:
+    raise UserError(f"{path}: not a run.json of tpu_reason (no trainer sft or grpo)")
+  return found
 
 
 def read_config(run_dir: Path) -> Config:
-  return config.load(Config, Path(run_dir) / "config.yaml")
+  """The run's saved config.yaml, keys moved since it was saved read at their new place."""
+  path = Path(run_dir) / "config.yaml"
+  if not path.is_file():
+    raise UserError(f"{run_dir} has no config.yaml: not a finished tpu_reason run directory")
+  return config.load(Config, path)
 
 
 def latest_finished(spec: str, trainer: str = "sft", root: Path = RUNS) -> Path | None:
@@ -70,6 +81,15 @@ def apply_init(init: str, params, new_tokens: tuple[int, ...] = ()):
   return lora_lib.merge(params, lora, scale, new_tokens)
 
 
+def check_init(init: str, model: config.ModelCfg):
+  """The init run trained this model, with the same added tokens: its adapter merges into these weights."""
+  theirs = "base" if init == "base" else read_config(Path(init)).model.spec
+  if theirs not in ("base", model.spec):
+    raise UserError(f"the init run {init} trained model.spec={theirs}, not {model.spec}: its adapter does not fit "
+                    "this model")
+  check_tokens(init, model.add_tokens)
+
+
 def check_tokens(init: str, add_tokens: tuple[str, ...]):
   """A run on top of `init` adds the same tokens as it, if it added any: its trained rows belong to those ids."""
   theirs = () if init == "base" else read_config(Path(init)).model.add_tokens
@@ -81,3 +101,75 @@ def check_tokens(init: str, add_tokens: tuple[str, ...]):
 def base_params(run_dir: Path, params, new_tokens: tuple[int, ...] = ()):
   """The weights a run's own adapter applies to: base, plus its init run's merged adapter(s)."""
   return apply_init(info(run_dir).get("init", "base"), params, new_tokens)
+
+
+# What a run is: another model, other added tokens or other LoRA shapes / scale make its checkpoints foreign.
+IDENTITY = ("model.spec", "model.add_tokens", "lora.rank", "lora.alpha", "lora.targets")
+# What a resume may change: where and how long it runs, the layout of the same computation, and the sections
+# its trainer never reads. Anything else would make config.yaml describe steps that were trained otherwise.
+RESUMABLE = ("name", "output_dir", "redact_thoughts", "train.resume", "train.max_minutes", "train.max_nonfinite",
+             "train.keep_last", "train.save_every", "grpo.save_every", "mesh.", "model.remat", "sampling.", "eval.",
+             "budget.", "curate.", "distill.")
+UNREAD = {"sft": ("grpo.",),
+          "grpo": ("train.max_steps", "train.batch_size", "train.grad_accum", "train.optim.", "train.eval_every")}
+
+
+def check_output(out: Path, flag: str, markers: tuple[str, ...]):
+  """`out` is new, empty, or an earlier output of this command (it holds one of `markers`): never a training run,
+  and never a directory of other files (eval / export would overwrite theirs)."""
+  out = Path(out)
+  if out.exists() and not out.is_dir():
+    raise UserError(f"{flag} {out} is a file: give a directory")
+  if not out.is_dir() or not any(out.iterdir()):
+    return
+  if (out / "run.json").exists():
+    raise UserError(f"{flag} {out} is a training run directory: give a new directory (a run is written only by its "
+                    "trainer)")
+  if not any((out / m).exists() for m in markers):
+    raise UserError(f"{flag} {out} already holds files this command did not write: give a new or empty directory")
+
+
+def _flat(cfg: Config) -> dict:
+  return config.flatten(config.to_dict(cfg))
+
+
+def _settings(flat: dict, keys: list[str]) -> str:
+  return " ".join(f"{k}={flat[k]!r}" if isinstance(flat[k], str) else f"{k}={flat[k]}" for k in keys)
+
+
+def check_output_dir(out: Path, cfg: Config, kind: str):
+  """Refuse, before anything is written, an `output_dir` this `kind` run must not write into: a file, a
+  directory that is not a run, a run of another trainer, model or LoRA shape, or a resume with changed settings."""
+  out = Path(out)
+  if out.exists() and not out.is_dir():
+    raise UserError(f"output_dir={out} is a file: give a directory")
+  if not out.is_dir() or not any(out.iterdir()):
+    return
+  if not (out / "run.json").exists():
+    raise UserError(f"output_dir={out} holds files but no run.json (not a tpu_reason run): give a new or empty "
+                    "directory")
+  theirs = info(out)["trainer"]
+  if theirs != kind:
+    raise UserError(f"output_dir={out} is {KIND[theirs]} run: {KIND[kind]} run needs its own output_dir")
+  saved, ours = _flat(read_config(out)), _flat(cfg)
+  differ = [k for k in IDENTITY if saved[k] != ours[k]]
+  if differ:
+    raise UserError(f"output_dir={out} is a run of {_settings(saved, differ)}, not {_settings(ours, differ)}: "
+                    "a new run needs its own output_dir")
+  if cfg.train.resume != "none" and checkpoint.any_saved(out):
+    check_resume(out, saved, ours, kind)
+
+
+def check_resume(out: Path, saved: dict, ours: dict, kind: str):
+  """A resume keeps the settings the run's steps were trained with (those of RESUMABLE / UNREAD may change)."""
+  if kind == "grpo" and ours["grpo.init"] == "auto":
+    ours = {**ours, "grpo.init": saved["grpo.init"]}  # a resume keeps its init run (run.json), whatever auto finds
+  elif kind == "grpo" and ours["grpo.init"] != "base":
+    ours = {**ours, "grpo.init": str(Path(ours["grpo.init"]).resolve())}
+  free = RESUMABLE + UNREAD[kind]
+  changed = [k for k in ours if saved.get(k) != ours[k] and not k.startswith(free)]
+  if changed:
+    raise UserError(f"output_dir={out} resumes a run trained with {_settings(saved, changed[:3])}; this command "
+                    f"sets {_settings(ours, changed[:3])}: keep the run's settings or give a new output_dir (a "
+                    "resume may change only where and how long it runs: train.max_minutes, train.keep_last, mesh.*, "
+                    "...)")

@@ -212,7 +212,7 @@ def jit_train_step(cfg: Config, model_cfg, optimizer, mesh):
 
 def run(cfg: Config) -> dict:
   """Train, evaluate before/after, checkpoint; returns the summary (also saved as summary.json)."""
-  return loop.run(cfg, build)
+  return loop.run(cfg, build, "sft")
 
 
 @cli
