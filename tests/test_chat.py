@@ -105,7 +105,11 @@ def test_real_stream_equals_the_generated_text(session):
 def test_run_dir_chats_with_its_lora(tiny_run):
   run, _ = tiny_run
   s = chat.open_session(_cfg(), str(run))
-  assert s.lora is not None and s.policy.source.endswith("checkpoints/best/1 on tiny-llama")
+  assert s.policy.lora is not None and s.policy.source.endswith("checkpoints/best/1 on tiny-llama")
+  # it decodes on the merged copy: the run's adapter folded into the base, no adapter left to apply per token
+  w = s.weights
+  assert w.layout == "merged" and w.lora is None
+  assert not np.allclose(np.asarray(w.params["layers"]["q"]), np.asarray(s.policy.model.params["layers"]["q"]))
 
 
 def test_cli_reads_piped_stdin():
