@@ -17,7 +17,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tpu_reason.models.transformer import ModelConfig, param_shapes, unflatten  # noqa: E402
+from tpu_reason.models.transformer import ModelConfig, param_shapes  # noqa: E402
+from tpu_reason.tree import unflatten  # noqa: E402
 
 # A Llama-style model small enough to compile and run in milliseconds.
 TINY_LLAMA = ModelConfig(

@@ -18,7 +18,8 @@ from tpu_reason import config, export, lora as lora_lib, losses, models, policy,
 from tpu_reason.config import Config
 from tpu_reason.data.batch import Batch
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import flatten, forward, logits, positions, unflatten
+from tpu_reason.models.transformer import forward, logits, positions
+from tpu_reason.tree import flatten, unflatten
 
 TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 ADD = "model.add_tokens=[" + ",".join(f'"{t}"' for t in TAGS) + "]"

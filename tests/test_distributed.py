@@ -99,7 +99,7 @@ def grpo_worker(data: str, out: str):
   jax.config.update("jax_num_cpu_devices", 2 if os.environ.get("JAX_COORDINATOR_ADDRESS") else 4)
   from tests.test_grpo import make_cfg
   from tpu_reason import checkpoint, grpo
-  from tpu_reason.models.transformer import flatten
+  from tpu_reason.tree import flatten
 
   grpo.run(make_cfg(Path(out), Path(data), "mesh.fsdp=4", "grpo.steps=2"))
   lora, _ = checkpoint.restore_lora(checkpoint.find_step(Path(out) / "checkpoints" / "last"))

@@ -11,7 +11,8 @@ import pytest
 from tests.conftest import write_run
 from tpu_reason import export, lora as lora_lib, models, policy
 from tpu_reason.models import convert
-from tpu_reason.models.transformer import flatten, forward, logits
+from tpu_reason.models.transformer import forward, logits
+from tpu_reason.tree import flatten
 
 SPECS = ("tiny-llama", "tiny-gemma3")
 TOKENS_BxT = np.array([[1, 17, 42, 99, 7, 1000, 5, 23, 311, 4, 8, 64], [2, 9, 9, 9, 500, 3, 77, 1, 2, 3, 4, 5]])

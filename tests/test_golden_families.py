@@ -18,7 +18,8 @@ from tpu_reason import export, lora as lora_lib, models, policy
 from tpu_reason.config import LoraCfg
 from tpu_reason.errors import UserError
 from tpu_reason.models import hf
-from tpu_reason.models.transformer import forward, logits, unflatten
+from tpu_reason.models.transformer import forward, logits
+from tpu_reason.tree import unflatten
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "families"
 # Our f32 forward vs transformers' f32 forward on the same weights; only reduction order differs.

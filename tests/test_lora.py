@@ -11,7 +11,8 @@ from tests.conftest import TINY_JIT, TINY_LLAMA, tiny_params
 from tpu_reason import lora
 from tpu_reason.config import LoraCfg
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import flatten, forward, logits, unflatten
+from tpu_reason.models.transformer import forward, logits
+from tpu_reason.tree import flatten, unflatten
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 

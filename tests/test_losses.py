@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import TINY_JIT
 from tpu_reason import losses, models
 from tpu_reason.data.batch import Batch
-from tpu_reason.models.transformer import forward, logits, unflatten
+from tpu_reason.models.transformer import forward, logits
+from tpu_reason.tree import unflatten
 
 # --------------------------------------------------------------------------- token_logprobs
 

@@ -14,7 +14,8 @@ from tests.conftest import TINY_GEMMA3, TINY_JIT, TINY_LLAMA, tiny_params
 from tpu_reason import lora, mesh
 from tpu_reason.config import LoraCfg, MeshCfg
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import flatten, forward, logits, param_shapes
+from tpu_reason.models.transformer import forward, logits, param_shapes
+from tpu_reason.tree import flatten
 
 fwd = jax.jit(forward, static_argnames=("cfg",))  # real weights
 tiny_fwd = jax.jit(forward, static_argnames=("cfg",), compiler_options=TINY_JIT)

@@ -13,8 +13,8 @@ from tests.conftest import TINY_GEMMA3, TINY_JIT, TINY_LLAMA, tiny_params
 from tpu_reason import models
 from tpu_reason.errors import UserError
 from tpu_reason.models import convert, hf
-from tpu_reason.models.transformer import (
-    KVCache, ModelConfig, flatten, forward, init_cache, logits, param_shapes, write)
+from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, param_shapes, write
+from tpu_reason.tree import flatten
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden"
 # Our f32 forward on the dequantized GGUF vs transformers+torch f32 on the same GGUF:

@@ -7,7 +7,7 @@ import pytest
 from tpu_reason import config, mesh as mesh_lib, policy
 from tpu_reason.config import Config, MeshCfg
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import flatten
+from tpu_reason.tree import flatten
 
 
 def _same(a, b):

@@ -34,7 +34,8 @@ from tpu_reason import checkpoint, config, lora as lora_lib, loop, mesh as mesh_
 from tpu_reason.config import Config, MeshCfg
 from tpu_reason.data import loader
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import flatten, param_shapes, unflatten
+from tpu_reason.models.transformer import param_shapes
+from tpu_reason.tree import flatten, unflatten
 
 
 def write_rows(path, n_short, n_long, n_eval):

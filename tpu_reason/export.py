@@ -26,7 +26,8 @@ from tpu_reason import config, lora as lora_lib, models, policy, runs
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models import convert, hf
-from tpu_reason.models.transformer import as_computed, flatten
+from tpu_reason.models.transformer import as_computed
+from tpu_reason.tree import flatten
 
 FLAGS = {"--checkpoint": "checkpoint", "--out": "out", "--adapter-only": "adapter_only?"}
 # PEFT names LoRA targets by the HF module: our projection -> module name suffix

@@ -18,7 +18,8 @@ import numpy as np
 
 from tpu_reason.config import LoraCfg
 from tpu_reason.errors import UserError
-from tpu_reason.models.transformer import ModelConfig, Params, unflatten
+from tpu_reason.models.transformer import ModelConfig, Params
+from tpu_reason.tree import unflatten
 
 # projection -> (input dims, output dims) as logical axis names
 _IO = {

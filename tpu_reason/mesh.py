@@ -88,7 +88,7 @@ def shard_shape(shape: tuple[int, ...], axes: tuple[str, ...], mesh: Mesh | Abst
 
 def shardings(table: dict[str, tuple[tuple[int, ...], tuple[str, ...]]], mesh: Mesh, rules: dict = SHARDING_RULES):
   """Nested pytree of NamedShardings for a flat {name: (shape, axes)} table."""
-  from tpu_reason.models.transformer import unflatten
+  from tpu_reason.tree import unflatten
 
   return unflatten({k: NamedSharding(mesh, spec(s, a, mesh, rules)) for k, (s, a) in table.items()})
 
@@ -131,7 +131,8 @@ def place(tree, shard_tree, dtype=None):
 def place_params(params, model_cfg, mesh: Mesh, dtype=None):
   """A model's base weights sharded by the table, cast (and quantised, `model_cfg.quant`) on the host,
   each device given its block."""
-  from tpu_reason.models.transformer import flatten, param_dtypes, param_shapes, quantize_params, unflatten
+  from tpu_reason.models.transformer import param_dtypes, param_shapes, quantize_params
+  from tpu_reason.tree import flatten, unflatten
 
   flat = flatten(quantize_params(params, model_cfg))
   dtypes = param_dtypes(model_cfg, dtype)

@@ -57,8 +57,8 @@ from tpu_reason import config, grpo, hlo_cost, lora as lora_lib, mesh as mesh_li
 from tpu_reason.config import Config
 from tpu_reason.data.batch import Batch, PackedBatch, RolloutBatch
 from tpu_reason.errors import UserError, cli
-from tpu_reason.models.transformer import (KVCache, ModelConfig, flatten, init_cache, param_dtypes, param_shapes,
-                                          unflatten)
+from tpu_reason.models.transformer import KVCache, ModelConfig, init_cache, param_dtypes, param_shapes
+from tpu_reason.tree import flatten, unflatten
 from tpu_reason.sampling import layout, sampler
 
 GIB = 2**30

@@ -26,7 +26,8 @@ import numpy as np
 
 from tpu_reason.errors import UserError, first_line
 from tpu_reason.models import convert, gguf as gguf_io
-from tpu_reason.models.transformer import ModelConfig, Params, flatten, init_params, unflatten
+from tpu_reason.models.transformer import ModelConfig, Params, init_params
+from tpu_reason.tree import flatten, unflatten
 
 # Gemma's template (the GGUF of the 270m base model carries none).
 GEMMA_CHAT_TEMPLATE = (

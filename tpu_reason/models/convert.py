@@ -6,7 +6,8 @@ from typing import Callable
 
 import numpy as np
 
-from tpu_reason.models.transformer import ModelConfig, flatten, param_shapes, unflatten
+from tpu_reason.models.transformer import ModelConfig, param_shapes
+from tpu_reason.tree import flatten, unflatten
 
 # our flat name -> HF name pattern ({i} = layer index)
 HF_NAMES = {

@@ -20,6 +20,7 @@ import numpy as np
 from tpu_reason import choices
 from tpu_reason.mesh import constrain, gathered
 from tpu_reason.models import quant as quant_lib
+from tpu_reason.tree import flatten, unflatten
 
 Params = dict[str, Any]
 
@@ -152,30 +153,6 @@ def as_computed(params: Params, cfg: ModelConfig) -> Params:
     scale = flat.pop(f"layers/{p}_scale")
     flat[f"layers/{p}"] = np.asarray(quant_lib.dequantize(flat[f"layers/{p}"], scale, n_inputs(p) + 1, jnp.float32))
   return unflatten(flat)
-
-
-def unflatten(flat: dict[str, Any]) -> Params:
-  """{'layers/q': x} -> {'layers': {'q': x}}."""
-  out: Params = {}
-  for name, value in flat.items():
-    *path, leaf = name.split("/")
-    node = out
-    for p in path:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
-
-
-def flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
-  """Inverse of `unflatten`."""
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten(v, name + "/"))
-    else:
-      out[name] = v
-  return out
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:

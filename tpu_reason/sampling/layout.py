@@ -27,8 +27,8 @@ from jax.sharding import NamedSharding
 
 from tpu_reason import choices, mesh as mesh_lib
 from tpu_reason.models import quant as quant_lib
-from tpu_reason.models.transformer import (ModelConfig, PROJECTIONS, flatten, n_inputs, param_dtypes, param_shapes,
-                                          unflatten)
+from tpu_reason.models.transformer import ModelConfig, PROJECTIONS, n_inputs, param_dtypes, param_shapes
+from tpu_reason.tree import flatten, unflatten
 
 MODES = ("auto", "merged", "train")
 assert MODES == choices.DECODE_LAYOUTS, "choices.DECODE_LAYOUTS names these (config validates mesh.decode_layout)"
