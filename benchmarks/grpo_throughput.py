@@ -181,7 +181,7 @@ def run_tunix(a) -> dict:
   import _tunix  # benchmarks/_tunix.py; imported here so the `ours` process never loads Tunix
 
   from tpu_reason import grpo, models, rewards, tags
-  from tpu_reason import mesh as mesh_lib
+  from tpu_reason import mesh as mesh_lib, sharding as sharding_lib
   from tpu_reason.data import loader
 
   cfg = _config(a, tempfile.mkdtemp(prefix="grpo_bench_"))
@@ -195,7 +195,7 @@ def run_tunix(a) -> dict:
   no_eos = _no_eos(m.cfg)
   tok = _tunix.tokenizer_with_pad(m.tokenizer, "<|endoftext|>")
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  base = _tunix.place_replicated(_tunix.load_llama3(m.params, m.cfg), mesh_lib.replicated(mesh))
+  base = _tunix.place_replicated(_tunix.load_llama3(m.params, m.cfg), sharding_lib.replicated(mesh))
   m.params = None
   texts = [_prompt_text(tok, t, k) for t, k in zip(first.arrays.prompt_tokens_BxP,
                                                     first.arrays.prompt_mask_BxP)]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_LLAMA, tiny_params
-from tpu_reason import lora as lora_lib, mesh as mesh_lib
+from tpu_reason import lora as lora_lib, mesh as mesh_lib, models, sharding as sharding_lib
 from tpu_reason.config import LoraCfg, MeshCfg, SamplingCfg
 from tpu_reason.models import transformer as T
 from tpu_reason.sampling import layout, sampler
@@ -40,8 +40,8 @@ def mesh():
 
 def placed(weights, mesh):
   params, lora = weights
-  return (mesh_lib.place_params(params, CFG, mesh),
-          mesh_lib.place(lora, mesh_lib.shardings(lora_lib.shapes(CFG, LORA), mesh)))
+  return (models.place_params(params, CFG, mesh),
+          sharding_lib.place(lora, sharding_lib.shardings(lora_lib.shapes(CFG, LORA), mesh)))
 
 
 def generate(params, lora, scale, mesh=None, temperature=0.0):

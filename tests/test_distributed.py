@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from tpu_reason import distributed, mesh as mesh_lib
+from tpu_reason import distributed, mesh as mesh_lib, sharding as sharding_lib
 from tpu_reason.config import MeshCfg
 from tpu_reason.errors import UserError
 
@@ -62,9 +62,9 @@ def test_bad_process_env_is_a_user_error(clean_env, count, pid, needle):
 def test_one_process_holds_every_row_and_global_batch_matches_device_put():
   m = mesh_lib.make_mesh(MeshCfg(fsdp=4, tp=2))
   x = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
-  assert distributed.process_rows(mesh_lib.rows_sharding(m, x.shape), x.shape) == slice(0, 8)
+  assert distributed.process_rows(sharding_lib.rows_sharding(m, x.shape), x.shape) == slice(0, 8)
   out = distributed.global_batch({"tokens_BxT": x}, m)["tokens_BxT"]
-  assert out.sharding == mesh_lib.rows_sharding(m, x.shape)
+  assert out.sharding == sharding_lib.rows_sharding(m, x.shape)
   assert [s.data.shape for s in out.addressable_shards] == [(2, 3)] * 8
   np.testing.assert_array_equal(np.asarray(out), x)
 

@@ -1,4 +1,4 @@
-"""Tests for tpu_reason.mesh on 8 fake CPU devices (see conftest.py): mesh shapes, the
+"""Tests for tpu_reason.mesh and tpu_reason.sharding on 8 fake CPU devices (see conftest.py): mesh shapes, the
 logical-axis rules, and sharded forwards that must match the single-device forward."""
 
 import dataclasses
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.conftest import TINY_GEMMA3, TINY_JIT, TINY_LLAMA, tiny_params
-from tpu_reason import lora, mesh
+from tpu_reason import lora, mesh, sharding
 from tpu_reason.config import LoraCfg, MeshCfg
 from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import forward, logits, param_shapes
@@ -66,24 +66,25 @@ def mesh_2x4():
 def test_spec_rules(mesh_2x4):
   m = mesh_2x4
   # kv_heads=3 (SmolLM2) is not divisible by tp=4: that dim stays replicated
-  assert mesh.spec((30, 576, 3, 64), ("layers", "embed", "kv_heads", "head_dim"), m) == P(None, "fsdp", None, None)
-  assert mesh.spec((30, 576, 8, 64), ("layers", "embed", "heads", "head_dim"), m) == P(None, "fsdp", "tp", None)
-  assert mesh.spec((30, 576, 1536), ("layers", "embed", "mlp"), m) == P(None, "fsdp", "tp")
-  assert mesh.spec((30, 1536, 576), ("layers", "mlp", "embed"), m) == P(None, "tp", "fsdp")
-  assert mesh.spec((49152, 576), ("vocab", "embed"), m) == P("tp", "fsdp")
-  assert mesh.spec((30, 576), ("layers", "norm"), m) == P(None, None)
-  assert mesh.spec((30, 576, 16), ("layers", "embed", "lora"), m) == P(None, "fsdp", None)
-  assert mesh.spec((8, 100), ("batch", "seq"), m) == P("fsdp", None)
+  assert sharding.spec((30, 576, 3, 64), ("layers", "embed", "kv_heads", "head_dim"), m) == P(
+      None, "fsdp", None, None)
+  assert sharding.spec((30, 576, 8, 64), ("layers", "embed", "heads", "head_dim"), m) == P(None, "fsdp", "tp", None)
+  assert sharding.spec((30, 576, 1536), ("layers", "embed", "mlp"), m) == P(None, "fsdp", "tp")
+  assert sharding.spec((30, 1536, 576), ("layers", "mlp", "embed"), m) == P(None, "tp", "fsdp")
+  assert sharding.spec((49152, 576), ("vocab", "embed"), m) == P("tp", "fsdp")
+  assert sharding.spec((30, 576), ("layers", "norm"), m) == P(None, None)
+  assert sharding.spec((30, 576, 16), ("layers", "embed", "lora"), m) == P(None, "fsdp", None)
+  assert sharding.spec((8, 100), ("batch", "seq"), m) == P("fsdp", None)
   # odd model dim: not divisible by fsdp=2 -> replicated
-  assert mesh.spec((30, 577, 1536), ("layers", "embed", "mlp"), m) == P(None, None, "tp")
+  assert sharding.spec((30, 577, 1536), ("layers", "embed", "mlp"), m) == P(None, None, "tp")
 
 
 def test_spec_never_uses_a_mesh_axis_twice(mesh_2x4):
   m = mesh_2x4
-  assert mesh.spec((8, 8), ("embed", "embed"), m) == P("fsdp", None)
-  assert mesh.spec((8, 8, 8), ("heads", "mlp", "vocab"), m) == P("tp", None, None)
+  assert sharding.spec((8, 8), ("embed", "embed"), m) == P("fsdp", None)
+  assert sharding.spec((8, 8, 8), ("heads", "mlp", "vocab"), m) == P("tp", None, None)
   # the first dim falls back to replicated, so the second may take the axis
-  assert mesh.spec((3, 8), ("heads", "mlp"), m) == P(None, "tp")
+  assert sharding.spec((3, 8), ("heads", "mlp"), m) == P(None, "tp")
 
 
 @pytest.mark.parametrize("fsdp,tp", [(8, 1), (2, 4), (1, 8), (4, 2)])
@@ -97,15 +98,15 @@ def test_every_param_spec_is_valid(fsdp, tp):
   for cfg in (smollm2, gemma, TINY_LLAMA):
     table = {**param_shapes(cfg), **{"lora/" + k: v for k, v in lora.shapes(cfg, LoraCfg()).items()}}
     for name, (shape, axes) in table.items():
-      s = mesh.spec(shape, axes, m)
+      s = sharding.spec(shape, axes, m)
       used = [a for a in s if a is not None]
       assert len(used) == len(set(used)), (name, s)
       for dim, a in zip(shape, s):
         assert a is None or dim % m.shape[a] == 0, (name, s)
   # the big matrices really are sharded on a 2x4 mesh
   if (fsdp, tp) == (2, 4):
-    assert mesh.spec(*param_shapes(smollm2)["embed"], m) == P("tp", "fsdp")
-    assert mesh.spec(*param_shapes(smollm2)["layers/gate"], m) == P(None, "fsdp", "tp")
+    assert sharding.spec(*param_shapes(smollm2)["embed"], m) == P("tp", "fsdp")
+    assert sharding.spec(*param_shapes(smollm2)["layers/gate"], m) == P(None, "fsdp", "tp")
 
 
 # --------------------------------------------------------------------------- sharded forward
@@ -117,12 +118,13 @@ def _mesh(fsdp, tp):
 
 
 def _sharded_hidden(params, cfg, tokens, m, adapters=None, lora_cfg=None, jit=fwd):
-  placed = mesh.place(params, mesh.shardings(param_shapes(cfg), m))
-  tok = jax.device_put(tokens, mesh.rows_sharding(m, tokens.shape))
-  pos = jax.device_put(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), mesh.rows_sharding(m, tokens.shape))
+  placed = sharding.place(params, sharding.shardings(param_shapes(cfg), m))
+  tok = jax.device_put(tokens, sharding.rows_sharding(m, tokens.shape))
+  pos = jax.device_put(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+                       sharding.rows_sharding(m, tokens.shape))
   kw = {}
   if adapters is not None:
-    kw = dict(lora=mesh.place(adapters, mesh.shardings(lora.shapes(cfg, lora_cfg), m)), lora_scale=2.0)
+    kw = dict(lora=sharding.place(adapters, sharding.shardings(lora.shapes(cfg, lora_cfg), m)), lora_scale=2.0)
   out = jit(placed, cfg, tok, pos, **kw)
   assert {d.id for d in out.sharding.device_set} == {d.id for d in m.devices.flat}
   return placed, out
@@ -132,7 +134,7 @@ def _expected_bytes_per_device(cfg, m):
   """Bytes one device must hold if every param is split exactly as `spec` says."""
   total = 0
   for shape, axes in param_shapes(cfg).values():
-    parts = math.prod(m.shape[a] for a in mesh.spec(shape, axes, m) if a is not None)
+    parts = math.prod(m.shape[a] for a in sharding.spec(shape, axes, m) if a is not None)
     total += math.prod(shape) * 4 // parts
   return total
 
@@ -149,7 +151,7 @@ def test_sharded_forward_matches_single_device_tiny(fsdp, tp):
   m = _mesh(fsdp, tp)
   placed, out = _sharded_hidden(params, cfg, tokens, m, adapters, lcfg, jit=tiny_fwd)
   np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
-  assert mesh.bytes_per_device(placed) == _expected_bytes_per_device(cfg, m)
+  assert sharding.bytes_per_device(placed) == _expected_bytes_per_device(cfg, m)
   if fsdp == 8:  # embed dim 32 split 8 ways
     assert placed["embed"].addressable_shards[0].data.shape == (cfg.vocab_size, cfg.embed_dim // 8)
 
@@ -179,7 +181,7 @@ def test_sharded_forward_matches_single_device_smollm2(smollm2, smol_batch, fsdp
   np.testing.assert_allclose(out, ref_logits, atol=1e-4, rtol=1e-5)
   np.testing.assert_array_equal(out.argmax(-1), ref_logits.argmax(-1))
   total = sum(x.nbytes for x in flatten(smollm2.params).values())
-  per_device = mesh.bytes_per_device(placed)
+  per_device = sharding.bytes_per_device(placed)
   assert per_device == _expected_bytes_per_device(cfg, m)
   if (fsdp, tp) == (8, 1):  # everything but the norms is split 8 ways over fsdp
     assert per_device < total / 7

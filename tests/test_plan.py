@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from tests.conftest import TINY_LLAMA, tiny_params
-from tpu_reason import config, lora as lora_lib, mesh as mesh_lib, plan
+from tpu_reason import config, lora as lora_lib, mesh as mesh_lib, plan, sharding as sharding_lib
 from tpu_reason.config import Config
 from tpu_reason.data.batch import PackedBatch
 from tpu_reason.models.transformer import param_shapes
@@ -98,12 +98,13 @@ def test_abstract_bytes_equal_real_placement():
   """shard_shape's arithmetic is what device_put really puts on each of 8 devices."""
   cfg = tiny_cfg()
   m = mesh_lib.make_mesh(cfg.mesh)
-  placed = mesh_lib.place(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny_params(TINY_LLAMA)),
-                        mesh_lib.shardings(param_shapes(TINY_LLAMA), m))
-  assert mesh_lib.bytes_per_device(placed) == PARAMS
+  placed = sharding_lib.place(jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny_params(TINY_LLAMA)),
+                        sharding_lib.shardings(param_shapes(TINY_LLAMA), m))
+  assert sharding_lib.bytes_per_device(placed) == PARAMS
   table = lora_lib.shapes(TINY_LLAMA, cfg.lora)
-  adapters = mesh_lib.place(lora_lib.init(TINY_LLAMA, cfg.lora, jax.random.key(0)), mesh_lib.shardings(table, m))
-  assert mesh_lib.bytes_per_device(adapters) == LORA == plan.nbytes(plan.local_tree(table, jnp.float32, m))
+  adapters = sharding_lib.place(lora_lib.init(TINY_LLAMA, cfg.lora, jax.random.key(0)),
+                                sharding_lib.shardings(table, m))
+  assert sharding_lib.bytes_per_device(adapters) == LORA == plan.nbytes(plan.local_tree(table, jnp.float32, m))
 
 
 def test_residual_bytes_counts_new_buffers_not_inputs():

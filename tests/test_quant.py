@@ -20,7 +20,8 @@ from jax.sharding import PartitionSpec as P
 from tests.conftest import TINY_GEMMA3, TINY_LLAMA
 from tests.test_grpo import first_batch, fresh_state, make_cfg as grpo_cfg, reuse_build
 from tests.test_sft import make_cfg as sft_cfg, write_rows
-from tpu_reason import config, grpo, lora as lora_lib, losses, mesh as mesh_lib, models, plan, policy, sft
+from tpu_reason import (config, grpo, lora as lora_lib, losses, mesh as mesh_lib, models, plan, policy, sft,
+                        sharding as sharding_lib)
 from tpu_reason.config import Config, LoraCfg, MeshCfg
 from tpu_reason.errors import UserError
 from tpu_reason.models import quant, transformer as T
@@ -79,15 +80,15 @@ def test_quantized_forward_is_the_float_forward_on_the_dequantized_weights(mode,
 def test_placement_keeps_the_small_format_and_shards_scales_like_their_weights():
   cfg = dataclasses.replace(TINY_LLAMA, quant="int8")
   mesh = mesh_lib.make_mesh(MeshCfg(fsdp=4, tp=2))
-  placed = mesh_lib.place_params(float_params(TINY_LLAMA), cfg, mesh, jnp.float32)
+  placed = models.place_params(float_params(TINY_LLAMA), cfg, mesh, jnp.float32)
   layers = placed["layers"]
   assert layers["gate"].dtype == jnp.int8 and layers["gate_scale"].dtype == jnp.float32
   assert placed["embed"].dtype == jnp.float32  # the embedding is not quantised
   # [L, D, F]: D over fsdp, F over tp; the scale [L, 1, F] keeps F over tp
   assert layers["gate"].sharding.spec == P(None, "fsdp", "tp")
   assert layers["gate_scale"].sharding.spec == P(None, None, "tp")
-  wide = mesh_lib.bytes_per_device(mesh_lib.place_params(float_params(TINY_LLAMA), TINY_LLAMA, mesh, jnp.float32))
-  assert mesh_lib.bytes_per_device(placed) < 0.6 * wide
+  wide = sharding_lib.bytes_per_device(models.place_params(float_params(TINY_LLAMA), TINY_LLAMA, mesh, jnp.float32))
+  assert sharding_lib.bytes_per_device(placed) < 0.6 * wide
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, models, plan, train as train_lib
+from tpu_reason import (config, grpo, lora as lora_lib, mesh as mesh_lib, models, plan, sharding as sharding_lib,
+                        train as train_lib)
 from tpu_reason.data.batch import RolloutBatch
 from tpu_reason.models.transformer import param_shapes
 
@@ -52,7 +53,7 @@ def test_tpu_recipe_lowers_its_grpo_update(path):
   rows, p, c = g.mini * g.group, cfg.data.max_prompt_tokens, g.sampling.max_new_tokens
 
   def arr(shape, dtype):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.rows_sharding(mesh, shape))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.rows_sharding(mesh, shape))
 
   batch = RolloutBatch(arr((rows, p), jnp.int32), arr((rows, p), bool), arr((rows, c), jnp.int32), arr((rows, c), bool),
                        advantages_B=arr((rows,), jnp.float32), num_tokens_B=arr((rows,), jnp.float32),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tpu_reason import mesh, models
+from tpu_reason import mesh, models, sharding as sharding_lib
 from tpu_reason.config import MeshCfg, SamplingCfg
 from tpu_reason.models import transformer as T
 from tpu_reason.sampling import sampler
@@ -67,7 +67,7 @@ def test_greedy_across_span_buckets_matches_teacher_forcing(tiny):
 def test_sharded_generate_matches_single_device(tiny):
   """Params split over a 2x4 mesh of fake devices: the same greedy tokens as on one device."""
   m = mesh.make_mesh(MeshCfg(fsdp=2, tp=4))
-  placed = mesh.place(tiny, mesh.shardings(T.param_shapes(TINY), m))
+  placed = sharding_lib.place(tiny, sharding_lib.shardings(T.param_shapes(TINY), m))
   assert len(placed["layers"]["gate"].sharding.device_set) == 8
   tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9], [1, 2, 3], [4]], 4, 0)
   s = SamplingCfg(max_new_tokens=10)
@@ -80,7 +80,7 @@ def test_rollout_rows_are_split_over_the_mesh(tiny):
   """Under the mesh each chip decodes its own rows: its KV caches hold only those, and the
   sampled tokens (greedy and at T=1) are the ones a single device draws."""
   m = mesh.make_mesh(MeshCfg(fsdp=4, tp=2))
-  placed = mesh.place(tiny, mesh.shardings(T.param_shapes(TINY), m))
+  placed = sharding_lib.place(tiny, sharding_lib.shardings(T.param_shapes(TINY), m))
   tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9], [1, 2, 3], [4]], 4, 0)
   for s in (SamplingCfg(max_new_tokens=10), SamplingCfg(max_new_tokens=10, temperature=1.0, top_k=0)):
     one = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0, sampling=s, group=2)

@@ -30,7 +30,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from tests.conftest import TINY_LLAMA
-from tpu_reason import checkpoint, config, lora as lora_lib, loop, mesh as mesh_lib, metrics, sft
+from tpu_reason import (checkpoint, config, loop, lora as lora_lib, mesh as mesh_lib, metrics, sft,
+                        sharding as sharding_lib)
 from tpu_reason.config import Config, MeshCfg
 from tpu_reason.data import loader
 from tpu_reason.errors import UserError
@@ -261,9 +262,9 @@ def test_sharded_steps_agree(trainer, first_bucket):
   results = {}
   for fsdp, tp in [(8, 1), (2, 4), (1, 1)]:
     mesh = mesh_lib.make_mesh(MeshCfg(fsdp=fsdp, tp=tp), jax.devices()[: fsdp * tp])
-    params = mesh_lib.place(host_params, mesh_lib.shardings(param_shapes(cfg), mesh))
-    lora = mesh_lib.place(lora0, mesh_lib.shardings(lora_lib.shapes(cfg, lcfg), mesh))
-    placed = jax.tree.map(lambda v: jax.device_put(v, mesh_lib.rows_sharding(mesh, v.shape)), batch)
+    params = sharding_lib.place(host_params, sharding_lib.shardings(param_shapes(cfg), mesh))
+    lora = sharding_lib.place(lora0, sharding_lib.shardings(lora_lib.shapes(cfg, lcfg), mesh))
+    placed = jax.tree.map(lambda v: jax.device_put(v, sharding_lib.rows_sharding(mesh, v.shape)), batch)
     if (fsdp, tp) == (2, 4):  # really sharded: vocab over tp, model dim over fsdp, batch over fsdp
       assert params["embed"].sharding.spec == PartitionSpec("tp", "fsdp")
       assert placed.completion_tokens_BxC.addressable_shards[0].data.shape[0] == 4

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_JIT, TINY_LLAMA, tiny_params
-from tpu_reason import config, grpo, lora as lora_lib, mesh as mesh_lib, plan, train as train_lib
+from tpu_reason import (config, grpo, lora as lora_lib, mesh as mesh_lib, plan, sharding as sharding_lib,
+                        train as train_lib)
 from tpu_reason.config import Config
 from tpu_reason.models.transformer import param_shapes
 
@@ -76,8 +77,8 @@ def compiled_grpo_update(cfg: Config, m) -> str:
   state = _abstract(jax.eval_shape(lambda x: train_lib.init_state(x, optimizer, 0), lora), state_sh)
   params = plan.full_tree(param_shapes(TINY_LLAMA), jnp.bfloat16, m)
   batch = plan.grpo_batch(g.mini * g.group, PROMPT, COMPLETION)
-  batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.rows_sharding(m, v.shape)),
-                       batch)
+  batch = jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.rows_sharding(m, v.shape)), batch)
   with jax.set_mesh(m):
     return step_fn.lower(state, params, batch).compile(TINY_JIT).as_text()
 
@@ -103,24 +104,25 @@ def test_each_chip_computes_only_its_rows(mesh_4x2, phase):
 
 def test_gathered_axes_keep_tp_and_drop_fsdp(mesh_4x2):
   shape, axes = param_shapes(TINY_LLAMA)["layers/gate"]
-  assert mesh_lib.spec(shape[1:], axes[1:], mesh_4x2) == jax.sharding.PartitionSpec("fsdp", "tp")
-  assert mesh_lib.spec(shape[1:], mesh_lib.gathered(axes[1:]), mesh_4x2) == jax.sharding.PartitionSpec(None, "tp")
+  assert sharding_lib.spec(shape[1:], axes[1:], mesh_4x2) == jax.sharding.PartitionSpec("fsdp", "tp")
+  gathered = sharding_lib.gathered(axes[1:])
+  assert sharding_lib.spec(shape[1:], gathered, mesh_4x2) == jax.sharding.PartitionSpec(None, "tp")
 
 
 def test_constrain_is_a_no_op_without_a_mesh():
   x = jnp.ones((8, 4))
-  assert mesh_lib.constrain(x, ("batch", "act_embed")) is x
+  assert sharding_lib.constrain(x, ("batch", "act_embed")) is x
 
 
 def test_placement_hands_each_device_only_its_share(mesh_4x2):
   params = jax.tree.map(np.asarray, tiny_params(TINY_LLAMA))
   table = param_shapes(TINY_LLAMA)
-  placed = mesh_lib.place(params, mesh_lib.shardings(table, mesh_4x2), jnp.bfloat16)
+  placed = sharding_lib.place(params, sharding_lib.shardings(table, mesh_4x2), jnp.bfloat16)
   for name, (shape, axes) in table.items():
     x = placed
     for part in name.split("/"):
       x = x[part]
-    block = mesh_lib.shard_shape(shape, axes, mesh_4x2)
+    block = sharding_lib.shard_shape(shape, axes, mesh_4x2)
     assert x.dtype == jnp.bfloat16
     assert {s.data.shape for s in x.addressable_shards} == {block}, name
     assert len(x.addressable_shards) == 8

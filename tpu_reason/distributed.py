@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from tpu_reason import mesh as mesh_lib
+from tpu_reason import sharding as sharding_lib
 from tpu_reason.errors import UserError
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -85,7 +85,7 @@ def global_batch(arrays, mesh):
   """Global batch-sharded arrays from host arrays of the whole batch (any pytree of them: a dict, a
   `data.batch.Batch`), as the same tree; each process reads only its rows."""
   def one(full: np.ndarray) -> jax.Array:
-    sharding = mesh_lib.rows_sharding(mesh, full.shape)
+    sharding = sharding_lib.rows_sharding(mesh, full.shape)
     local = full[process_rows(sharding, full.shape)]
     return jax.make_array_from_process_local_data(sharding, local, full.shape)
 

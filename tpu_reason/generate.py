@@ -50,7 +50,7 @@ def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> s
   """Load the model, generate for one prompt, stream text to `out`."""
   model = models.load_for(cfg.model)
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  params = mesh_lib.place_params(model.params, model.cfg, mesh, jnp.dtype(cfg.model.dtype))
+  params = models.place_params(model.params, model.cfg, mesh, jnp.dtype(cfg.model.dtype))
   w, note = layout.build(params, None, model.cfg, mesh, lora_scale=1.0, dtype=cfg.model.dtype,
                          mode=cfg.mesh.decode_layout)
   del params  # the decode copy replaces them (or is them, on the training layout)

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs
+from tpu_reason import (config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs,
+                        sharding as sharding_lib)
 from tpu_reason import distributed, loop, tags
 from tpu_reason import train as train_lib
 from tpu_reason.config import Config, GrpoCfg
@@ -528,7 +529,7 @@ def build(cfg: Config) -> Trainer:
                     f"fsdp mesh size {mesh.shape['fsdp']} ({jax.device_count()} devices)")
   dtype = jnp.dtype(cfg.model.dtype)
   params = runs.apply_init(init, model.params, model.cfg.new_tokens)
-  params = mesh_lib.place_params(params, model.cfg, mesh, dtype)
+  params = models.place_params(params, model.cfg, mesh, dtype)
   model.params = None  # one copy of the weights: the policy and the reference both read `params`
   optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)
   cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, init=init))  # config.yaml names the resolved init
@@ -545,7 +546,7 @@ def jitted(model_cfg, cfg: Config, mesh):
                               chunk=cfg.model.vocab_chunk, on_policy=updates_per_step(g) == 1)
   accum = g.mini // g.micro_batch
   step_fn = jax.jit(functools.partial(train_lib.step, loss_fn=loss_fn, optimizer=optimizer, accum=accum),
-                    donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh)))
+                    donate_argnums=0, out_shardings=(state_sh, sharding_lib.replicated(mesh)))
   logp_fn = jax.jit(functools.partial(_logprobs, cfg=model_cfg, lora_scale=scale, dtype=dtype,
                                       chunk=cfg.model.vocab_chunk, temperature=g.sampling.temperature))
   return optimizer, step_fn, logp_fn, state_sh

@@ -88,7 +88,7 @@ def run(cfg: Config, build: Callable[[Config], Algorithm], kind: str = "") -> di
   check_model(algo.cfg, algo.model.cfg.vocab_size)
   fresh = not algo.out.exists()
   try:
-    with jax.set_mesh(algo.mesh):  # activations take their layout from the mesh (mesh.constrain)
+    with jax.set_mesh(algo.mesh):  # activations take their layout from the mesh (sharding.constrain)
       return Loop(algo).run()
   except UserError as e:
     # A run refused before its first checkpoint leaves no half run directory behind (a

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from tpu_reason import choices
 from tpu_reason.data.batch import Batch, PackedBatch
-from tpu_reason.mesh import constrain
+from tpu_reason.sharding import constrain
 from tpu_reason.models.transformer import forward, head_weights, positions
 
 

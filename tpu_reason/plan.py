@@ -53,7 +53,8 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
-from tpu_reason import config, grpo, hlo_cost, lora as lora_lib, mesh as mesh_lib, models, sft, train as train_lib
+from tpu_reason import (config, grpo, hlo_cost, lora as lora_lib, mesh as mesh_lib, models, sft,
+                        sharding as sharding_lib, train as train_lib)
 from tpu_reason.config import Config
 from tpu_reason.data.batch import Batch, PackedBatch, RolloutBatch
 from tpu_reason.errors import UserError, cli
@@ -118,13 +119,13 @@ def _dtype(dtype, name: str):
 
 def local_tree(table: dict, dtype, mesh) -> dict:
   """ShapeDtypeStructs of the block of every table entry that one device holds (`dtype`: one, or by name)."""
-  return unflatten({k: jax.ShapeDtypeStruct(mesh_lib.shard_shape(s, a, mesh), _dtype(dtype, k))
+  return unflatten({k: jax.ShapeDtypeStruct(sharding_lib.shard_shape(s, a, mesh), _dtype(dtype, k))
                     for k, (s, a) in table.items()})
 
 
 def full_tree(table: dict, dtype, mesh=None) -> dict:
   """ShapeDtypeStructs of whole table entries (laid out over `mesh` when given; `dtype`: one, or by name)."""
-  shard = flatten(mesh_lib.shardings(table, mesh)) if mesh is not None else {}
+  shard = flatten(sharding_lib.shardings(table, mesh)) if mesh is not None else {}
   return unflatten({k: jax.ShapeDtypeStruct(s, _dtype(dtype, k), sharding=shard.get(k)) for k, (s, _) in table.items()})
 
 
@@ -135,12 +136,12 @@ def base_params(model_cfg: ModelConfig, dtype, mesh=None) -> dict:
 
 def rows_per_device(rows: int, mesh) -> int:
   """Rows of a batch one device holds (all of them when fsdp does not divide the batch)."""
-  return mesh_lib.shard_shape((rows,), ("batch",), mesh)[0]
+  return sharding_lib.shard_shape((rows,), ("batch",), mesh)[0]
 
 
 def per_device_model(model_cfg: ModelConfig, mesh) -> ModelConfig:
   """The architecture one device computes: heads, kv heads and mlp split over tp as the table splits them."""
-  split = lambda n, axis: mesh_lib.shard_shape((n,), (axis,), mesh)[0]  # noqa: E731
+  split = lambda n, axis: sharding_lib.shard_shape((n,), (axis,), mesh)[0]  # noqa: E731
   return dataclasses.replace(model_cfg, num_heads=split(model_cfg.num_heads, "heads"),
                              num_kv_heads=split(model_cfg.num_kv_heads, "kv_heads"),
                              hidden_dim=split(model_cfg.hidden_dim, "mlp"))
@@ -248,7 +249,7 @@ def plan(cfg: Config, model_cfg: ModelConfig, n_devices: int, hbm_bytes: int) ->
   prompts, rows = rows_per_device(g.prompts, mesh), rows_per_device(g.prompts * g.group, mesh)
   new = g.sampling.max_new_tokens
   kv = kv_cache_bytes(local, prompts, d.max_prompt_tokens, dtype) + kv_cache_bytes(local, rows, new, dtype)
-  vocab = mesh_lib.shard_shape((model_cfg.vocab_size,), ("vocab",), mesh)[0]
+  vocab = sharding_lib.shard_shape((model_cfg.vocab_size,), ("vocab",), mesh)[0]
   sampling = {"KV cache": kv, "sampling logits": rows * vocab * 4}
   copy = {"decode copy (merged)": layout.bytes_per_device(model_cfg, mesh, dtype)}
   # auto: merged when the copy fits beside the training state (what the trainer decides at run time)
@@ -312,7 +313,7 @@ def laid_out(tree, shardings):
 def rows_over_fsdp(tree, mesh):
   """ShapeDtypeStructs of `tree`: every leaf's rows over fsdp, as the trainers place batches; scalars replicated."""
   def one(x):
-    sharding = mesh_lib.rows_sharding(mesh, x.shape)  # replicated where fsdp does not divide the rows
+    sharding = sharding_lib.rows_sharding(mesh, x.shape)  # replicated where fsdp does not divide the rows
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   return jax.tree.map(one, tree)
@@ -332,7 +333,7 @@ def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowe
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
   params = base_params(model_cfg, jnp.dtype(cfg.model.dtype), mesh)
   batch = sft_batch(cfg)(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
-                         mesh_lib.rows_sharding(mesh, (cfg.train.batch_size, 1)))
+                         sharding_lib.rows_sharding(mesh, (cfg.train.batch_size, 1)))
   # the forward's sharding constraints read the context mesh; eager work (above) must stay outside it
   with jax.set_mesh(mesh):
     return step.lower(state, params, batch)
@@ -371,7 +372,7 @@ def compile_checks(cfg: Config, model_cfg: ModelConfig, hbm_bytes: int) -> list[
 def cache_layout(cache: KVCache, mesh) -> KVCache:
   """A KV cache's leaves laid out by the table: rows over fsdp, kv heads over tp."""
   def one(x, axes):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, mesh_lib.spec(x.shape, axes, mesh)))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, sharding_lib.spec(x.shape, axes, mesh)))
 
   return dataclasses.replace(cache, k=one(cache.k, ("layers", "batch", "kv_heads", "head_dim", "seq")),
                              v=one(cache.v, ("layers", "batch", "kv_heads", "seq", "head_dim")),
@@ -384,7 +385,7 @@ def decode_weights(cfg: Config, model_cfg: ModelConfig, mesh, decode: str):
   dtype, scale = jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
   params = base_params(model_cfg, dtype, mesh)
   table = lora_lib.shapes(model_cfg, cfg.lora)
-  lora = laid_out(train_lib.abstract_lora(table), mesh_lib.shardings(table, mesh))  # TrainState.lora's layout
+  lora = laid_out(train_lib.abstract_lora(table), sharding_lib.shardings(table, mesh))  # TrainState.lora's layout
   if decode == "train":
     return (params, lora, scale), None
   merge = layout.merge_fn(model_cfg, mesh, float(scale), dtype)
@@ -397,7 +398,7 @@ def lower_rollout(cfg: Config, model_cfg: ModelConfig, mesh, decode: str = "merg
   decode loop over G samples of each, lowered."""
   g, dtype = cfg.grpo, jnp.dtype(cfg.model.dtype)
   (params, lora, scale), merge = decode_weights(cfg, model_cfg, mesh, decode)
-  prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, mesh_lib.rows_sharding(mesh, (g.prompts, 1)))
+  prompt = abstract_batch(g.prompts, cfg.data.max_prompt_tokens, 0, sharding_lib.rows_sharding(mesh, (g.prompts, 1)))
   tokens, mask = prompt.prompt_tokens_BxP, prompt.prompt_mask_BxP
   cache, first, next_pos = jax.eval_shape(functools.partial(sampler.prefill, cfg=model_cfg, dtype=dtype),
                                           params, lora, scale, tokens, mask)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import checkpoint, config, lora as lora_lib, mesh as mesh_lib, models, runs
+from tpu_reason import checkpoint, config, lora as lora_lib, models, runs, sharding as sharding_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
 from tpu_reason.sampling import layout
@@ -133,10 +133,10 @@ def check_top_k(sampling, section: str, model: models.Model):
 def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:
   """(params in `dtype`, lora) as device arrays sharded by the one table in mesh.py."""
   cfg = policy.model.cfg
-  params = mesh_lib.place_params(policy.model.params, cfg, mesh, jnp.dtype(dtype))
+  params = models.place_params(policy.model.params, cfg, mesh, jnp.dtype(dtype))
   if policy.lora is None:
     return params, None
-  return params, mesh_lib.place(policy.lora, mesh_lib.shardings(lora_lib.shapes(cfg, policy.lora_cfg), mesh))
+  return params, sharding_lib.place(policy.lora, sharding_lib.shardings(lora_lib.shapes(cfg, policy.lora_cfg), mesh))
 
 
 def decode_weights(policy: Policy, mesh, dtype: str = "float32", mode: str = "auto") -> layout.Weights:

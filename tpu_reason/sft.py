@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import config, distributed, evaluate, lora as lora_lib, loop, losses, mesh as mesh_lib, models, tags
+from tpu_reason import (config, distributed, evaluate, loop, lora as lora_lib, losses, mesh as mesh_lib, models,
+                        sharding as sharding_lib, tags)
 from tpu_reason import train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
 from tpu_reason.config import Config, TrainCfg
@@ -171,7 +172,7 @@ def build(cfg: Config) -> Trainer:
   mesh = mesh_lib.make_mesh(cfg.mesh)
   check_micro_batch(cfg.train, mesh.shape["fsdp"])
   dtype = jnp.dtype(cfg.model.dtype)
-  params = mesh_lib.place_params(model.params, model.cfg, mesh, dtype)
+  params = models.place_params(model.params, model.cfg, mesh, dtype)
   model.params = None  # the host copy is no longer needed: keep one copy of the weights
   optimizer = make_optimizer(cfg.train.optim, cfg.train.max_steps)
   step_fn, state_sh = jit_train_step(cfg, model.cfg, optimizer, mesh)
@@ -207,7 +208,7 @@ def jit_train_step(cfg: Config, model_cfg, optimizer, mesh):
                            dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, chunk=cfg.model.vocab_chunk,
                            accum=cfg.train.grad_accum)
   # Pinning the output layout to the input layout keeps one compile per batch shape.
-  return jax.jit(step, donate_argnums=0, out_shardings=(state_sh, mesh_lib.replicated(mesh))), state_sh
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_sh, sharding_lib.replicated(mesh))), state_sh
 
 
 def run(cfg: Config) -> dict:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tpu_reason import choices, lora as lora_lib, mesh as mesh_lib, models
+from tpu_reason import choices, lora as lora_lib, models, sharding as sharding_lib
 from tpu_reason.config import Config, OptimCfg
 
 
@@ -88,8 +88,8 @@ def step(state: TrainState, params, batch, *, loss_fn: Callable, optimizer, accu
 def state_sharding(model_cfg, cfg: Config, optimizer, mesh) -> TrainState:
   """TrainState of shardings: adapters (and their Adam moments) by the table, scalars replicated."""
   table = lora_lib.shapes(model_cfg, cfg.lora)
-  lora_sh = mesh_lib.shardings(table, mesh)
-  rep = mesh_lib.replicated(mesh)
+  lora_sh = sharding_lib.shardings(table, mesh)
+  rep = sharding_lib.replicated(mesh)
   opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, abstract_lora(table)),
                                  lora_sh, transform_non_params=lambda _: rep)
   return TrainState(lora_sh, opt_sh, rep, rep, rep)

@@ -157,13 +157,13 @@ class ModelSolver:
                mesh=None):
     import jax
 
-    from tpu_reason import mesh as mesh_lib
+    from tpu_reason import mesh as mesh_lib, models
     from tpu_reason.config import MeshCfg
 
     self.model, self.schema, self.system_prompt = model, schema, system_prompt
     self.sampling, self.k, self.batch_size = sampling, k, batch_size
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh(MeshCfg(fsdp=1, tp=1), jax.devices()[:1])
-    self.params = mesh_lib.place_params(model.params, model.cfg, self.mesh)
+    self.params = models.place_params(model.params, model.cfg, self.mesh)
     self.pad = model.pad_id
     self.calls = 0
 

@@ -26,7 +26,8 @@ import numpy as np
 
 from tpu_reason.errors import UserError, first_line
 from tpu_reason.models import convert, gguf as gguf_io
-from tpu_reason.models.transformer import ModelConfig, Params, init_params
+from tpu_reason.models.transformer import ModelConfig, Params, init_params, param_dtypes, param_shapes, quantize_params
+from tpu_reason.sharding import place, shardings
 from tpu_reason.tree import flatten, unflatten
 
 # Gemma's template (the GGUF of the 270m base model carries none).
@@ -248,6 +249,15 @@ def load_for(section, dtype=np.float32) -> Model:
   model = load(section.spec, dtype)
   model.cfg = dataclasses.replace(model.cfg, quant=section.quant)
   return add_tokens(model, section.add_tokens)
+
+
+def place_params(params: Params, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, dtype=None) -> Params:
+  """A model's base weights sharded by the table, cast (and quantised, `model_cfg.quant`) on the host,
+  each device given its block."""
+  flat = flatten(quantize_params(params, model_cfg))
+  dtypes = param_dtypes(model_cfg, dtype)
+  host = unflatten({k: np.asarray(x) if dtypes[k] is None else np.asarray(x, dtypes[k]) for k, x in flat.items()})
+  return place(host, shardings(param_shapes(model_cfg), mesh))
 
 
 def config_of(spec: str) -> ModelConfig:

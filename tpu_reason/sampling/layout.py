@@ -8,7 +8,7 @@ LoRA adapter as two extra matmuls per projection per layer.
 
 `build` makes instead, once per rollout (the adapters change only between rollouts), the decode
 copy: the base with the LoRA folded in (W + scale·A·B, and the added tokens' rows), dequantised, in
-the compute dtype, laid out by `mesh.DECODE_RULES`: whole over fsdp (each chip decodes its own rows on
+the compute dtype, laid out by `sharding.DECODE_RULES`: whole over fsdp (each chip decodes its own rows on
 its own copy: pure data parallel) and split over tp as in training. One all-gather per rollout instead
 of one per token. `mesh.decode_layout`: merged | train | auto (merged when its copy fits beside what
 the device already holds).
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from tpu_reason import choices, mesh as mesh_lib
+from tpu_reason import choices, sharding as sharding_lib
 from tpu_reason.models import quant as quant_lib
 from tpu_reason.models.transformer import ModelConfig, PROJECTIONS, n_inputs, param_dtypes, param_shapes
 from tpu_reason.tree import flatten, unflatten
@@ -53,20 +53,20 @@ def merged_cfg(model_cfg: ModelConfig) -> ModelConfig:
 
 
 def shardings(model_cfg: ModelConfig, mesh):
-  """The decode copy's NamedShardings: the parameter table under `mesh.DECODE_RULES`."""
-  return mesh_lib.shardings(param_shapes(merged_cfg(model_cfg)), mesh, mesh_lib.DECODE_RULES)
+  """The decode copy's NamedShardings: the parameter table under `sharding.DECODE_RULES`."""
+  return sharding_lib.shardings(param_shapes(merged_cfg(model_cfg)), mesh, sharding_lib.DECODE_RULES)
 
 
 def bytes_per_device(model_cfg: ModelConfig, mesh, dtype) -> int:
   """Bytes of the decode copy on one device (`mesh` may be abstract: plans)."""
   table = param_shapes(merged_cfg(model_cfg))
-  return sum(int(np.prod(mesh_lib.shard_shape(s, a, mesh, mesh_lib.DECODE_RULES))) * jnp.dtype(dtype).itemsize
+  return sum(int(np.prod(sharding_lib.shard_shape(s, a, mesh, sharding_lib.DECODE_RULES))) * jnp.dtype(dtype).itemsize
              for s, a in table.values())
 
 
 def cache_bytes(model_cfg: ModelConfig, rows: int, slots: int, dtype, mesh) -> int:
   """Bytes of a KV cache of `rows` x `slots` on one device: rows over fsdp, kv heads over tp (as the sampler's)."""
-  per = mesh_lib.shard_shape((model_cfg.num_layers, rows, model_cfg.num_kv_heads, model_cfg.head_dim, slots),
+  per = sharding_lib.shard_shape((model_cfg.num_layers, rows, model_cfg.num_kv_heads, model_cfg.head_dim, slots),
                              ("layers", "batch", "kv_heads", "head_dim", "seq"), mesh)
   return 2 * int(np.prod(per)) * jnp.dtype(dtype).itemsize
 
@@ -134,7 +134,7 @@ def merge_fn(model_cfg: ModelConfig, mesh, lora_scale: float, dtype):
   """The jitted merge for one model, mesh and scale: computed where training keeps each weight, written
   in the decode layout (the one all-gather of the rollout)."""
   table = param_shapes(merged_cfg(model_cfg))
-  layer = {k.split("/")[1]: NamedSharding(mesh, mesh_lib.spec(s[1:], a[1:], mesh, mesh_lib.DECODE_RULES))
+  layer = {k.split("/")[1]: NamedSharding(mesh, sharding_lib.spec(s[1:], a[1:], mesh, sharding_lib.DECODE_RULES))
            for k, (s, a) in table.items() if k.split("/")[-1] in PROJECTIONS}
   merge = functools.partial(merge_layer_weights, model_cfg=model_cfg, lora_scale=lora_scale, dtype=dtype,
                             layer_sharding=layer)

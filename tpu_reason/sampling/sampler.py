@@ -23,7 +23,7 @@ import numpy as np
 
 from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.distributed import to_host
-from tpu_reason.mesh import constrain
+from tpu_reason.sharding import constrain
 from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
 from tpu_reason.sampling import budget as budget_lib
 from tpu_reason.sampling.budget import BudgetState, Forcing
