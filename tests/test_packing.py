@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_JIT
-from tpu_reason import losses, sft
+from tpu_reason import losses, padding, sft
 from tpu_reason.data import batch as data_batch, examples as data_examples, loader, packing
 from tpu_reason.errors import UserError
 
@@ -21,8 +21,8 @@ def example(i: int, prompt_len: int, completion_len: int) -> data_examples.Examp
   """Token ids 1.. (never the pad id), distinct per example so a misplaced segment shows."""
   rng = np.random.default_rng(i)
   p_ids, c_ids = rng.integers(1, 128, prompt_len).tolist(), rng.integers(1, 128, completion_len).tolist()
-  p_tokens, p_mask = data_examples.left_pad(p_ids, P, PAD)
-  c_tokens, c_mask = data_examples.right_pad(c_ids, C, PAD)
+  p_tokens, p_mask = padding.left_pad(p_ids, P, PAD)
+  c_tokens, c_mask = padding.right_pad(c_ids, C, PAD)
   return data_examples.Example(f"e{i}", "", "", "", (), "", p_tokens, p_mask, c_tokens, c_mask)
 
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 
 from tpu_reason import choices
 from tpu_reason.data.batch import Batch, PackedBatch
-from tpu_reason.sharding import constrain
 from tpu_reason.models.transformer import forward, head_weights, positions
+from tpu_reason.sharding import constrain
 
 
 def token_logprobs(hidden_BxTxD, w_DxV, targets_BxT, *, chunk: int = 8192, softcap: float | None = None,

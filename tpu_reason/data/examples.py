@@ -24,6 +24,7 @@ import numpy as np
 from tpu_reason.data.render import messages, render, round_trips, tokenize
 from tpu_reason.data.report import DataReport
 from tpu_reason.data.sources import Record
+from tpu_reason.padding import left_pad, right_pad
 from tpu_reason.tags import TagSchema
 
 # Why build_examples drops a row (source loaders add their own reasons).
@@ -67,25 +68,6 @@ def completion_buckets(max_completion_tokens: int, buckets: Sequence[int] = ()) 
 def pick_bucket(length: int, buckets: Sequence[int]) -> int | None:
   """Smallest bucket >= length (buckets sorted), or None if none fits."""
   return next((b for b in buckets if length <= b), None)
-
-
-def left_pad(ids: Sequence[int], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens_L, mask_L) with ids flush right."""
-  tokens = np.full(length, pad, np.int32)
-  mask = np.zeros(length, bool)
-  if ids:
-    tokens[-len(ids) :] = ids
-    mask[-len(ids) :] = True
-  return tokens, mask
-
-
-def right_pad(ids: Sequence[int], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens_L, mask_L) with ids flush left."""
-  tokens = np.full(length, pad, np.int32)
-  mask = np.zeros(length, bool)
-  tokens[: len(ids)] = ids
-  mask[: len(ids)] = True
-  return tokens, mask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tpu_reason.data.examples import Example, right_pad
+from tpu_reason.data.examples import Example
 from tpu_reason.errors import UserError
+from tpu_reason.padding import right_pad
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

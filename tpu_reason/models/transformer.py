@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_reason import choices
-from tpu_reason.sharding import constrain, gathered
 from tpu_reason.models import quant as quant_lib
+from tpu_reason.sharding import constrain, gathered
 from tpu_reason.tree import flatten, unflatten
 
 Params = dict[str, Any]

@@ -23,10 +23,11 @@ import numpy as np
 
 from tpu_reason.config import BudgetCfg, SamplingCfg
 from tpu_reason.distributed import to_host
-from tpu_reason.sharding import constrain
 from tpu_reason.models.transformer import KVCache, ModelConfig, forward, init_cache, logits, positions, write
+from tpu_reason.padding import left_pad as left_pad_row
 from tpu_reason.sampling import budget as budget_lib
 from tpu_reason.sampling.budget import BudgetState, Forcing
+from tpu_reason.sharding import constrain
 from tpu_reason.tags import TagSchema
 
 
@@ -332,8 +333,6 @@ def generate(
 
 def left_pad(ids_list: list[list[int]], length: int | None, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-pad token lists to a fixed length: (tokens_BxP, mask_BxP)."""
-  from tpu_reason.data.examples import left_pad as left_pad_row
-
   length = length or max(len(x) for x in ids_list)
   for i, ids in enumerate(ids_list):
     if len(ids) > length:
