@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from tpu_reason import config, mesh as mesh_lib, policy, tags
 from tpu_reason.config import Config
 from tpu_reason.errors import cli
-from tpu_reason.generate import Streamer
 from tpu_reason.sampling import batched, layout, sampler
+from tpu_reason.sampling.stream import Streamer
 
 FLAGS = {"--model": "model", "--hide-thoughts": "hide_thoughts?", "--system": "data.system_prompt",
          "--max-thinking-tokens": "budget.max_thinking_tokens", "--extend": "budget.extend", "--wait": "budget.wait",

@@ -15,6 +15,7 @@ import numpy as np
 from tpu_reason import config, mesh as mesh_lib, models
 from tpu_reason.errors import UserError, cli
 from tpu_reason.sampling import layout, sampler
+from tpu_reason.sampling.stream import Streamer
 
 FLAGS = {"--model": "model.spec", "--max-new-tokens": "sampling.max_new_tokens",
          "--temperature": "sampling.temperature", "--seed": "sampling.seed",
@@ -26,24 +27,6 @@ def _parse(argv: list[str]):
   if not flags.get("prompt"):
     raise UserError('--prompt "..." is required')
   return cfg, flags["prompt"], flags.get("raw", "false").lower() in ("1", "true", "yes")
-
-
-class Streamer:
-  """A sampler `on_chunk` callback writing row 0's new text to `out` as it grows."""
-
-  def __init__(self, tokenizer, out):
-    self.tokenizer, self.out, self.printed = tokenizer, out, 0
-
-  def __call__(self, tokens_BxN, lengths_B):
-    text = self.tokenizer.decode(tokens_BxN[0, : lengths_B[0]], skip_special_tokens=True)
-    if len(text) > self.printed and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
-      self.write(text)
-
-  def write(self, text: str):
-    """Write what of `text` is not on screen yet."""
-    self.out.write(text[self.printed:])
-    self.out.flush()
-    self.printed = max(self.printed, len(text))
 
 
 def run(cfg: config.Config, prompt: str, raw: bool = False, out=sys.stdout) -> sampler.Generation:
