@@ -4,6 +4,7 @@ import pytest
 
 from tpu_reason import tags
 from tpu_reason.curate import quality
+from tpu_reason.data.prepare import question_tokens
 from tpu_reason.data.sources import Record
 
 SCHEMA = tags.get_schema("reasoning")
@@ -18,10 +19,10 @@ LONG = ("A farmer has 3 fields and plants 4 rows of corn in each field; every ro
 
 
 def test_question_tokens_ignore_case_spacing_and_punctuation_but_keep_math():
-  assert quality.question_tokens("What is 2+2?") == quality.question_tokens("  what IS 2 + 2 ")
-  assert quality.question_tokens("What is 2+2?") == ("what", "is", "2", "+", "2")
-  assert quality.question_tokens("2-2") != quality.question_tokens("2+2")
-  assert quality.question_tokens("ﬁve") == ("five",)  # NFKC folds the ligature
+  assert question_tokens("What is 2+2?") == question_tokens("  what IS 2 + 2 ")
+  assert question_tokens("What is 2+2?") == ("what", "is", "2", "+", "2")
+  assert question_tokens("2-2") != question_tokens("2+2")
+  assert question_tokens("ﬁve") == ("five",)  # NFKC folds the ligature
 
 
 def test_shingles_and_jaccard():
@@ -60,7 +61,7 @@ def test_exact_and_near_duplicates_keep_the_first_row():
   near = LONG.replace("Saturday", "Sunday")  # one word in 40: Jaccard of 3-shingles ~0.86
   far = LONG.replace("3 fields", "7 fields").replace("4 rows", "9 rows").replace("25 cobs", "31 cobs")
   rows = [_rec(LONG), _rec(LONG.upper()), _rec(near), _rec(far), _rec("What is 2+2?"), _rec("what is 2 + 2")]
-  a, b = quality.shingles(quality.question_tokens(LONG)), quality.shingles(quality.question_tokens(near))
+  a, b = quality.shingles(question_tokens(LONG)), quality.shingles(question_tokens(near))
   assert 0.8 <= quality.jaccard(a, b) < 0.9
   assert quality.verdicts(rows, SCHEMA) == [None, "duplicate", "near_duplicate", None, None, "duplicate"]
   # the threshold is the knob: above this pair's similarity both are kept

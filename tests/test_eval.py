@@ -14,8 +14,7 @@ import pytest
 from tests.conftest import write_run
 from tpu_reason import config, eval as eval_cli, evaluate, tags
 from tpu_reason.config import Config, SamplingCfg
-from tpu_reason.curate.quality import question_tokens
-from tpu_reason.data.prepare import split_records
+from tpu_reason.data.prepare import question_tokens, split_records
 from tpu_reason.sampling import sampler
 
 REASONING = tags.get_schema("reasoning")

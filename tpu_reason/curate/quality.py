@@ -9,9 +9,8 @@ Checks in order; the first that fails names the drop:
   duplicate            same normalised question as an earlier row
   near_duplicate       Jaccard of question word 3-shingles >= threshold with an earlier kept row
 
-The normalised question is NFKC + casefold, split into words and the symbols
-`+ - * / = < > ^ % $ ( )`; other punctuation and all whitespace are ignored, so
-"What is 2+2?" and "what is 2 + 2" are duplicates. Near-duplicate candidates
+The normalised question is `data.prepare.question_tokens` (case, spacing and punctuation
+ignored, so "What is 2+2?" and "what is 2 + 2" are duplicates). Near-duplicate candidates
 come from MinHash LSH (datasketch) and are confirmed by the exact Jaccard of the
 shingle sets, so every reported pair really is above the threshold; LSH may
 miss a pair just above it (its recall is high, not perfect).
@@ -19,10 +18,9 @@ miss a pair just above it (its recall is high, not perfect).
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Sequence
 
+from tpu_reason.data.prepare import question_tokens
 from tpu_reason.data.render import round_trips
 from tpu_reason.data.sources import Record
 from tpu_reason.rewards import checkpoint_fraction, normalize_answer
@@ -31,13 +29,7 @@ from tpu_reason.tags import TagSchema, get_schema
 REASONS = ("no_answer", "no_trace", "unparsable_trace", "missing_checkpoints", "duplicate", "near_duplicate")
 SHINGLE = 3  # words per shingle
 NUM_PERM = 128  # MinHash permutations
-_TOKEN = re.compile(r"\w+|[-+*/=<>^%$()]")
 OUTPUT_SCHEMA = get_schema("reasoning")  # the teacher JSONL layout of curated.jsonl
-
-
-def question_tokens(text: str) -> tuple[str, ...]:
-  """The normalised question as tokens (see the module docstring)."""
-  return tuple(_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()))
 
 
 def shingles(tokens: Sequence[str], n: int = SHINGLE) -> frozenset[str]:

@@ -4,7 +4,7 @@ Train and eval come from the same source:
   * reasoning_gym: train = (task, seed, size), eval = (task, eval_seed, eval_size);
   * file sources: eval = the last eval_size rows, train = `size` of the rest
     (a seeded sample in file order when there are more).
-Eval rows whose id or normalised question (`curate.quality.question_tokens`: case,
+Eval rows whose id or normalised question (`question_tokens`: case,
 spacing and punctuation ignored) also occurs in train are dropped (`in_train`), so eval
 scores are never measured on trained prompts, even when a file repeats a question.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +23,6 @@ import yaml
 
 from tpu_reason import tags
 from tpu_reason.config import DataCfg
-from tpu_reason.curate.quality import question_tokens
 from tpu_reason.data import sources
 from tpu_reason.data.examples import Example, build_examples, build_prompts
 from tpu_reason.data.report import DataReport
@@ -30,6 +31,14 @@ from tpu_reason.errors import UserError
 
 GENERATED_SOURCES = ("reasoning_gym",)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+_TOKEN = re.compile(r"\w+|[-+*/=<>^%$()]")
+
+
+def question_tokens(text: str) -> tuple[str, ...]:
+  """The normalised question as tokens: NFKC + casefold, split into words and the symbols `+ - * / = < > ^ % $ ( )`;
+  other punctuation and all whitespace are ignored, so "What is 2+2?" and "what is 2 + 2" are the same question
+  (the train/eval leak check here, the duplicate checks of `curate.quality`)."""
+  return tuple(_TOKEN.findall(unicodedata.normalize("NFKC", text).casefold()))
 
 
 def load_records(data: DataCfg, *, seed: int, size: int) -> tuple[list[Record], LoadReport]:
