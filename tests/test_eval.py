@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_run
-from tpu_reason import config, eval as eval_cli, evaluate, tags
+from tpu_reason import config, eval as eval_cli, scoring, tags
 from tpu_reason.config import Config, SamplingCfg
 from tpu_reason.data.prepare import question_tokens, split_records
 from tpu_reason.sampling import sampler
@@ -45,7 +45,7 @@ def _rows():
 
 def test_score_rows_match_hand_checks():
   golds, ckpts = _rows()
-  scores = evaluate.score_rows(REASONING, TEXTS, golds, ckpts)
+  scores = scoring.score_rows(REASONING, TEXTS, golds, ckpts)
   assert set(scores) == set(HAND)
   for name, want in HAND.items():
     np.testing.assert_array_equal(scores[name], want, err_msg=name)
@@ -53,11 +53,11 @@ def test_score_rows_match_hand_checks():
 
 def test_summarize_matches_hand_checks():
   golds, ckpts = _rows()
-  scores = evaluate.score_rows(REASONING, TEXTS, golds, ckpts)
+  scores = scoring.score_rows(REASONING, TEXTS, golds, ckpts)
   answers = [REASONING.parse(t).answer for t in TEXTS]
   assert answers == ["5", "6", "6.0", None, "17", "seventeen"]
   unclosed = np.array([not REASONING.parse(t).closed_reasoning for t in TEXTS])
-  m = evaluate.summarize(scores, answers, GOLDS, 3, np.array([10, 20, 30, 40, 50, 60]), unclosed)
+  m = scoring.summarize(scores, answers, GOLDS, 3, np.array([10, 20, 30, 40, 50, 60]), unclosed)
   assert m == pytest.approx({
       "n": 2, "k": 3,
       "accuracy": 2 / 6,
@@ -72,7 +72,7 @@ def test_summarize_matches_hand_checks():
 
 def test_score_texts_keeps_the_sft_keys():
   golds, ckpts = _rows()
-  s = evaluate.score_texts(REASONING, TEXTS, golds, ckpts)
+  s = scoring.score_texts(REASONING, TEXTS, golds, ckpts)
   assert s["answer_accuracy"] == pytest.approx(2 / 6) and s["format_accuracy"] == pytest.approx(4 / 6)
   assert s["reward/process"] == pytest.approx(2 / 6) and s["unclosed_rate"] == pytest.approx(1 / 6)
 
@@ -84,12 +84,12 @@ def test_score_texts_keeps_the_sft_keys():
     (["1,000", "1000", "999"], "1,000"),  # votes compare normalised answers
 ])
 def test_majority(answers, want):
-  assert evaluate.majority(answers) == want
+  assert scoring.majority(answers) == want
 
 
 def test_pass_and_maj_at_k():
-  assert evaluate.pass_at_k(np.array([[0, 1], [0, 0], [1, 1]], bool)) == pytest.approx(2 / 3)
-  assert evaluate.maj_at_k([["4", "4", "5"], ["x", "7", "7"]], ["4", "8"]) == 0.5
+  assert scoring.pass_at_k(np.array([[0, 1], [0, 0], [1, 1]], bool)) == pytest.approx(2 / 3)
+  assert scoring.maj_at_k([["4", "4", "5"], ["x", "7", "7"]], ["4", "8"]) == 0.5
 
 
 # --------------------------------------------------------------------------- running models
@@ -131,7 +131,7 @@ def test_eval_writes_metrics_and_samples(tmp_path, rows_file, capsys):
   assert all(s["completion"].startswith("<reasoning>\n") and s["setting"] == "plain" for s in samples)
   assert "What is 10 plus 7?" in samples[1]["prompt"]  # `prompt` rows load like `question` rows
   golds, texts = [s["gold"] for s in samples], [s["completion"] for s in samples]
-  scores = evaluate.score_rows(REASONING, texts, golds, [["2 + 3 = 5"], [], [], []])
+  scores = scoring.score_rows(REASONING, texts, golds, [["2 + 3 = 5"], [], [], []])
   for i, s in enumerate(samples):
     assert s["scores"] == {n: float(v[i]) for n, v in scores.items() if not np.isnan(v[i])}
     assert ("process" in s["scores"]) == (i == 0)  # only the first row has checkpoints
@@ -249,7 +249,7 @@ def test_bad_input_is_one_error_line(tmp_path, rows_file, args, message, capsys)
 
 def test_generate_and_score_keeps_sft_contract(smollm2_tiny_batch):
   model, params, examples = smollm2_tiny_batch
-  scores, texts = evaluate.generate_and_score(model, params, examples, REASONING, max_new_tokens=4)
+  scores, texts = scoring.generate_and_score(model, params, examples, REASONING, max_new_tokens=4)
   assert len(texts) == len(examples) and all(t.startswith(REASONING.primer) for t in texts)
   assert {"format_accuracy", "answer_accuracy", "mean_completion_tokens"} <= set(scores)
   assert scores["mean_completion_tokens"] <= 4
@@ -262,7 +262,7 @@ def smollm2_tiny_batch(smollm2, rows_file):
   from tpu_reason.data.sources import load_table
 
   records, _ = load_table(rows_file)
-  examples = evaluate.prompt_examples(records, smollm2, REASONING, "")
+  examples = scoring.prompt_examples(records, smollm2, REASONING, "")
   return smollm2, jax.tree.map(np.asarray, smollm2.params), examples
 
 
@@ -371,8 +371,8 @@ def test_eval_on_a_file_source_never_sees_a_training_row(tmp_path, leaky_file, c
 
 
 def test_reward_means_cover_the_rows_a_reward_applies_to():
-  from tpu_reason import evaluate
-  got = evaluate._reward_means({"format": np.array([1.0, 0.0]), "process": np.array([np.nan, 0.5])})
+  from tpu_reason import scoring
+  got = scoring._reward_means({"format": np.array([1.0, 0.0]), "process": np.array([np.nan, 0.5])})
   assert got == {"format_accuracy": 0.5, "reward/format": 0.5, "reward/process": 0.5}
-  none = evaluate._reward_means({"format": np.array([1.0, 1.0]), "process": np.array([np.nan, np.nan])})
+  none = scoring._reward_means({"format": np.array([1.0, 1.0]), "process": np.array([np.nan, np.nan])})
   assert "reward/process" not in none  # no row has checkpoints: no figure, not a NaN

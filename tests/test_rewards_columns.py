@@ -9,7 +9,7 @@ import pytest
 
 from tests.test_grpo import fresh_state, make_cfg
 from tests.test_sft import write_rows
-from tpu_reason import evaluate, grpo, rewards
+from tpu_reason import grpo, rewards, scoring
 from tpu_reason.config import SamplingCfg
 from tpu_reason.data import batch as data_batch, examples as data_examples, sources
 
@@ -91,6 +91,6 @@ def test_a_new_column_reaches_its_reward_in_rollouts_and_evals(tmp_path, toy_rew
   assert held_out["reward/difficulty_bonus"] == pytest.approx(np.mean(want))
 
   examples = tr.eval[:2]  # the eval CLI's path: k samples per prompt, each scored with its prompt's columns
-  _, samples = evaluate.evaluate(tr.model, tr.params, examples, tr.schema, k=2, lora=state.lora,
+  _, samples = scoring.evaluate(tr.model, tr.params, examples, tr.schema, k=2, lora=state.lora,
                                  lora_scale=tr.lora_scale, sampling=SamplingCfg(max_new_tokens=4, temperature=0.0))
   assert [s["scores"]["difficulty_bonus"] for s in samples] == [difficulty[e.id] for e in examples for _ in "kk"]

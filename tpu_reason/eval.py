@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from tpu_reason import config, mesh as mesh_lib, policy, runs, tags
-from tpu_reason import evaluate
+from tpu_reason import scoring
 from tpu_reason.config import Config, DataCfg
 from tpu_reason.data.prepare import load_records, split_records
 from tpu_reason.data.sources import file_kind
@@ -176,12 +176,12 @@ def evaluate_model(cfg: Config, spec: str, name: str, records: list, mesh) -> tu
   pol = policy.load(spec, cfg.model.dtype)
   policy.check_top_k(cfg.sampling, "sampling", pol.model)
   w = policy.decode_weights(pol, mesh, cfg.model.dtype, cfg.mesh.decode_layout)
-  examples = evaluate.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
+  examples = scoring.prompt_examples(records, pol.model, schema, cfg.data.system_prompt)
   result, all_samples, columns = {"model": spec, "source": pol.source}, [], {}
   settings = {"": None, budget_lib.label(cfg.budget): cfg.budget} if budget_lib.active(cfg.budget) else {"": None}
   for suffix, budget in settings.items():
     with jax.set_mesh(mesh):  # each chip decodes its own rows
-      metrics, samples = evaluate.evaluate(
+      metrics, samples = scoring.evaluate(
           pol.model, w.params, examples, schema, sampling=cfg.sampling, k=cfg.eval.k, lora=w.lora,
           lora_scale=w.lora_scale, budget=budget, batch_size=cfg.eval.batch_size,
           dtype=jnp.dtype(cfg.model.dtype), redact=cfg.redact_thoughts, desc=name + suffix)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import (config, evaluate, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs,
+from tpu_reason import (config, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs, scoring,
                         sharding as sharding_lib)
 from tpu_reason import distributed, loop, tags
 from tpu_reason import train as train_lib
@@ -461,7 +461,7 @@ class Trainer:
       return {}
     w = self.decode_weights(lora)
     with jax.set_mesh(self.mesh):
-      scores, texts = evaluate.generate_and_score(self.model, w.params, rows, self.schema, lora=w.lora,
+      scores, texts = scoring.generate_and_score(self.model, w.params, rows, self.schema, lora=w.lora,
                                                   lora_scale=w.lora_scale, max_new_tokens=t.eval_max_new_tokens,
                                                   dtype=self.dtype)
     total, parts = rewards.score([r.prompt_text for r in rows], texts, dict(zip(g.rewards, g.reward_weights)),

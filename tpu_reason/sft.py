@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import (config, distributed, evaluate, loop, lora as lora_lib, losses, mesh as mesh_lib, models,
+from tpu_reason import (config, distributed, loop, lora as lora_lib, losses, mesh as mesh_lib, models, scoring,
                         sharding as sharding_lib, tags)
 from tpu_reason import train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
@@ -151,7 +151,7 @@ class Trainer:
     w, _ = layout.build(self.params, lora, self.model.cfg, self.mesh, lora_scale=self.lora_scale, dtype=self.dtype,
                         mode=self.cfg.mesh.decode_layout)
     with jax.set_mesh(self.mesh):  # each chip decodes its own rows
-      scores, _ = evaluate.generate_and_score(self.model, w.params, rows, self.schema, lora=w.lora,
+      scores, _ = scoring.generate_and_score(self.model, w.params, rows, self.schema, lora=w.lora,
                                               lora_scale=w.lora_scale, max_new_tokens=t.eval_max_new_tokens,
                                               dtype=self.dtype)
     return scores

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import config, errors, evaluate, models, tags
+from tpu_reason import config, errors, models, scoring, tags
 from tpu_reason.data import stats
 from tpu_reason.data.examples import Example
 from tpu_reason.data.prepare import prepare, split_records
@@ -57,7 +57,7 @@ def trace_summary(examples: Sequence[Example], tokenizer, schema: TagSchema) -> 
 def rouge_summary(model, examples: Sequence[Example], schema: TagSchema, max_new_tokens: int) -> str:
   """Greedy generations for `examples`, their reasoning's ROUGE-L against the reference trace."""
   params = jax.tree.map(jnp.asarray, model.params)
-  _, texts = evaluate.generate_and_score(model, params, list(examples), schema, max_new_tokens=max_new_tokens)
+  _, texts = scoring.generate_and_score(model, params, list(examples), schema, max_new_tokens=max_new_tokens)
   references = [stats.completion_parts(schema, ex.completion_text)[0] for ex in examples]
   scores = [s for s in stats.reasoning_rouge_l(schema, texts, references) if s is not None]
   if not scores:

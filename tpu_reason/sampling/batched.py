@@ -1,6 +1,6 @@
 """Fixed-shape batched generation: k samples for each of many prompts, as full assistant texts.
 
-The one path eval (`evaluate.generate`) and curation (`curate.difficulty.ModelSolver`) sample
+The one path eval (`scoring.generate`) and curation (`curate.difficulty.ModelSolver`) sample
 through: prompts left-padded to one `sampler.prompt_width` with `model.pad_id`, cut into batches
 of one size (the last filled up with copies of its first prompt, whose samples are dropped), each
 prompt prefilled once and decoded k times (`group=k`), batch b keyed `fold_in(key, first_batch + b)`,
