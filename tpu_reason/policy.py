@@ -131,7 +131,7 @@ def check_top_k(sampling, section: str, model: models.Model):
 
 
 def place(policy: Policy, mesh, dtype: str = "float32") -> tuple[Any, Any]:
-  """(params in `dtype`, lora) as device arrays sharded by the one table in mesh.py."""
+  """(params in `dtype`, lora) as device arrays sharded by the one table in sharding.py."""
   cfg = policy.model.cfg
   params = models.place_params(policy.model.params, cfg, mesh, jnp.dtype(dtype))
   if policy.lora is None:
