@@ -135,7 +135,8 @@ def test_batches_the_trainers_would_refuse_are_errors():
   assert p.errors == ("SFT: micro-batch train.batch_size/grad_accum=6 must be a multiple of the fsdp mesh size 4",
                       "GRPO: grpo.micro_batch * grpo.group = 2 rows must be a multiple of the fsdp mesh size 4")
   assert not p.fits and all(ph.total < p.hbm for ph in p.phases)
-  assert plan.table(p).splitlines()[-1].startswith("NO FIT")
+  assert plan.table(p).splitlines()[-1].startswith("FIT: peak")  # the memory's verdict; the CLI exits 2 on the errors
+  assert "the trainers refuse this mesh" in plan.table(p).splitlines()[-1]
 
 
 def test_verdict_follows_the_hbm_size(tiny_plan):
