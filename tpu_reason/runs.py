@@ -65,7 +65,7 @@ def load_lora(run_dir: Path, which: str = "best") -> tuple[Any, float, int]:
   root = Path(run_dir) / "checkpoints"
   step_dir = checkpoint.find_step(root if which == "best" else root / "last")
   if step_dir is None:
-    raise UserError(f"{run_dir} has no checkpoint yet")
+    raise UserError(f"{run_dir}: a training run with no completed checkpoint (under {root})")
   lora, _ = checkpoint.restore_lora(step_dir)
   return lora, lora_lib.scale(read_config(run_dir).lora), int(step_dir.name)
 
@@ -88,6 +88,12 @@ def check_init(init: str, model: config.ModelCfg):
     raise UserError(f"the init run {init} trained model.spec={theirs}, not {model.spec}: its adapter does not fit "
                     "this model")
   check_tokens(init, model.add_tokens)
+  if init != "base":  # its adapter reads (a deleted or damaged checkpoint is refused before the model loads)
+    root = Path(init) / "checkpoints"
+    step_dir = checkpoint.find_step(root)
+    if step_dir is None:
+      raise UserError(f"{init}: a training run with no completed checkpoint (under {root})")
+    checkpoint.lora_metadata(step_dir)
 
 
 def check_tokens(init: str, add_tokens: tuple[str, ...]):
@@ -158,6 +164,9 @@ def check_output_dir(out: Path, cfg: Config, kind: str):
                     "a new run needs its own output_dir")
   if cfg.train.resume != "none" and checkpoint.any_saved(out):
     check_resume(out, saved, ours, kind)
+  elif cfg.train.resume != "none" and (out / "summary.json").exists():
+    raise UserError(f"output_dir={out} is a finished run with no completed checkpoint left (under {out / 'checkpoints'}):"
+                    " give a new output_dir, or train.resume=none to train it afresh there")
 
 
 def check_resume(out: Path, saved: dict, ours: dict, kind: str):
