@@ -258,7 +258,11 @@ def _dir_rows(path: pathlib.Path, split: str, config: str | None) -> Rows:
   a directory without such files is handed to datasets (a saved hub dataset's layout)."""
   files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _BUILDERS)
   if not files:
-    return _dataset_rows(str(path), f"{path}[{split}]", name=config, split=split)
+    try:
+      return _dataset_rows(str(path), f"{path}[{split}]", name=config, split=split)
+    except UserError as e:  # not a dataset folder either: say first what the folder lacks
+      raise UserError(f"{path}: no {'/'.join(sorted(_BUILDERS))} file in this directory, and it does not load as a "
+                      f"dataset folder ({str(e).split(': ', 1)[-1]})") from None
   return itertools.chain.from_iterable(read_rows(f) for f in files)
 
 
