@@ -76,9 +76,12 @@ def world(tmp_path_factory):
       "export.bin": b"not a directory\n",
       "bad.csv": b'question,answer\n"What is 1 + 1?,2\n',
       "notes.txt": b"What is 1 + 1? 2\n",
+      "plain.txt": b"notes without a final newline",
   }
   for name, data in files.items():
     (root / name).write_bytes(data)
+  (root / "nodata").mkdir()  # a folder of no data file
+  (root / "nodata" / "readme.md").write_text("notes\n")
   return root
 
 
@@ -152,6 +155,24 @@ CASES = {
     "grpo.init a run whose checkpoint is damaged": (
         "grpo", [*GRPO, "grpo.init={w}/corrupt", "output_dir={w}/grpo-corrupt"], ["{w}/corrupt"],
         ["{w}/grpo-corrupt"], ["{w}/corrupt", "checkpoint unreadable"]),
+    "a data folder of no data file": (
+        "sft", [*SFT, "data.source=gsm8k", "data.path={w}/nodata", "output_dir={w}/nodata-run"], ["{w}/nodata"],
+        ["{w}/nodata-run"], ["{w}/nodata", "no .csv/.json/.jsonl/.parquet file"]),
+    "distill --out a folder": (
+        "distill", ["--teacher", "t", "--out", "{w}/nodata"], ["{w}/nodata"], [], ["distill.output", "is a directory"]),
+    "distill --out a file of something else": (
+        "distill", ["--teacher", "t", "--out", "{w}/plain.txt", "distill.retries=0"], ["{w}/plain.txt"], [],
+        ["{w}/plain.txt:1", "not a teacher row"]),
+    "distill --base-url not a URL": (
+        "distill", ["--teacher", "t", "--base-url", "notaurl", "--out", "{w}/distilled/t.jsonl"], [],
+        ["{w}/distilled"], ["distill.base_url", "notaurl"]),
+    "budget.extend with an empty budget.wait": (
+        "chat", ["--model", "tiny-llama", "--extend", "2", "--wait", ""], [], [], ["budget.wait", "empty"]),
+    "eval --compare one model twice": (
+        "eval", ["--compare", "tiny-llama", "tiny-llama", "--data", "{w}/rows.jsonl", "--max-new-tokens", "2", "--out",
+                 "{w}/twice"], [], ["{w}/twice"], ["tiny-llama more than once"]),
+    "an empty model.spec": ("sft", ["model.spec="], [], [], ["model.spec is empty"]),
+    "lora.targets not a regular expression": ("sft", ["lora.targets=("], [], [], ["lora.targets='('"]),
     "resume a finished run whose checkpoints were deleted": (
         "sft", [*SFT, "output_dir={c:emptied}"], ["{c}"], [], ["no completed checkpoint left", "train.resume=none"]),
 }
