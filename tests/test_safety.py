@@ -171,6 +171,8 @@ CASES = {
     "eval --compare one model twice": (
         "eval", ["--compare", "tiny-llama", "tiny-llama", "--data", "{w}/rows.jsonl", "--max-new-tokens", "2", "--out",
                  "{w}/twice"], [], ["{w}/twice"], ["tiny-llama more than once"]),
+    "an output_dir that cannot be made": (
+        "sft", [*SFT, "output_dir={w}/a.yaml/run"], ["{w}/a.yaml"], [], ["output_dir={w}/a.yaml/run", "is a file"]),
     "an empty model.spec": ("sft", ["model.spec="], [], [], ["model.spec is empty"]),
     "lora.targets not a regular expression": ("sft", ["lora.targets=("], [], [], ["lora.targets='('"]),
     "resume a finished run whose checkpoints were deleted": (

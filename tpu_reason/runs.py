@@ -9,6 +9,8 @@ policy follows that chain.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +122,27 @@ UNREAD = {"sft": ("grpo.",),
           "grpo": ("train.max_steps", "train.batch_size", "train.grad_accum", "train.optim.", "train.eval_every")}
 
 
+def check_creatable(out: Path, what: str):
+  """A directory that does not exist yet can be made there: its nearest existing parent is a folder this process
+  can write (tried with an empty folder made and removed at once), else one line before anything is done."""
+  parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
+  if parent is None or not parent.is_dir():
+    raise UserError(f"{what}: {parent} is a file, not a directory")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".tpu_reason-check-", dir=parent))
+  except OSError as e:
+    raise UserError(f"{what}: cannot create it under {parent} ({first_line(e)})") from None
+
+
 def check_output(out: Path, flag: str, markers: tuple[str, ...]):
   """`out` is new, empty, or an earlier output of this command (it holds one of `markers`): never a training run,
   and never a directory of other files (eval / export would overwrite theirs)."""
   out = Path(out)
   if out.exists() and not out.is_dir():
     raise UserError(f"{flag} {out} is a file: give a directory")
-  if not out.is_dir() or not any(out.iterdir()):
+  if not out.exists():
+    return check_creatable(out, f"{flag} {out}")
+  if not any(out.iterdir()):
     return
   if (out / "run.json").exists():
     raise UserError(f"{flag} {out} is a training run directory: give a new directory (a run is written only by its "
@@ -149,7 +165,9 @@ def check_output_dir(out: Path, cfg: Config, kind: str):
   out = Path(out)
   if out.exists() and not out.is_dir():
     raise UserError(f"output_dir={out} is a file: give a directory")
-  if not out.is_dir() or not any(out.iterdir()):
+  if not out.exists():
+    return check_creatable(out, f"output_dir={out}")
+  if not any(out.iterdir()):
     return
   if not (out / "run.json").exists():
     raise UserError(f"output_dir={out} holds files but no run.json (not a tpu_reason run): give a new or empty "
