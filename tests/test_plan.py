@@ -136,7 +136,8 @@ def test_batches_the_trainers_would_refuse_are_errors():
   assert p.errors == ("SFT: micro-batch train.batch_size/grad_accum=6 must be a multiple of the fsdp mesh size 4",
                       "GRPO: grpo.micro_batch * grpo.group = 2 rows must be a multiple of the fsdp mesh size 4")
   assert not p.fits and all(ph.total < p.hbm for ph in p.phases)
-  assert plan.table(p).splitlines()[-1].startswith("NO FIT")
+  assert plan.table(p).splitlines()[-1].startswith("FIT: peak")  # the memory's verdict; the CLI exits 2 on the errors
+  assert "the trainers refuse this mesh" in plan.table(p).splitlines()[-1]
 
 
 def test_verdict_follows_the_hbm_size(tiny_plan):
@@ -168,6 +169,11 @@ def test_cli_exit_status_and_errors():
   proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "--devices", "zero")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
       "error: --devices must be a positive int, got 'zero'"]
+  proc = _cli("--devices", "3", XLA_FLAGS="")  # the default recipe's batches do not divide over 3: one error line
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1:] == [
+      "error: mesh error on 3 device(s): SFT micro-batch train.batch_size/grad_accum=4 must be a multiple of the fsdp "
+      "mesh size 3; GRPO grpo.micro_batch * grpo.group = 4 rows must be a multiple of the fsdp mesh size 3"], proc.stderr
+  assert "compile check" not in proc.stdout  # nothing compiled for a mesh the trainers refuse
 
 
 def test_cli_compiles_on_fake_devices():

@@ -57,6 +57,14 @@ def world(tmp_path_factory):
   (root / "gone").mkdir()  # a run whose checkpoints were deleted
   for name in ("run.json", "config.yaml"):
     shutil.copy(sft / name, root / "gone" / name)
+  shutil.copytree(sft, root / "emptied")  # a finished run whose checkpoints were deleted
+  shutil.rmtree(root / "emptied" / "checkpoints")
+  (root / "emptied" / "checkpoints").mkdir()
+  (root / "emptied" / "summary.json").write_text("{}")
+  shutil.copytree(sft, root / "corrupt")  # a run whose checkpoint files were overwritten
+  for p in (root / "corrupt" / "checkpoints").rglob("*"):
+    if p.is_file():
+      p.write_bytes(b"xx")
   files = {
       "binary.yaml": bytes(range(256)),
       "dup.yaml": b"train:\n  max_steps: 3\n  max_steps: 4\n",
@@ -66,9 +74,14 @@ def world(tmp_path_factory):
       "rows.jsonl": b'{"question": "What is 1 + 1?", "answer": "1 + 1 = 2 #### 2"}\n',
       "a.yaml": b"train:\n  max_steps: 3\n",
       "export.bin": b"not a directory\n",
+      "bad.csv": b'question,answer\n"What is 1 + 1?,2\n',
+      "notes.txt": b"What is 1 + 1? 2\n",
+      "plain.txt": b"notes without a final newline",
   }
   for name, data in files.items():
     (root / name).write_bytes(data)
+  (root / "nodata").mkdir()  # a folder of no data file
+  (root / "nodata" / "readme.md").write_text("notes\n")
   return root
 
 
@@ -119,6 +132,51 @@ CASES = {
     "plan --hbm-gib inf": ("plan", ["--hbm-gib", "inf"], [], [], ["--hbm-gib"]),
     "plan --hbm-gib nan": ("plan", ["--hbm-gib", "nan"], [], [], ["--hbm-gib"]),
     "plan --hbm-gib 1e-12": ("plan", ["--hbm-gib", "1e-12"], [], [], ["--hbm-gib"]),
+    "plan with a mesh that does not divide the batch": (
+        "plan", ["mesh.fsdp=3"], [], [], ["mesh error on 3 device(s)", "multiple of the fsdp mesh size 3"]),
+    "a CSV file that does not parse": (
+        "sft", [*SFT, "data.source=gsm8k", "data.path={w}/bad.csv", "output_dir={w}/bad-csv"], [], ["{w}/bad-csv"],
+        ["{w}/bad.csv", "cannot read"]),
+    "a data file of no known format": (
+        "sft", [*SFT, "data.source=gsm8k", "data.path={w}/notes.txt", "output_dir={w}/notes"], [], ["{w}/notes"],
+        ["{w}/notes.txt", "cannot read a .txt file"]),
+    "an unknown grpo.task": (
+        "grpo", [*GRPO, "grpo.task=nosuch", "output_dir={w}/bad-task"], [], ["{w}/bad-task"], ["grpo.task=nosuch"]),
+    "an unknown grpo.curriculum task": (
+        "grpo", [*GRPO, "grpo.curriculum=[nosuch]", "grpo.curriculum_steps=1", "output_dir={w}/bad-curriculum"], [],
+        ["{w}/bad-curriculum"], ["grpo.curriculum=nosuch"]),
+    "an unknown curate.tasks task": (
+        "curate.__main__", ["curate.tasks=[nosuch]", "output_dir={w}/bad-curate"], [], ["{w}/bad-curate"],
+        ["curate.tasks=nosuch"]),
+    "curate into a run": ("curate.__main__", ["output_dir={c:sft}"], ["{c}"], [], ["is a training run directory"]),
+    "grpo.init a run whose checkpoints were deleted": (
+        "grpo", [*GRPO, "grpo.init={w}/gone", "output_dir={w}/grpo-gone"], ["{w}/gone"], ["{w}/grpo-gone"],
+        ["{w}/gone", "no completed checkpoint"]),
+    "grpo.init a run whose checkpoint is damaged": (
+        "grpo", [*GRPO, "grpo.init={w}/corrupt", "output_dir={w}/grpo-corrupt"], ["{w}/corrupt"],
+        ["{w}/grpo-corrupt"], ["{w}/corrupt", "checkpoint unreadable"]),
+    "a data folder of no data file": (
+        "sft", [*SFT, "data.source=gsm8k", "data.path={w}/nodata", "output_dir={w}/nodata-run"], ["{w}/nodata"],
+        ["{w}/nodata-run"], ["{w}/nodata", "no .csv/.json/.jsonl/.parquet file"]),
+    "distill --out a folder": (
+        "distill", ["--teacher", "t", "--out", "{w}/nodata"], ["{w}/nodata"], [], ["distill.output", "is a directory"]),
+    "distill --out a file of something else": (
+        "distill", ["--teacher", "t", "--out", "{w}/plain.txt", "distill.retries=0"], ["{w}/plain.txt"], [],
+        ["{w}/plain.txt:1", "not a teacher row"]),
+    "distill --base-url not a URL": (
+        "distill", ["--teacher", "t", "--base-url", "notaurl", "--out", "{w}/distilled/t.jsonl"], [],
+        ["{w}/distilled"], ["distill.base_url", "notaurl"]),
+    "budget.extend with an empty budget.wait": (
+        "chat", ["--model", "tiny-llama", "--extend", "2", "--wait", ""], [], [], ["budget.wait", "empty"]),
+    "eval --compare one model twice": (
+        "eval", ["--compare", "tiny-llama", "tiny-llama", "--data", "{w}/rows.jsonl", "--max-new-tokens", "2", "--out",
+                 "{w}/twice"], [], ["{w}/twice"], ["tiny-llama more than once"]),
+    "an output_dir that cannot be made": (
+        "sft", [*SFT, "output_dir={w}/a.yaml/run"], ["{w}/a.yaml"], [], ["output_dir={w}/a.yaml/run", "is a file"]),
+    "an empty model.spec": ("sft", ["model.spec="], [], [], ["model.spec is empty"]),
+    "lora.targets not a regular expression": ("sft", ["lora.targets=("], [], [], ["lora.targets='('"]),
+    "resume a finished run whose checkpoints were deleted": (
+        "sft", [*SFT, "output_dir={c:emptied}"], ["{c}"], [], ["no completed checkpoint left", "train.resume=none"]),
 }
 
 
@@ -127,7 +185,7 @@ def prepare(name: str, world: pathlib.Path) -> tuple[str, list[str], list[pathli
   module, args, same, absent, needles = CASES[name]
   copy = world / "cases" / name.replace(" ", "_").replace("/", "_")
   text = json.dumps([args, same, absent, needles])
-  for source in ("sft", "grpo"):
+  for source in ("sft", "grpo", "emptied"):
     if "{c:" + source + "}" in text:
       shutil.copytree(world / source, copy)
       text = text.replace("{c:" + source + "}", str(copy))
@@ -192,6 +250,17 @@ def test_runs_saved_before_the_config_sections_moved_still_load(world, tmp_path)
   runs.check_output_dir(old, same, "sft")  # a resume with a setting that may change
   export.run(str(old), str(tmp_path / "adapter"), adapter_only=True)
   assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_a_csv_file_loads_as_data(tmp_path):
+  """A local CSV is data (it once went to the hub as an id: "Couldn't find any data file")."""
+  from tpu_reason.config import DataCfg
+  from tpu_reason.data.prepare import load_records
+
+  path = tmp_path / "rows.csv"
+  path.write_text('question,answer\n"What is 1 + 1?","1 + 1 = 2 #### 2"\n"What is 2 + 2?","2 + 2 = 4 #### 4"\n')
+  records, report = load_records(DataCfg(source="gsm8k", path=str(path)), seed=0, size=2)
+  assert [r.answer for r in records] == ["2", "4"] and report.kept == 2
 
 
 def test_a_resume_may_change_only_where_and_how_long_it_runs(world):

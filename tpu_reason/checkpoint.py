@@ -117,12 +117,24 @@ def find_step(path: Path) -> Path | None:
   return None
 
 
+def lora_metadata(step_dir: Path) -> dict:
+  """The saved state's tree metadata (shapes, no arrays) of one step, checked to hold a LoRA: a cheap check of a
+  checkpoint before a model loads; a damaged or foreign step is one line."""
+  step_dir = Path(step_dir).absolute()
+  try:
+    saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
+  except Exception as e:  # a damaged or foreign step: its metadata does not read
+    _settle_reads()
+    raise UserError(f"{step_dir}: checkpoint unreadable ({first_line(e)})") from None
+  if not isinstance(saved, dict) or "lora" not in saved:
+    raise UserError(f"{step_dir}: the saved state has no 'lora' entry")
+  return saved
+
+
 def restore_lora(step_dir: Path) -> tuple[Any, dict]:
   """The LoRA pytree (host numpy) and JSON meta of one saved step, whatever else the state holds."""
   step_dir = Path(step_dir).absolute()
-  saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
-  if "lora" not in saved:
-    raise ValueError(f"{step_dir}: the saved state has no 'lora' entry")
+  saved = lora_metadata(step_dir)
   # Only the adapters, as numpy: no optimizer state, and no saved device layout to match.
   item = {"lora": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["lora"])}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)

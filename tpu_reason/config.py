@@ -13,6 +13,7 @@ import datetime
 import importlib.resources
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -74,6 +75,8 @@ class ModelCfg:
     object.__setattr__(self, "remat", legacy.get(self.remat.lower(), self.remat))
     _check_choice("model.remat", self.remat, choices.REMAT)
     _check(self.vocab_chunk > 0, f"model.vocab_chunk must be > 0, got {self.vocab_chunk}")
+    _check(bool(self.spec.strip()), "model.spec is empty: name a model (e.g. smollm2-135m, a .gguf file, a Hugging "
+           "Face directory or an org/name hub id)")
     _check(all(self.add_tokens), f"model.add_tokens must not contain empty strings, got {list(self.add_tokens)}")
     dups = sorted({t for t in self.add_tokens if self.add_tokens.count(t) > 1})
     _check(not dups, f"model.add_tokens lists {', '.join(map(repr, dups))} more than once")
@@ -90,6 +93,10 @@ class LoraCfg:
   def __post_init__(self):
     _check(self.rank > 0, f"lora.rank must be > 0, got {self.rank}")
     _check(self.alpha > 0, f"lora.alpha must be > 0, got {self.alpha}")
+    try:
+      re.compile(self.targets)
+    except re.error as e:
+      raise UserError(f"lora.targets={self.targets!r} is not a regular expression ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +234,8 @@ class BudgetCfg:
   def __post_init__(self):
     _check(self.max_thinking_tokens >= 0 and self.extend >= 0, "budget.max_thinking_tokens and budget.extend must be >= 0")
     _check(self.repeat_ngram >= 0 and self.repeat_times >= 2, "budget.repeat_ngram must be >= 0 and budget.repeat_times >= 2")
+    _check(not self.extend or self.wait.strip(), f"budget.extend={self.extend} appends budget.wait, which is empty: "
+           "give the text to append (e.g. Wait)")
     _check(not self.repeat_ngram or self.repeat_window >= self.repeat_ngram * self.repeat_times,
            f"budget.repeat_window={self.repeat_window} must hold repeat_times={self.repeat_times} "
            f"n-grams of repeat_ngram={self.repeat_ngram} tokens")
@@ -387,6 +396,8 @@ class DistillCfg:
            "distill.concurrency must be >= 1, distill.retries and distill.limit >= 0")
     _check(self.timeout > 0 and self.backoff >= 0 and self.max_tokens > 0 and self.temperature >= 0,
            "distill.timeout and distill.max_tokens must be > 0, distill.backoff and distill.temperature >= 0")
+    _check(re.match(r"https?://[^/\s]+", self.base_url) is not None,
+           f"distill.base_url must be an http:// or https:// address, got {self.base_url!r}")
 
 
 @dataclasses.dataclass(frozen=True)

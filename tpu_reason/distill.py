@@ -206,20 +206,27 @@ def check_budget(record: Record, model: Any, data: DataCfg, schema: tags.TagSche
 
 
 def done_ids(path: Path) -> set[str]:
-  """Ids already in the output; a torn last line (a run killed mid-write) is cut off first."""
+  """Ids already in the output; a torn last line (a run killed mid-write) is cut off first, once every whole
+  line has read as a teacher row (a file of something else is refused, never cut)."""
+  if path.is_dir():
+    raise UserError(f"distill.output={path} is a directory: give a .jsonl file (appended to)")
   if not path.exists():
+    if path.parent.exists() and not path.parent.is_dir():
+      raise UserError(f"distill.output={path}: {path.parent} is a file, not a directory")
     return set()
   data = path.read_bytes()
-  if not data.endswith(b"\n"):
-    with open(path, "r+b") as f:
-      f.truncate(data.rfind(b"\n") + 1)
-    data = data[: data.rfind(b"\n") + 1]
+  whole = data[: data.rfind(b"\n") + 1]
   ids = set()
-  for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+  for lineno, line in enumerate(whole.splitlines(), start=1):
     try:
-      ids.add(str(json.loads(line)["id"]))
-    except (json.JSONDecodeError, KeyError, TypeError):
+      ids.add(str(json.loads(line.decode("utf-8"))["id"]))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
       raise UserError(f"{path}:{lineno}: not a teacher row; fix or move the file before resuming") from None
+  if len(whole) < len(data):
+    if not data[len(whole):].startswith(b'{"'):  # not the start of a row this command wrote
+      raise UserError(f"{path}:{len(ids) + 1}: not a teacher row; fix or move the file before resuming")
+    with open(path, "r+b") as f:
+      f.truncate(len(whole))
   return ids
 
 
@@ -253,12 +260,13 @@ def run(cfg: Config) -> Summary:
   if not d.model:
     raise UserError("name the teacher model: --teacher NAME (distill.model)")
   teacher = Teacher(d, os.environ.get(d.api_key_env, ""))
+  out = Path(d.output)
+  done = done_ids(out)  # the output checked (and a torn last row cut) before anything else
   questions = list({r.id: r for r in split_records(cfg.data).train}.values())
   model = models.load(cfg.model.spec, weights=False)  # the target's tokenizer and chat template
   schema = tags.get_schema(cfg.data.schema)
-  out = Path(d.output)
+  new = [p for p in (out, out.parent, *out.parent.parents) if not p.exists()]  # removed again if nothing is kept
   out.parent.mkdir(parents=True, exist_ok=True)
-  done = done_ids(out)
   pending = [q for q in questions if q.id not in done][: d.limit or None]
   summary = Summary(len(questions), sum(q.id in done for q in questions))
   ask = []
@@ -289,6 +297,10 @@ def run(cfg: Config) -> Summary:
       raise
     finally:
       bar.close()
+      if new and new[0] == out and out.stat().st_size == 0:  # a run that kept nothing leaves no new empty file
+        out.unlink()  # (or folder) behind
+        for folder in new[1:]:
+          folder.rmdir()
   return summary
 
 

@@ -77,6 +77,8 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str], bool]:
       models = _models(argv[i + 1:])
       if len(models) < 2:
         raise UserError("--compare needs two or more models: --compare A B [C ...]")
+      if twice := sorted({m for m in models if models.count(m) > 1}):
+        raise UserError(f"--compare names {', '.join(twice)} more than once: each model is evaluated once")
       specs += models
       i += 1 + len(models)
     elif name == "--model":

@@ -26,7 +26,7 @@ from tpu_reason import (config, lora as lora_lib, losses, mesh as mesh_lib, mode
 from tpu_reason import distributed, loop, tags
 from tpu_reason import train as train_lib
 from tpu_reason.config import Config, GrpoCfg
-from tpu_reason.data import loader
+from tpu_reason.data import loader, prepare
 from tpu_reason.data.batch import Batch, Collated, RolloutBatch, reward_columns
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
@@ -519,6 +519,10 @@ def build(cfg: Config) -> Trainer:
   resuming = (out / "run.json").exists() and cfg.train.resume != "none"
   init = runs.info(out).get("init", "base") if resuming else resolve_init(cfg)
   runs.check_init(init, cfg.model)
+  if cfg.grpo.task and cfg.data.source in prepare.GENERATED_SOURCES:  # the prompts' tasks, named by the key that set them, before the model loads
+    prepare.check_task(cfg.grpo.task, "grpo.task")
+  for task in cfg.grpo.curriculum:
+    prepare.check_task(task, "grpo.curriculum")
   model = models.load_for(cfg.model)
   train, warmup, evals = load_prompts(cfg, model)
   if len(train) < g.prompts:

@@ -18,7 +18,9 @@ from abstract shapes only: no weights are loaded or allocated.
                                  batch (each chip decodes its own rows), kv heads over tp
   sampling logits                f32 logits of the device's rollout rows (vocabulary split over tp)
 
-A setting a trainer would refuse on this mesh (a batch fsdp does not divide) is an error: NO FIT.
+A setting a trainer would refuse on this mesh (a batch fsdp does not divide) is a mesh error: the table
+still prints (its verdict is the memory's), then the command exits 2 with one `error:` line naming the
+settings and the mesh size, and compiles nothing.
 
 With `--devices N`, jax gets N fake CPU devices and the SFT train step is lowered and compiled
 on the recipe's mesh twice: with a tiny stand-in of the model family at the recipe's batch and
@@ -288,9 +290,17 @@ def table(p: Plan) -> str:
   lines += [f"  {ph.name}: {ph.shapes}" for ph in p.phases]
   lines += [f"  note: {n}" for n in p.notes]
   lines += [f"  error: {e}" for e in p.errors]
-  verdict = "FIT" if p.fits else "NO FIT"
-  lines.append(f"{verdict}: peak {p.peak.total / GIB:.2f} GiB ({p.peak.name}) of {p.hbm / GIB:.2f} GiB HBM per device")
+  verdict = "FIT" if all(ph.total <= p.hbm for ph in p.phases) else "NO FIT"
+  refused = " (memory only: the trainers refuse this mesh, see the errors above)" if p.errors else ""
+  lines.append(f"{verdict}: peak {p.peak.total / GIB:.2f} GiB ({p.peak.name}) of {p.hbm / GIB:.2f} GiB HBM per device"
+               + refused)
   return "\n".join(lines)
+
+
+def check_mesh(p: Plan, n_devices: int):
+  """The settings a trainer would refuse on this mesh, as one line (the memory table is no answer to them)."""
+  if p.errors:
+    raise UserError(f"mesh error on {n_devices} device(s): " + "; ".join(e.replace(": ", " ", 1) for e in p.errors))
 
 
 # --------------------------------------------------------------------------- compile checks
@@ -666,6 +676,7 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
   model_cfg = stand_in(model_cfg) if stand_in_model else model_cfg
   p = plan(cfg, model_cfg, len(chips), int(hbm_gib * GIB))
   print(table(p), file=out, flush=True)
+  check_mesh(p, len(chips))  # before minutes of compiling programs the trainers would not run
   mesh = mesh_lib.make_mesh(cfg.mesh, chips)
   # held to less than the chip has when asked: the compiler then refuses what would not fit there
   options = {} if hbm_gib >= V5E_HBM_GIB else {"xla_tpu_max_hbm_size_mib": max(1, round(hbm_gib * 1024))}
@@ -699,13 +710,18 @@ def _positive(flags: dict, name: str, kind, default, least=0):
   return value
 
 
+def n_devices(cfg: Config, devices: int | None) -> int:
+  """The devices the plan is for: --devices, else the recipe's mesh, else this host's."""
+  return devices or (cfg.mesh.fsdp * cfg.mesh.tp if cfg.mesh.fsdp != -1 else jax.device_count())
+
+
 def run(cfg: Config, devices: int | None = None, hbm_gib: float = V5E_HBM_GIB, out=sys.stdout) -> Plan:
   """Print the memory plan (and, with fake `devices`, the compile checks); returns the plan."""
   model_cfg = models.config_for(cfg.model)
-  n = devices or (cfg.mesh.fsdp * cfg.mesh.tp if cfg.mesh.fsdp != -1 else jax.device_count())
+  n = n_devices(cfg, devices)
   p = plan(cfg, model_cfg, n, int(hbm_gib * GIB))
   print(table(p), file=out)
-  if devices:
+  if devices and not p.errors:  # the trainers would refuse this mesh: nothing to compile
     for line in compile_checks(cfg, model_cfg, p.hbm):
       print(line, file=out)
   return p
@@ -731,6 +747,8 @@ def main(argv: list[str] | None = None):
   if tpu is not None:
     sys.exit(0 if run_tpu(cfg, tpu, hbm_gib, stand_in_model) else 1)
   p = run(cfg, devices, hbm_gib)
+  sys.stdout.flush()
+  check_mesh(p, n_devices(cfg, devices))
   sys.exit(0 if p.fits else 1)
 
 

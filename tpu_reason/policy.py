@@ -102,6 +102,8 @@ def _saved_lora(step: Path) -> tuple[Any, Config]:
   """(LoRA, the run's config) of one saved step, the config's moved keys at their new place."""
   try:
     lora, meta = checkpoint.restore_lora(step)
+  except UserError:
+    raise  # already one line naming the step
   except (ValueError, FileNotFoundError) as e:
     raise UserError(f"{step}: cannot restore its LoRA: {e}") from None
   if "config" not in meta:

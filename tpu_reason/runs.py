@@ -9,6 +9,8 @@ policy follows that chain.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,7 @@ def load_lora(run_dir: Path, which: str = "best") -> tuple[Any, float, int]:
   root = Path(run_dir) / "checkpoints"
   step_dir = checkpoint.find_step(root if which == "best" else root / "last")
   if step_dir is None:
-    raise UserError(f"{run_dir} has no checkpoint yet")
+    raise UserError(f"{run_dir}: a training run with no completed checkpoint (under {root})")
   lora, _ = checkpoint.restore_lora(step_dir)
   return lora, lora_lib.scale(read_config(run_dir).lora), int(step_dir.name)
 
@@ -88,6 +90,12 @@ def check_init(init: str, model: config.ModelCfg):
     raise UserError(f"the init run {init} trained model.spec={theirs}, not {model.spec}: its adapter does not fit "
                     "this model")
   check_tokens(init, model.add_tokens)
+  if init != "base":  # its adapter reads (a deleted or damaged checkpoint is refused before the model loads)
+    root = Path(init) / "checkpoints"
+    step_dir = checkpoint.find_step(root)
+    if step_dir is None:
+      raise UserError(f"{init}: a training run with no completed checkpoint (under {root})")
+    checkpoint.lora_metadata(step_dir)
 
 
 def check_tokens(init: str, add_tokens: tuple[str, ...]):
@@ -114,13 +122,27 @@ UNREAD = {"sft": ("grpo.",),
           "grpo": ("train.max_steps", "train.batch_size", "train.grad_accum", "train.optim.", "train.eval_every")}
 
 
+def check_creatable(out: Path, what: str):
+  """A directory that does not exist yet can be made there: its nearest existing parent is a folder this process
+  can write (tried with an empty folder made and removed at once), else one line before anything is done."""
+  parent = next((p for p in Path(out).absolute().parents if p.exists()), None)
+  if parent is None or not parent.is_dir():
+    raise UserError(f"{what}: {parent} is a file, not a directory")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".tpu_reason-check-", dir=parent))
+  except OSError as e:
+    raise UserError(f"{what}: cannot create it under {parent} ({first_line(e)})") from None
+
+
 def check_output(out: Path, flag: str, markers: tuple[str, ...]):
   """`out` is new, empty, or an earlier output of this command (it holds one of `markers`): never a training run,
   and never a directory of other files (eval / export would overwrite theirs)."""
   out = Path(out)
   if out.exists() and not out.is_dir():
     raise UserError(f"{flag} {out} is a file: give a directory")
-  if not out.is_dir() or not any(out.iterdir()):
+  if not out.exists():
+    return check_creatable(out, f"{flag} {out}")
+  if not any(out.iterdir()):
     return
   if (out / "run.json").exists():
     raise UserError(f"{flag} {out} is a training run directory: give a new directory (a run is written only by its "
@@ -143,7 +165,9 @@ def check_output_dir(out: Path, cfg: Config, kind: str):
   out = Path(out)
   if out.exists() and not out.is_dir():
     raise UserError(f"output_dir={out} is a file: give a directory")
-  if not out.is_dir() or not any(out.iterdir()):
+  if not out.exists():
+    return check_creatable(out, f"output_dir={out}")
+  if not any(out.iterdir()):
     return
   if not (out / "run.json").exists():
     raise UserError(f"output_dir={out} holds files but no run.json (not a tpu_reason run): give a new or empty "
@@ -158,6 +182,9 @@ def check_output_dir(out: Path, cfg: Config, kind: str):
                     "a new run needs its own output_dir")
   if cfg.train.resume != "none" and checkpoint.any_saved(out):
     check_resume(out, saved, ours, kind)
+  elif cfg.train.resume != "none" and (out / "summary.json").exists():
+    raise UserError(f"output_dir={out} is a finished run with no completed checkpoint left (under {out / 'checkpoints'}):"
+                    " give a new output_dir, or train.resume=none to train it afresh there")
 
 
 def check_resume(out: Path, saved: dict, ours: dict, kind: str):

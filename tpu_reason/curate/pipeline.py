@@ -21,13 +21,13 @@ import pathlib
 import time
 from collections.abc import Sequence
 
-from tpu_reason import config, mesh as mesh_lib, models, tags
+from tpu_reason import config, mesh as mesh_lib, models, runs, tags
 from tpu_reason.config import Config
 from tpu_reason.curate import difficulty, diversity, quality
 from tpu_reason.curate.report import CurateReport, StageCount, length_summary, plot
 from tpu_reason.data import stats
 from tpu_reason.data.examples import Fit, fit_records
-from tpu_reason.data.prepare import GENERATED_SOURCES, load_records
+from tpu_reason.data.prepare import GENERATED_SOURCES, check_task, load_records
 from tpu_reason.data.sources import Record, records_to_teacher_jsonl
 from tpu_reason.errors import UserError
 
@@ -38,6 +38,8 @@ def load_pool(cfg: Config) -> tuple[list[Record], StageCount, str]:
   tasks = cfg.curate.tasks
   if tasks and data.source not in GENERATED_SOURCES:
     raise UserError(f"curate.tasks pools reasoning-gym tasks; data.source={data.source} reads data.path")
+  for task in tasks:
+    check_task(task, "curate.tasks")
   parts = [dataclasses.replace(data, task=t) for t in tasks] if tasks else [data]
   records, seen, dropped, names = [], 0, collections.Counter(), []
   for part in parts:
@@ -112,7 +114,8 @@ def run(cfg: Config, make_solver=None) -> CurateReport:
   """Curates `cfg.data`'s pool per `cfg.curate`; `make_solver(spec)` replaces the baseline models (tests)."""
   c, d = cfg.curate, cfg.data
   out = cfg.resolved_output_dir("curate", timestamp=False)  # no timestamp: rerunning resumes
-  config.save(cfg, out)
+  # a training run's or another command's directory is refused, and nothing is written before the pool loads
+  runs.check_output(out, "output_dir", ("config.yaml", difficulty.CACHE_FILE, "report.json", "curated.jsonl"))
   schema = tags.get_schema(d.schema)
   seconds, t0 = {}, time.perf_counter()
 
@@ -122,6 +125,7 @@ def run(cfg: Config, make_solver=None) -> CurateReport:
     t0 = time.perf_counter()
 
   pool, load_stage, source = load_pool(cfg)
+  config.save(cfg, out)
   keys, field = diversity.strata(pool, c.strata)
   ledger = Ledger(keys, load_stage)
   lap("load")

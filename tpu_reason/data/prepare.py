@@ -11,10 +11,13 @@ scores are never measured on trained prompts, even when a file repeats a questio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import pathlib
 import re
 import unicodedata
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +30,7 @@ from tpu_reason.data import sources
 from tpu_reason.data.examples import Example, build_examples, build_prompts
 from tpu_reason.data.report import DataReport
 from tpu_reason.data.sources import LoadReport, Record
-from tpu_reason.errors import UserError
+from tpu_reason.errors import UserError, first_line
 
 GENERATED_SOURCES = ("reasoning_gym",)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -65,16 +68,31 @@ def load_records(data: DataCfg, *, seed: int, size: int) -> tuple[list[Record], 
     raise UserError(f"data.source={data.source} {what}: {e}") from None
 
 
-def parse_task(task: str) -> tuple[str, dict[str, Any]]:
-  """"chain_sum:min_digits=1,max_terms=2" -> ("chain_sum", {"min_digits": 1, "max_terms": 2})."""
+def parse_task(task: str, key: str = "data.task") -> tuple[str, dict[str, Any]]:
+  """"chain_sum:min_digits=1,max_terms=2" -> ("chain_sum", {"min_digits": 1, "max_terms": 2}); `key` is the
+  setting the task came from (named in the error)."""
   name, _, rest = task.partition(":")
   options = {}
   for item in filter(None, (x.strip() for x in rest.split(","))):
-    key, eq, value = item.partition("=")
-    if not eq or not key.strip():
-      raise UserError(f"data.task option {item!r} must look like key=value (in {task!r})")
-    options[key.strip()] = yaml.safe_load(value)
+    option, eq, value = item.partition("=")
+    if not eq or not option.strip():
+      raise UserError(f"{key} option {item!r} must look like key=value (in {task!r})")
+    options[option.strip()] = yaml.safe_load(value)
   return name.strip(), options
+
+
+def check_task(task: str, key: str):
+  """A reasoning-gym task (with its options) that generates, or one line naming the setting `key` it came from:
+  checked before a model loads or anything is written."""
+  import reasoning_gym
+
+  name, options = parse_task(task, key)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      reasoning_gym.create_dataset(name, seed=0, size=1, **options)
+  except Exception as e:  # an unknown task, option or option value: the generator's own words
+    raise UserError(f"{key}={task}: {first_line(e)}") from None
 
 
 def split_file_records(

@@ -20,6 +20,7 @@ import inspect
 import io
 import itertools
 import json
+import logging
 import pathlib
 import re
 import warnings
@@ -225,14 +226,18 @@ def _quiet_datasets():
 
   was_enabled = datasets.is_progress_bar_enabled()
   datasets.disable_progress_bars()
+  log = logging.getLogger("datasets")  # a bad file's error is ours to report, in one line
+  level = log.level
+  log.setLevel(logging.CRITICAL)
   try:
     yield datasets
   finally:
+    log.setLevel(level)
     if was_enabled:
       datasets.enable_progress_bars()
 
 
-_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
 def _dataset_rows(path: str, where: str, **load_kwargs: Any) -> Rows:
@@ -249,16 +254,20 @@ def _dataset_rows(path: str, where: str, **load_kwargs: Any) -> Rows:
 
 
 def _dir_rows(path: pathlib.Path, split: str, config: str | None) -> Rows:
-  """Every .jsonl/.json/.parquet file directly in `path`, in name order, each read as a file;
+  """Every .jsonl/.json/.parquet/.csv file directly in `path`, in name order, each read as a file;
   a directory without such files is handed to datasets (a saved hub dataset's layout)."""
   files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _BUILDERS)
   if not files:
-    return _dataset_rows(str(path), f"{path}[{split}]", name=config, split=split)
+    try:
+      return _dataset_rows(str(path), f"{path}[{split}]", name=config, split=split)
+    except UserError as e:  # not a dataset folder either: say first what the folder lacks
+      raise UserError(f"{path}: no {'/'.join(sorted(_BUILDERS))} file in this directory, and it does not load as a "
+                      f"dataset folder ({str(e).split(': ', 1)[-1]})") from None
   return itertools.chain.from_iterable(read_rows(f) for f in files)
 
 
 def read_rows(path: str | pathlib.Path, *, split: str = "train", config: str | None = None) -> Rows:
-  """(location, row) pairs from a local JSONL/parquet file, a directory of them, a glob, or a hub dataset id."""
+  """(location, row) pairs from a local JSONL/parquet/CSV file, a directory of them, a glob, or a hub dataset id."""
   p = pathlib.Path(path)
   # Our own JSONL reader: datasets rejects a whole file for one bad line and
   # loses line numbers, which strict errors must report.
@@ -268,6 +277,9 @@ def read_rows(path: str | pathlib.Path, *, split: str = "train", config: str | N
     return _dir_rows(p, split, config)
   if builder := _BUILDERS.get(p.suffix):  # local file(s), possibly a glob; data_files always land in "train"
     return _dataset_rows(builder, str(path), data_files=str(path), split="train")
+  if p.is_file():  # not a hub id: a local file of a format no reader takes
+    raise UserError(f"{path}: cannot read a {p.suffix or 'suffix-less'} file as data (known: "
+                    f"{', '.join(sorted(_BUILDERS))}, or a directory of them)")
   # A hub id: HF_DATASETS_OFFLINE=1 makes it use the cache only.
   return _dataset_rows(str(path), f"{path}[{split}]", name=config, split=split)
 
