@@ -21,6 +21,8 @@ from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import forward, logits, positions
 from tpu_reason.tree import flatten, unflatten
 
+pytestmark = pytest.mark.slow  # whole trainer runs with added tokens
+
 TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 ADD = "model.add_tokens=[" + ",".join(f'"{t}"' for t in TAGS) + "]"
 

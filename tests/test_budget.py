@@ -182,6 +182,7 @@ def smollm2():
   return m, jax.tree.map(jnp.asarray, m.params)
 
 
+@pytest.mark.slow
 def test_real_model_wait_then_cap(smollm2):
   """SmolLM2 copies a one-shot format and closes its reasoning after 8 tokens; with extend=1
   that close becomes "Wait", the model reasons on, and the cap closes it at 16 tokens."""

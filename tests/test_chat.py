@@ -14,6 +14,8 @@ from tpu_reason import chat, config, tags
 from tpu_reason.config import Config
 from tpu_reason.sampling import sampler
 
+pytestmark = pytest.mark.slow  # the chat CLI and real weights
+
 REASONING = tags.get_schema("reasoning")
 REPLY = "2 + 3 = 5\n</reasoning>\n<answer>\n5\n</answer>"  # what the fake sampler "generates"
 

@@ -141,6 +141,7 @@ def test_model_solver_counts_hits_per_prompt_ignoring_filler_rows(monkeypatch):
   assert seen["shape"][1] == sampler.prompt_width(longest)
 
 
+@pytest.mark.slow
 def test_model_solver_runs_a_real_model_at_one_shape():
   model = models.load("tiny-llama")
   records = _records(5)

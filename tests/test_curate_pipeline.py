@@ -19,6 +19,8 @@ from tpu_reason.curate import pipeline
 from tpu_reason.data.examples import build_examples
 from tpu_reason.data.sources import load_teacher
 
+pytestmark = pytest.mark.slow  # the curate CLI as subprocesses
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LONG = ("A farmer has 3 fields and plants 4 rows of corn in each field; every row gives 25 cobs and"
         " he sells each cob for 2 dollars at the market on Saturday. How much money does he make?")

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -29,6 +31,7 @@ def test_cli_prints_report_and_marked_examples():
   assert text.count("<reasoning>\n[[") == 3 and text.count("</answer><|im_end|>]]") == 3  # loss span incl. EOS
 
 
+@pytest.mark.slow
 def test_cli_generate_reports_reasoning_rouge_l():
   out = _run("data.size=4", "data.eval_size=2", "--generate", "2", "train.eval_max_new_tokens=8")
   assert out.returncode == 0, out.stderr

@@ -13,6 +13,8 @@ from tpu_reason.config import LoraCfg, MeshCfg, SamplingCfg
 from tpu_reason.models import transformer as T
 from tpu_reason.sampling import layout, sampler
 
+pytestmark = pytest.mark.slow  # compiles the decode loop on 8 devices
+
 CFG = TINY_LLAMA  # embed 32, 4 heads, 2 kv heads, mlp 64, vocab 128: every axis divides fsdp=4 x tp=2
 LORA = LoraCfg(rank=4, alpha=8)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5], [7]]

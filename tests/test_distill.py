@@ -311,6 +311,7 @@ def test_wrong_key_stops_with_one_line_that_hides_it(tmp_path):
   assert "***" in lines[0] and wrong not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates(tmp_path):
   teacher = FakeTeacher(delay=0.3)
   n = 16

@@ -20,6 +20,8 @@ from tpu_reason import distributed, mesh as mesh_lib, sharding as sharding_lib
 from tpu_reason.config import MeshCfg
 from tpu_reason.errors import UserError
 
+pytestmark = pytest.mark.slow  # several processes, each compiling a trainer
+
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_REASON_DISTRIBUTED", "TPU_WORKER_HOSTNAMES")
 
 

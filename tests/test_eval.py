@@ -119,6 +119,7 @@ def _samples(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_eval_writes_metrics_and_samples(tmp_path, rows_file, capsys):
   out = _run(tmp_path, rows_file)
   result = json.loads((out / "eval.json").read_text())
@@ -182,6 +183,7 @@ def test_redact_thoughts_keeps_answers_and_lengths_only(tmp_path, rows_file):
     assert not reasoning or reasoning not in r["completion"]
 
 
+@pytest.mark.slow
 def test_repetition_guard_is_its_own_column(tmp_path, rows_file, capsys):
   out = _run(tmp_path, rows_file, "budget.repeat_ngram=1", "budget.repeat_window=32", "eval.batch_size=4",
              "sampling.max_new_tokens=32")
@@ -266,6 +268,7 @@ def smollm2_tiny_batch(smollm2, rows_file):
   return smollm2, jax.tree.map(np.asarray, smollm2.params), examples
 
 
+@pytest.mark.slow
 def test_embedded_model_eval_greedy_matches_direct_generation(smollm2_tiny_batch, tmp_path, rows_file):
   """The real SmolLM2: the CLI's greedy completions are the sampler's, scored by the rewards."""
   model, params, examples = smollm2_tiny_batch
@@ -322,6 +325,7 @@ def test_data_file_layout_yields_to_an_explicit_source(rows_file):
   assert [a for a in rest if a.startswith("data.source=")] == ["data.source=jsonl"]
 
 
+@pytest.mark.slow
 def test_gsm8k_file_scores_the_number_after_the_hashes(tmp_path):
   out = _run(tmp_path, FIXTURES / "gsm8k.jsonl")
   samples = _samples(out / "samples.jsonl")

@@ -14,6 +14,8 @@ from tpu_reason.models import convert
 from tpu_reason.models.transformer import forward, logits
 from tpu_reason.tree import flatten
 
+pytestmark = pytest.mark.slow  # whole exports read back
+
 SPECS = ("tiny-llama", "tiny-gemma3")
 TOKENS_BxT = np.array([[1, 17, 42, 99, 7, 1000, 5, 23, 311, 4, 8, 64], [2, 9, 9, 9, 500, 3, 77, 1, 2, 3, 4, 5]])
 

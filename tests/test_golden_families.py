@@ -21,6 +21,8 @@ from tpu_reason.models import hf
 from tpu_reason.models.transformer import forward, logits
 from tpu_reason.tree import unflatten
 
+pytestmark = pytest.mark.slow  # real weights against transformers
+
 GOLDEN = Path(__file__).resolve().parent / "golden" / "families"
 # Our f32 forward vs transformers' f32 forward on the same weights; only reduction order differs.
 ATOL = 1e-4

@@ -207,6 +207,7 @@ def test_bad_grpo_config_is_a_user_error(override, needle):
 # --------------------------------------------------------------------------- rollouts
 
 
+@pytest.mark.slow
 def test_rollouts_are_fresh_every_step_and_reproducible(trainer):
   tr = trainer
   state, batch = fresh_state(tr), first_batch(tr)
@@ -243,6 +244,7 @@ def test_truncated_completions_can_be_masked(trainer):
 # --------------------------------------------------------------------------- reference and updates
 
 
+@pytest.mark.slow
 def test_reference_is_the_adapter_off_without_a_weight_copy(trainer):
   tr = trainer
   state, batch = fresh_state(tr), first_batch(tr)
@@ -295,6 +297,7 @@ def test_logprobs_do_not_depend_on_padding_width(trainer):
   np.testing.assert_allclose(wide_logp[:, :mask.shape[1]][mask], narrow_logp[mask], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,level", [("dr_grpo", "token"), ("grpo", "sequence")])
 def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   """The same rollout gives the same loss at its trimmed width and padded 8 columns wider: dr_grpo
@@ -354,6 +357,7 @@ def test_reference_logprobs_equal_the_base_model(trainer):
   np.testing.assert_allclose(ref, np.asarray(direct), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_updates_follow_the_advantage_sign(trainer):
   tr = trainer
   state = fresh_state(tr)
@@ -387,6 +391,7 @@ def straight_run(trainer, tmp_path_factory):
   return out, summary
 
 
+@pytest.mark.slow
 def test_run_writes_all_outputs(straight_run):
   out, summary = straight_run
   for name in ("config.yaml", "run.json", "metrics.jsonl", "rollouts.jsonl", "rewards.png", "summary.json",
@@ -507,6 +512,7 @@ def test_dynamic_sampling_keeps_informative_groups_and_counts_them(trainer, dyna
   assert (4, 1) in counts and (4, 2) in counts and any(k < 4 for k, _ in counts), counts
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_resumes_exactly(trainer, dynamic_run, tmp_path, monkeypatch, capsys):
   """Interrupted in step 2's first resample round, after the stream had moved on: the resumed run ends as
   the uninterrupted one did (steps 2 and 3 run again from the step-1 checkpoint and its data position)."""
@@ -581,6 +587,7 @@ grpo.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_killed_with_sigkill_resumes_exactly(trainer, data_path, tmp_path):
   """kill -9 while step 2 resamples (no handler runs, nothing is saved on the way out): the same command
   resumes from step 1's checkpoint and its data position and ends with an uninterrupted run's adapters."""
@@ -670,6 +677,7 @@ def test_latest_finished_sft_run_is_found(tmp_path):
   assert runs.latest_finished("smollm2-135m", "sft", tmp_path) is None
 
 
+@pytest.mark.slow
 def test_init_merges_the_sft_adapter(tmp_path):
   from tests.conftest import TINY_LLAMA
 

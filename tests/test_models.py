@@ -40,6 +40,7 @@ def embedded(request, smollm2, gemma3):
 # --------------------------------------------------------------------------- golden parity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embedded", EMBEDDED, indirect=True)
 def test_golden_logits_match_transformers(embedded):
   golden = np.load(GOLDEN / f"{embedded.name}.npz")
@@ -492,6 +493,7 @@ def test_gemma3_tokenizer(gemma3):
   assert tok.decode(gemma3.encode(text), skip_special_tokens=True) == "Step 1:\n\n  48 / 2 = 24"
 
 
+@pytest.mark.slow
 def test_add_tokens_surgery_keeps_old_behaviour(smollm2):
   from tpu_reason.models import transformer as T
 

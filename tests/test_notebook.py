@@ -14,6 +14,8 @@ import papermill
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # builds and installs the wheel, runs the notebook
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "kaggle" / "tpu_reason.ipynb"
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))

@@ -108,6 +108,7 @@ def test_packed_logprobs_equal_each_example_run_alone(tiny):
   np.testing.assert_allclose(losses.sft_loss(logp, mask), losses.sft_loss(logp1, mask1), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_packed_sft_run_trains_on_real_tokens_only(tmp_path, capsys):
   """`data.pack=true` end to end: rows hold several examples, tok/s counts real tokens, loss falls."""
   from tests.test_sft import make_cfg, read_metrics, write_rows

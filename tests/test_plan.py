@@ -163,6 +163,7 @@ def _cli(*args, **env):
                         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
 
 
+@pytest.mark.slow
 def test_cli_exit_status_and_errors():
   proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "--hbm-gib", "0.5")
   assert proc.returncode == 1 and "NO FIT: peak" in proc.stdout, proc.stderr
@@ -176,6 +177,7 @@ def test_cli_exit_status_and_errors():
   assert "compile check" not in proc.stdout  # nothing compiled for a mesh the trainers refuse
 
 
+@pytest.mark.slow
 def test_cli_compiles_on_fake_devices():
   """The whole --devices path in a fresh process: 8 fake devices, stand-in compile, XLA's opinion."""
   proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "model.spec=tiny-llama", "--devices", "8",
@@ -186,6 +188,7 @@ def test_cli_compiles_on_fake_devices():
   assert "XLA (CPU) buffers of the real SFT step per device" in out and out.rstrip().endswith(")")
 
 
+@pytest.mark.slow
 def test_packed_sft_step_compiles_on_the_mesh_and_is_planned_at_its_row_width():
   cfg, packed = tiny_cfg(), tiny_cfg("data.pack=true")
   mesh = mesh_lib.make_mesh(packed.mesh)

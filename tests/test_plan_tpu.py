@@ -16,6 +16,8 @@ import pytest
 from tpu_reason import plan
 from tpu_reason.errors import UserError
 
+pytestmark = pytest.mark.slow  # the TPU compiler on real shapes
+
 # the recipe's mesh, batches, LoRA and sampling at short sequences: the compiler's time grows with them
 SHORT = ("data.max_prompt_tokens=32", "data.max_completion_tokens=32", "data.completion_buckets=[32]",
          "grpo.sampling.max_new_tokens=32")

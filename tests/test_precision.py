@@ -15,6 +15,8 @@ import pytest
 from tests import test_grpo, test_sft
 from tpu_reason import checkpoint, grpo, loop, sft, train as train_lib
 
+pytestmark = pytest.mark.slow  # whole bf16 trainer steps
+
 LR = "3e-6"
 
 

@@ -26,6 +26,8 @@ from tpu_reason.config import Config, LoraCfg, MeshCfg
 from tpu_reason.errors import UserError
 from tpu_reason.models import quant, transformer as T
 
+pytestmark = pytest.mark.slow  # whole trainer runs on quantised bases
+
 
 def float_params(cfg, seed=0):
   return jax.tree.map(np.asarray, T.init_params(cfg, jax.random.key(seed)))

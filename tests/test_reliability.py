@@ -14,6 +14,8 @@ import pytest
 
 from tpu_reason import models
 
+pytestmark = pytest.mark.slow  # the CLIs as subprocesses
+
 TINY_SFT = ["model.spec=tiny-llama", "data.size=16", "data.eval_size=0", "train.batch_size=2",
             "train.max_steps=1", "train.eval_generate=0"]
 

@@ -20,6 +20,8 @@ import yaml
 from tests.conftest import write_run
 from tests.test_reliability import TINY_SFT, one_error
 
+pytestmark = pytest.mark.slow  # the CLIs as subprocesses
+
 RUN_SETTINGS = ["lora.rank=4", "lora.alpha=8", "data.system_prompt="]  # those of `write_run`
 SFT = [*TINY_SFT, *RUN_SETTINGS]
 GRPO = ["model.spec=tiny-llama", *RUN_SETTINGS, "data.eval_size=0", "train.eval_generate=0", "grpo.steps=1",
