@@ -268,4 +268,3 @@ def check_mesh(p: Plan, n_devices: int):
   """The settings a trainer would refuse on this mesh, as one line (the memory table is no answer to them)."""
   if p.errors:
     raise UserError(f"mesh error on {n_devices} device(s): " + "; ".join(e.replace(": ", " ", 1) for e in p.errors))
-

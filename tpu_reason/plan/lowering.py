@@ -166,4 +166,3 @@ def lower_all(cfg: Config, model_cfg: ModelConfig, mesh, decode: str = "merged")
   """Every program a run compiles at its largest shapes, by name (the rollout's in the `decode` layout)."""
   return {"SFT step": lower_sft_step(cfg, model_cfg, mesh), **lower_rollout(cfg, model_cfg, mesh, decode),
           **lower_grpo_train(cfg, model_cfg, mesh)}
-

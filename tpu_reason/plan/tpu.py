@@ -30,6 +30,7 @@ V5E_HBM_GIB = 15.75  # of a v5e chip's 16 GiB, what libtpu's compiler lets progr
 # --tpu name -> (libtpu topology, chips per host): compile-only chips of one v5e host
 TPUS = {"v5e-1": ("v5e:1x1", (1, 1, 1)), "v5e-4": ("v5e:2x2", (2, 2, 1)), "v5e-8": ("v5e:2x4", (2, 2, 1))}
 
+
 # --------------------------------------------------------------------------- the TPU compiler
 
 DECODE_LOOP = hlo_cost.DECODE_LOOP  # its trip count is data dependent: a run's max_new_tokens at most
@@ -272,4 +273,3 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
   report = [*tpu_notes(cfg, model_cfg, mesh), *time_report(cfg, model_cfg, mesh, p, results), line]
   print("\n".join(report), file=out, flush=True)
   return fits
-
