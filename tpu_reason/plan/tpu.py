@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
-from tpu_reason import (config, grpo, hlo_cost, lora as lora_lib, mesh as mesh_lib, models,
-                        train as train_lib)
+from tpu_reason import config, grpo, hlo_cost, lora as lora_lib, mesh as mesh_lib, models, train as train_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
 from tpu_reason.models.transformer import ModelConfig, param_dtypes, param_shapes
