@@ -235,7 +235,7 @@ def load(spec: str, dtype=np.float32, weights: bool = True) -> Model:
   else:
     from tpu_reason.models import hf
 
-    model = hf.load(spec, weights)
+    model = Model(*hf.load(spec, weights))
   if not weights:
     model.params = None
   else:

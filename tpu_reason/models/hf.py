@@ -219,18 +219,19 @@ def _resolve(spec: str, weights: bool = True) -> Path:
     raise UserError(f"cannot fetch {spec!r} from the Hugging Face hub: {type(e).__name__}: {reason}") from None
 
 
-def load(spec: str, weights: bool = True):
-  """Load a Hugging Face checkpoint directory (or hub id) into a `Model` (params None without weights)."""
+def load(spec: str, weights: bool = True) -> tuple:
+  """A Hugging Face checkpoint directory (or hub id) as a `Model`'s fields: (name, cfg, params, tokenizer,
+  eos_ids), params None without weights (`models.load` builds the Model: this module does not import it back)."""
   from safetensors import safe_open
 
-  from tpu_reason.models import Model, convert
+  from tpu_reason.models import convert
 
   path = _resolve(spec, weights)
   if not (path / "config.json").exists():
     raise UserError(f"{path} has no config.json: not a Hugging Face model directory")
   cfg = config_from_hf(json.loads((path / "config.json").read_text()))
   if not weights:
-    return Model(path.name, cfg, None, *_tokenizer(path, cfg))
+    return (path.name, cfg, None, *_tokenizer(path, cfg))
   check_rope(cfg, str(path))
   files = sorted(path.glob("*.safetensors"))
   if not files:
@@ -245,7 +246,7 @@ def load(spec: str, weights: bool = True):
     raise UserError(f"{path}: tensor {name!r} not found in the safetensors files")
 
   params = convert.params_from_hf(cfg, get, norm_plus_one=convert.norm_plus_one(cfg))
-  return Model(path.name, cfg, params, *_tokenizer(path, cfg))
+  return (path.name, cfg, params, *_tokenizer(path, cfg))
 
 
 def _tokenizer(path: Path, cfg: ModelConfig):

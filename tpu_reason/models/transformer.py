@@ -341,12 +341,21 @@ def write(cache: KVCache, k_LxBxKxHxT, v_LxBxKxTxH, pos_BxT, valid_BxT, index) -
       valid=upd(cache.valid, valid_BxT, 1), pos=upd(cache.pos, pos_BxT.astype(jnp.int32), 1)))
 
 
+# The logical axes of a KV cache's arrays (`sharding`'s table places them): each chip keeps the keys/values
+# of its own rows (and its tp share of the kv heads).
+CACHE_AXES = {"k": ("layers", "batch", "kv_heads", "head_dim", "seq"),
+              "v": ("layers", "batch", "kv_heads", "seq", "head_dim"),
+              "valid": ("batch", "seq"), "pos": ("batch", "seq")}
+
+
+def map_cache(fn, cache: KVCache) -> KVCache:
+  """The cache with each array replaced by fn(array, its logical axes)."""
+  return dataclasses.replace(cache, **{name: fn(getattr(cache, name), axes) for name, axes in CACHE_AXES.items()})
+
+
 def constrain_cache(cache: KVCache) -> KVCache:
   """Each chip keeps the keys/values of its own rows (and its tp share of the kv heads)."""
-  return dataclasses.replace(
-      cache, k=constrain(cache.k, ("layers", "batch", "kv_heads", "head_dim", "seq")),
-      v=constrain(cache.v, ("layers", "batch", "kv_heads", "seq", "head_dim")),
-      valid=constrain(cache.valid, ("batch", "seq")), pos=constrain(cache.pos, ("batch", "seq")))
+  return map_cache(constrain, cache)
 
 
 def _mask(q_pos_BxT, k_pos_BxS, k_valid_BxS, window, is_global):
