@@ -22,8 +22,7 @@ from typing import Any
 
 import yaml
 
-from tpu_reason import choices, rewards, tags
-from tpu_reason.data import sources
+from tpu_reason import choices
 from tpu_reason.errors import UserError
 
 
@@ -45,8 +44,8 @@ def _check(cond: bool, msg: str):
 
 
 def _check_choice(field: str, value, valid):
-  """`value` (or, for a tuple field, each of its items) is one of `valid`, the names of the module
-  that implements the choice (a registry's keys, or its tuple in `choices`)."""
+  """`value` (or, for a tuple field, each of its items) is one of `valid`, a tuple of `choices` (the module
+  that implements the choice asserts that its table names the same)."""
   bad = [v for v in (value if isinstance(value, tuple) else (value,)) if v not in valid]
   _check(not bad, f"{field} must be one of {', '.join(valid)}, got {', '.join(map(repr, bad))}")
 
@@ -141,14 +140,14 @@ class SamplingCfg:
 class DataCfg:
   """Where examples come from and the fixed shapes they are bucketed into."""
 
-  source: str = "reasoning_gym"  # a loader of data.sources.LOADERS: teacher, gsm8k, s1k, jsonl, parquet, ...
+  source: str = "reasoning_gym"  # choices.SOURCES: teacher, gsm8k, s1k, reasoning_gym, jsonl, parquet, ...
   path: str = ""  # file, directory or hub id for file-based sources
   task: str = "gsm_symbolic"  # reasoning-gym task, optionally with options: "chain_sum:min_digits=1,max_terms=2"
   size: int = 512
   seed: int = 0
   eval_size: int = 128  # held-out rows: rates on fewer than ~100 rows move by whole percents per row
   eval_seed: int = 10_000  # far from `seed`: nearby reasoning-gym seeds share rows
-  schema: str = "reasoning"  # a tag schema of tags.SCHEMAS
+  schema: str = "reasoning"  # a tag schema of choices.SCHEMAS (tags.SCHEMAS)
   system_prompt: str = DEFAULT_SYSTEM_PROMPT
   max_prompt_tokens: int = 160  # TPU recipes: 256 / 512; the CPU default trims padding
   max_completion_tokens: int = 256
@@ -157,8 +156,8 @@ class DataCfg:
   strict: bool = True
 
   def __post_init__(self):
-    _check_choice("data.source", self.source, tuple(sources.LOADERS))
-    _check_choice("data.schema", self.schema, tuple(tags.SCHEMAS))
+    _check_choice("data.source", self.source, choices.SOURCES)
+    _check_choice("data.schema", self.schema, choices.SCHEMAS)
     _check(self.size > 0 and self.eval_size >= 0, "data.size must be > 0 and data.eval_size >= 0")
     _check(self.max_prompt_tokens > 0 and self.max_completion_tokens > 0, "data token budgets must be > 0")
     _check(all(0 < b <= self.max_completion_tokens for b in self.completion_buckets),
@@ -271,7 +270,7 @@ class GrpoCfg:
   group: int = 4  # completions per prompt (G)
   optim: OptimCfg = OptimCfg(lr=2e-4, warmup_steps=2)  # warmup in GRPO steps
   sampling: SamplingCfg = SamplingCfg(max_new_tokens=192, temperature=0.9, top_k=50)  # seed: the rollouts' keys
-  rewards: tuple[str, ...] = ("format", "process", "outcome")  # of rewards.REWARDS
+  rewards: tuple[str, ...] = ("format", "process", "outcome")  # of choices.REWARDS (rewards.REWARDS)
   reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
   scale_rewards: str = "group"  # choices.ADVANTAGE_SCALES: group | batch | none (Dr. GRPO)
   std_ddof: int = 0  # the std of advantages and reward_std: 0 population, 1 sample (TRL's)
@@ -316,8 +315,8 @@ class GrpoCfg:
     _check(self.sampling.temperature > 0,
            "grpo.sampling.temperature must be > 0 (greedy samples of a group are identical)")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
-    _check_choice("grpo.rewards", self.rewards, tuple(rewards.REWARDS))
-    _check(bool(self.rewards), "grpo.rewards is empty: give at least one of " + ", ".join(rewards.REWARDS))
+    _check_choice("grpo.rewards", self.rewards, choices.REWARDS)
+    _check(bool(self.rewards), "grpo.rewards is empty: give at least one of " + ", ".join(choices.REWARDS))
     twice = sorted({r for r in self.rewards if self.rewards.count(r) > 1})
     _check(not twice, f"grpo.rewards names {', '.join(twice)} more than once: give each reward once, with its weight "
            "in grpo.reward_weights")

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from tpu_reason import choices
 from tpu_reason.errors import UserError, first_line
 from tpu_reason.tags import last_boxed
 
@@ -639,6 +640,7 @@ LOADERS: dict[str, Callable[..., tuple[list[Record], LoadReport]]] = {
   "jsonl": load_table,
   "parquet": load_table,
 }
+assert tuple(LOADERS) == choices.SOURCES, "choices.SOURCES names these (config validates data.source by it)"
 
 
 def load_source(spec: Mapping[str, Any] | Any = None, /, **kwargs: Any) -> tuple[list[Record], LoadReport]:
