@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import NamedSharding
 
-from tpu_reason import (config, grpo, hlo_cost, lora as lora_lib, mesh as mesh_lib, models, sft,
+from tpu_reason import (config, config_io, grpo, hlo_cost, lora as lora_lib, mesh as mesh_lib, models, sft,
                         sharding as sharding_lib, train as train_lib)
 from tpu_reason.config import Config
 from tpu_reason.data.batch import Batch, PackedBatch, RolloutBatch
@@ -729,7 +729,7 @@ def run(cfg: Config, devices: int | None = None, hbm_gib: float = V5E_HBM_GIB, o
 
 @cli
 def main(argv: list[str] | None = None):
-  cfg, flags = config.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
+  cfg, flags = config_io.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
   devices = _positive(flags, "devices", int, 0) if "devices" in flags else None
   hbm_gib = _positive(flags, "hbm_gib", float, V5E_HBM_GIB, least=0.001)  # below 1 MiB nothing fits
   tpu, stand_in_model = flags.get("tpu"), "stand_in" in flags
