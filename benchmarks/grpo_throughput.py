@@ -63,10 +63,10 @@ def _args(argv=None):
 
 
 def _config(a, out_dir: str):
-  from tpu_reason import config
+  from tpu_reason import config_io
   from tpu_reason.config import Config
 
-  return config.load(Config, None, [
+  return config_io.load(Config, None, [
       f"output_dir={out_dir}", "model.spec=smollm2-135m", "model.dtype=float32", "grpo.init=base",
       f"grpo.prompts={a.prompts}", f"grpo.group={a.group}", f"grpo.sampling.max_new_tokens={a.new_tokens}",
       f"grpo.steps={a.steps + 1}", "grpo.optim.warmup_steps=0", "grpo.micro_batch=1", f"grpo.beta={a.beta}",

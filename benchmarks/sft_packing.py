@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from tpu_reason import config, lora as lora_lib, sft
+from tpu_reason import config_io, lora as lora_lib, sft
 from tpu_reason.config import Config
 from tpu_reason.data import batch as data_batch, loader, packing
 
@@ -52,7 +52,7 @@ def main():
   a = _args()
   sides = {}
   for pack in (False, True):
-    cfg = config.load(Config, None, [*a.overrides, f"data.pack={str(pack).lower()}", "output_dir=/tmp/sft_packing"])
+    cfg = config_io.load(Config, None, [*a.overrides, f"data.pack={str(pack).lower()}", "output_dir=/tmp/sft_packing"])
     sides["packed" if pack else "bucketed"] = sft.build(cfg)
   bs = next(iter(sides.values())).cfg.train.batch_size
   states, times = {}, {name: {} for name in sides}

@@ -80,13 +80,13 @@ def write_run(out, spec: str = "tiny-llama", *overrides, trainer: str = "sft", i
   Step 1 is the best checkpoint and step 2 only the latest, with different random non-zero
   LoRAs (B != 0, so each changes the model). Returns (run dir, {1: lora, 2: lora}).
   """
-  from tpu_reason import checkpoint, config, lora as lora_lib, models, runs, train
+  from tpu_reason import checkpoint, config_io, lora as lora_lib, models, runs, train
   from tpu_reason.config import Config
 
-  cfg = config.load(Config, None, [f"output_dir={out}", f"model.spec={spec}", "lora.rank=4", "lora.alpha=8",
-                                   "data.system_prompt=", *overrides])
+  cfg = config_io.load(Config, None, [f"output_dir={out}", f"model.spec={spec}", "lora.rank=4", "lora.alpha=8",
+                                      "data.system_prompt=", *overrides])
   runs.write_info(out, trainer, init)
-  config.save(cfg, out)
+  config_io.save(cfg, out)
   model_cfg = models.load(spec).cfg
   ckpts = checkpoint.Checkpoints(out / "checkpoints", keep_last=2, best_metric="eval_loss")
   loras = {}
@@ -95,7 +95,7 @@ def write_run(out, spec: str = "tiny-llama", *overrides, trainer: str = "sft", i
     shapes = lora_lib.shapes(model_cfg, cfg.lora)
     loras[step] = unflatten({n: jnp.asarray(0.05 * rng.standard_normal(s), jnp.float32) for n, (s, _) in shapes.items()})
     state = train.init_state(loras[step], train.make_optimizer(cfg.train.optim, cfg.train.max_steps), 0)
-    meta = {"step": step, "data_position": step, "config": config.to_dict(cfg)}
+    meta = {"step": step, "data_position": step, "config": config_io.to_dict(cfg)}
     ckpts.save(step, state, meta)
     ckpts.save_best(step, state, meta, {"eval_loss": loss})
   ckpts.close()

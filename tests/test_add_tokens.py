@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import TINY_GEMMA3, TINY_LLAMA, tiny_params
 from tests.test_sft import host, interrupt_training_after, make_cfg, restore_last, reuse_build, write_rows
-from tpu_reason import config, export, lora as lora_lib, losses, models, policy, runs, sft, tags
+from tpu_reason import config, config_io, export, lora as lora_lib, losses, models, policy, runs, sft, tags
 from tpu_reason.config import Config
 from tpu_reason.data.batch import Batch
 from tpu_reason.errors import UserError
@@ -30,7 +30,7 @@ ADD = "model.add_tokens=[" + ",".join(f'"{t}"' for t in TAGS) + "]"
 @pytest.fixture(scope="module")
 def grown():
   """tiny-llama as a run with `model.add_tokens` computes with (and the plain model)."""
-  section = config.load(Config, None, ["model.spec=tiny-llama", ADD]).model
+  section = config_io.load(Config, None, ["model.spec=tiny-llama", ADD]).model
   return models.load_for(section), models.load("tiny-llama")
 
 
@@ -38,12 +38,12 @@ def grown():
 
 
 def test_config_reads_lists_and_rejects_empty_or_repeated_tokens():
-  assert config.load(Config, None, [ADD]).model.add_tokens == TAGS
-  assert config.load(Config, None, ["model.add_tokens=<a>,<b>"]).model.add_tokens == ("<a>", "<b>")
+  assert config_io.load(Config, None, [ADD]).model.add_tokens == TAGS
+  assert config_io.load(Config, None, ["model.add_tokens=<a>,<b>"]).model.add_tokens == ("<a>", "<b>")
   with pytest.raises(UserError, match="empty strings"):
-    config.load(Config, None, ['model.add_tokens=["<a>",""]'])
+    config_io.load(Config, None, ['model.add_tokens=["<a>",""]'])
   with pytest.raises(UserError, match="'<a>' more than once"):
-    config.load(Config, None, ["model.add_tokens=[<a>,<b>,<a>]"])
+    config_io.load(Config, None, ["model.add_tokens=[<a>,<b>,<a>]"])
 
 
 def test_tags_encode_to_the_new_ids_and_decode_back_to_their_text(grown):

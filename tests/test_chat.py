@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tpu_reason import chat, config, tags
+from tpu_reason import chat, config_io, tags
 from tpu_reason.config import Config
 from tpu_reason.sampling import sampler
 
@@ -21,7 +21,7 @@ REPLY = "2 + 3 = 5\n</reasoning>\n<answer>\n5\n</answer>"  # what the fake sampl
 
 
 def _cfg(*overrides):
-  return config.load(Config, None, ["sampling.max_new_tokens=6", "data.system_prompt=", *overrides])
+  return config_io.load(Config, None, ["sampling.max_new_tokens=6", "data.system_prompt=", *overrides])
 
 
 @pytest.fixture(scope="module")

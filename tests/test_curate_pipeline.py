@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from tpu_reason import config, models, tags
+from tpu_reason import config_io, models, tags
 from tpu_reason.config import Config
 from tpu_reason.curate import pipeline
 from tpu_reason.data.examples import build_examples
@@ -67,7 +67,7 @@ def _cfg(tmp_path, **curate) -> Config:
                "data.max_prompt_tokens=96", "data.max_completion_tokens=64", "data.completion_buckets=[]",
                "curate.baselines=[base]", "curate.k=2", "curate.max_solved=1", "curate.target_size=6",
                "curate.batch_size=4"]
-  return config.load(Config, None, overrides + [f"curate.{k}={v}" for k, v in curate.items()])
+  return config_io.load(Config, None, overrides + [f"curate.{k}={v}" for k, v in curate.items()])
 
 
 def fake_baseline(log: list):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tpu_reason import config, distill
+from tpu_reason import config_io, distill
 from tpu_reason.config import Config
 from tpu_reason.data import sources
 from tpu_reason.data.sources import Record
@@ -116,7 +116,7 @@ def question(i: int) -> str:
 
 
 def make_cfg(data, out, url, *overrides) -> Config:
-  return config.load(Config, None, [
+  return config_io.load(Config, None, [
       "model.spec=smollm2-135m", "data.source=jsonl", f"data.path={data}", "data.size=1000", "data.eval_size=0",
       "data.max_prompt_tokens=160", "data.max_completion_tokens=128", "data.completion_buckets=[128]",
       f"distill.base_url={url}", "distill.model=fake-teacher", f"distill.output={out}",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_run
-from tpu_reason import config, eval as eval_cli, scoring, tags
+from tpu_reason import config_io, eval as eval_cli, scoring, tags
 from tpu_reason.config import Config, SamplingCfg
 from tpu_reason.data.prepare import question_tokens, split_records
 from tpu_reason.sampling import sampler
@@ -361,7 +361,7 @@ def test_a_file_source_with_nothing_held_out_is_one_error_line(tmp_path, capsys)
 
 def test_eval_on_a_file_source_never_sees_a_training_row(tmp_path, leaky_file, capsys):
   overrides = ["data.source=teacher", f"data.path={leaky_file}", "data.eval_size=4", "data.size=100"]
-  cfg = config.load(Config, None, overrides)
+  cfg = config_io.load(Config, None, overrides)
   train = split_records(cfg.data).train
   rows = eval_cli.eval_records(cfg.data)
   assert [r.id for r in rows] == ["fresh-1", "fresh-2"]

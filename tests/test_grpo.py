@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from tests.test_sft import host, write_rows
-from tpu_reason import checkpoint, config, grpo, lora as lora_lib, loop, losses, runs, sft, train as train_lib
+from tpu_reason import (checkpoint, config, config_io, grpo, lora as lora_lib, loop, losses, runs, sft,
+                        train as train_lib)
 from tpu_reason.config import Config
 from tpu_reason.data.batch import RolloutBatch
 from tpu_reason.errors import UserError
@@ -33,7 +34,7 @@ from tpu_reason.models import transformer
 
 
 def make_cfg(out, data_path, *overrides) -> Config:
-  return config.load(Config, None, cfg_args(out, data_path, *overrides))
+  return config_io.load(Config, None, cfg_args(out, data_path, *overrides))
 
 
 def cfg_args(out, data_path, *overrides) -> list[str]:
@@ -180,8 +181,8 @@ def test_rollout_key_is_fresh_each_step_and_reproducible():
 
 
 def test_optimizer_counts_updates():
-  cfg = config.load(Config, None, ["grpo.steps=10", "grpo.prompts=4", "grpo.mini_batch=2", "grpo.num_iterations=3",
-                                   "grpo.optim.warmup_steps=1", "grpo.optim.lr=1e-5"])
+  cfg = config_io.load(Config, None, ["grpo.steps=10", "grpo.prompts=4", "grpo.mini_batch=2", "grpo.num_iterations=3",
+                                      "grpo.optim.warmup_steps=1", "grpo.optim.lr=1e-5"])
   g = cfg.grpo
   assert grpo.updates_per_step(g) == 6  # 2 mini-batches x 3 iterations
   lr = train_lib.schedule(g.optim, g.steps, grpo.updates_per_step(g))
@@ -201,7 +202,7 @@ def test_optimizer_counts_updates():
 ])
 def test_bad_grpo_config_is_a_user_error(override, needle):
   with pytest.raises(UserError, match=needle):
-    config.load(Config, None, override)
+    config_io.load(Config, None, override)
 
 
 # --------------------------------------------------------------------------- rollouts
@@ -648,8 +649,8 @@ def test_curriculum_comes_first(trainer):
 
 def fake_sft_run(root, name, spec, lora, trainer_name="sft", finished=True):
   run = root / name
-  cfg = config.load(Config, None, [f"model.spec={spec}", "lora.rank=16", "lora.alpha=32"])
-  config.save(cfg, run)
+  cfg = config_io.load(Config, None, [f"model.spec={spec}", "lora.rank=16", "lora.alpha=32"])
+  config_io.save(cfg, run)
   runs.write_info(run, trainer_name)
   if lora is not None:
     state = sft.init_state(lora, sft.make_optimizer(cfg.train.optim, cfg.train.max_steps), 0)

@@ -106,16 +106,17 @@ NEVER = [
      "the losses are pure maths under the trainers"),
     (("tpu_reason.rewards", "tpu_reason.tags"), ("tpu_reason.models", "tpu_reason.sampling", "tpu_reason.sharding",
                                                  "tpu_reason.mesh", "tpu_reason.config"),
-     "rewards and tag schemas are pure Python: the config may check names against them"),
+     "rewards and tag schemas sit below the trainers, not the config"),
     (("tpu_reason.data",), ("tpu_reason.curate", "tpu_reason.eval", "tpu_reason.sft", "tpu_reason.grpo",
                             "tpu_reason.loop"), "data preparation is below curation and the trainers"),
     (("tpu_reason.data.sources",), ("tpu_reason.config", "tpu_reason.models", "tpu_reason.data.prepare",
                                     "tpu_reason.data.examples", "tpu_reason.data.render"),
-     "the readers are the bottom of data/ (the config checks source kinds against them)"),
+     "the readers are the bottom of data/ (choices.SOURCES names them for the config)"),
     (("tpu_reason.train", "tpu_reason.loop", "tpu_reason.sft", "tpu_reason.grpo"), ("tpu_reason.plan",),
      "the plan reads the trainers, never the other way"),
-    # Coming with the config split: ("tpu_reason.config", ("tpu_reason.rewards", "tpu_reason.tags",
-    # "tpu_reason.data.sources"), "the schema checks names against tables that load no maths libraries").
+    (("tpu_reason.config", "tpu_reason.config_io"), ("tpu_reason.rewards", "tpu_reason.tags", "tpu_reason.data",
+                                                     "tpu_reason.models", "tpu_reason.sharding", "tpu_reason.mesh"),
+     "the schema checks names against choices' tables, which load no maths libraries"),
 ]
 CLIS = ("tpu_reason.eval", "tpu_reason.chat", "tpu_reason.generate", "tpu_reason.export")
 

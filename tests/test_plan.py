@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from tests.conftest import TINY_LLAMA, tiny_params
-from tpu_reason import config, lora as lora_lib, mesh as mesh_lib, plan, sharding as sharding_lib
+from tpu_reason import config_io, lora as lora_lib, mesh as mesh_lib, plan, sharding as sharding_lib
 from tpu_reason.config import Config
 from tpu_reason.data.batch import PackedBatch
 from tpu_reason.models.transformer import param_shapes
@@ -23,10 +23,10 @@ V5E8 = ["gemma3-1b-it-v5e8.yaml", "gemma2-2b-think.yaml", "qwen2.5-1.5b-gsm8k.ya
 
 def tiny_cfg(*overrides) -> Config:
   """TINY_LLAMA's numbers in a recipe: bf16, LoRA r4 on all 7 projections, mesh fsdp=4 x tp=2."""
-  return config.load(Config, None, ["model.dtype=bfloat16", "lora.rank=4", "mesh.fsdp=4", "mesh.tp=2",
-                                    "train.batch_size=8", "data.max_prompt_tokens=8", "data.max_completion_tokens=16",
-                                    "data.completion_buckets=[16]", "grpo.group=4", "grpo.sampling.max_new_tokens=8",
-                                    *overrides])
+  return config_io.load(Config, None, [
+      "model.dtype=bfloat16", "lora.rank=4", "mesh.fsdp=4", "mesh.tp=2", "train.batch_size=8",
+      "data.max_prompt_tokens=8", "data.max_completion_tokens=16", "data.completion_buckets=[16]", "grpo.group=4",
+      "grpo.sampling.max_new_tokens=8", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_verdict_follows_the_hbm_size(tiny_plan):
 
 @pytest.mark.parametrize("recipe", V5E8)
 def test_v5e8_recipes_fit(recipe):
-  cfg = config.load(Config, recipe)
+  cfg = config_io.load(Config, recipe)
   p = plan.run(cfg, hbm_gib=plan.V5E_HBM_GIB, out=io.StringIO())
   assert p.fits, plan.table(p)
   assert {ph.name for ph in p.phases} == {"SFT step", "GRPO rollout", "GRPO train"}

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from tpu_reason import config, mesh as mesh_lib, policy
+from tpu_reason import config_io, mesh as mesh_lib, policy
 from tpu_reason.config import Config, MeshCfg
 from tpu_reason.errors import UserError
 from tpu_reason.tree import flatten
@@ -52,7 +52,7 @@ def test_run_dir_and_run_config(tiny_run, tmp_path):
   assert policy.run_dir("tiny-llama") is None and policy.run_dir(str(tmp_path)) is None
   argv = policy.with_run_config(["sampling.max_new_tokens=8"], ["tiny-llama", str(run)])
   assert argv == ["--config", str(run / "config.yaml"), "output_dir=", "sampling.max_new_tokens=8"]
-  cfg, _ = config.parse_args(Config, argv)
+  cfg, _ = config_io.parse_args(Config, argv)
   assert cfg.model.spec == "tiny-llama" and cfg.lora.rank == 4 and cfg.output_dir == ""
   assert policy.with_run_config(["--config", "x.yaml"], [str(run)]) == ["--config", "x.yaml"]
 

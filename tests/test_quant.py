@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from tests.conftest import TINY_GEMMA3, TINY_LLAMA
 from tests.test_grpo import first_batch, fresh_state, make_cfg as grpo_cfg, reuse_build
 from tests.test_sft import make_cfg as sft_cfg, write_rows
-from tpu_reason import (config, grpo, lora as lora_lib, losses, mesh as mesh_lib, models, plan, policy, sft,
+from tpu_reason import (config_io, grpo, lora as lora_lib, losses, mesh as mesh_lib, models, plan, policy, sft,
                         sharding as sharding_lib)
 from tpu_reason.config import Config, LoraCfg, MeshCfg
 from tpu_reason.errors import UserError
@@ -97,7 +97,7 @@ def test_placement_keeps_the_small_format_and_shards_scales_like_their_weights()
 def test_the_backward_keeps_no_wide_copy_of_the_weights(mode):
   """What the SFT backward saves is the same with quantised weights as with float ones: the layers are widened
   again in the backward, not stored wide (which would add every layer's float weights)."""
-  cfg = config.load(Config, None, ["model.spec=tiny-llama", "lora.rank=4"])
+  cfg = config_io.load(Config, None, ["model.spec=tiny-llama", "lora.rank=4"])
   base = dataclasses.replace(TINY_LLAMA, vocab_size=256, embed_dim=64, hidden_dim=256, num_layers=4)
   batch = plan.sft_batch(cfg)(2, 16, 16)
   lora = plan.full_tree(lora_lib.shapes(base, cfg.lora), jnp.float32)
@@ -110,7 +110,7 @@ def test_the_backward_keeps_no_wide_copy_of_the_weights(mode):
 
 
 def test_plan_counts_the_base_weights_in_their_stored_format():
-  cfg = config.load(Config, "qwen2.5-7b-s1k", [])
+  cfg = config_io.load(Config, "qwen2.5-7b-s1k", [])
   sizes = {}
   for mode in ("none", "int8", "int4"):
     c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant=mode))
@@ -121,7 +121,7 @@ def test_plan_counts_the_base_weights_in_their_stored_format():
 
 def test_an_unknown_quant_is_a_one_line_user_error():
   with pytest.raises(UserError, match="model.quant must be one of none, int8, int4"):
-    config.load(Config, None, ["model.quant=nf3"])
+    config_io.load(Config, None, ["model.quant=nf3"])
 
 
 @pytest.fixture(scope="module")

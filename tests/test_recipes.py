@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tpu_reason import (config, grpo, lora as lora_lib, mesh as mesh_lib, models, plan, sharding as sharding_lib,
-                        train as train_lib)
+from tpu_reason import (config, config_io, grpo, lora as lora_lib, mesh as mesh_lib, models, plan,
+                        sharding as sharding_lib, train as train_lib)
 from tpu_reason.data.batch import RolloutBatch
 from tpu_reason.models.transformer import param_shapes
 
-TPU_RECIPES = sorted(p for p in glob.glob(str(config.RECIPES / "*.yaml")) if "cpu" not in p)
+TPU_RECIPES = sorted(p for p in glob.glob(str(config_io.RECIPES / "*.yaml")) if "cpu" not in p)
 
 
 def stand_in(cfg):
@@ -25,7 +25,7 @@ def stand_in(cfg):
 
 @pytest.mark.parametrize("path", TPU_RECIPES, ids=lambda p: p.rsplit("/", 1)[-1])
 def test_tpu_recipe_lowers_its_train_step(path):
-  cfg = config.load(config.Config, path)
+  cfg = config_io.load(config.Config, path)
   mesh = mesh_lib.make_mesh(cfg.mesh)
   assert mesh.devices.size == jax.device_count() == 8
   assert (cfg.train.batch_size // cfg.train.grad_accum) % mesh.shape["fsdp"] == 0
@@ -39,7 +39,7 @@ def test_tpu_recipe_lowers_its_train_step(path):
 
 @pytest.mark.parametrize("path", TPU_RECIPES, ids=lambda p: p.rsplit("/", 1)[-1])
 def test_tpu_recipe_lowers_its_grpo_update(path):
-  cfg = config.load(config.Config, path)
+  cfg = config_io.load(config.Config, path)
   g = cfg.grpo
   tiny = stand_in(cfg)
   mesh = mesh_lib.make_mesh(cfg.mesh)

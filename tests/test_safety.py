@@ -240,15 +240,15 @@ def test_refused_command_is_one_line_and_changes_nothing(refused, name):
 
 def test_runs_saved_before_the_config_sections_moved_still_load(world, tmp_path):
   """Every reader of a saved config applies the moved-key map: policy (eval, chat, export), GRPO init, resume."""
-  from tpu_reason import config, export, policy, runs
+  from tpu_reason import config_io, export, policy, runs
   from tpu_reason.config import Config
 
   old = world / "old"
   assert policy.load(str(old)).run_config.train.optim.lr == 5e-4
   assert runs.read_config(old).train.optim.clip_norm == 1.0
   policy.check(str(old))
-  same = config.load(Config, None, [f"output_dir={old}", "model.spec=tiny-llama", *RUN_SETTINGS, "train.optim.lr=5e-4",
-                                    "train.max_minutes=5"])
+  same = config_io.load(Config, None, [f"output_dir={old}", "model.spec=tiny-llama", *RUN_SETTINGS,
+                                       "train.optim.lr=5e-4", "train.max_minutes=5"])
   runs.check_output_dir(old, same, "sft")  # a resume with a setting that may change
   export.run(str(old), str(tmp_path / "adapter"), adapter_only=True)
   assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
@@ -266,15 +266,15 @@ def test_a_csv_file_loads_as_data(tmp_path):
 
 
 def test_a_resume_may_change_only_where_and_how_long_it_runs(world):
-  from tpu_reason import config, runs
+  from tpu_reason import config_io, runs
   from tpu_reason.config import Config
   from tpu_reason.errors import UserError
 
   sft = world / "sft"
   base = [f"output_dir={sft}", *SFT]
   for free in ("train.max_minutes=3", "train.keep_last=5", "mesh.fsdp=1", "sampling.temperature=0.5", "grpo.beta=0"):
-    runs.check_output_dir(sft, config.load(Config, None, [*base, free]), "sft")
+    runs.check_output_dir(sft, config_io.load(Config, None, [*base, free]), "sft")
   for fixed in ("train.max_steps=41", "data.task=chain_sum", "train.seed=3"):
     with pytest.raises(UserError, match=fixed.split("=")[0]):
-      runs.check_output_dir(sft, config.load(Config, None, [*base, fixed]), "sft")
-  runs.check_output_dir(sft, config.load(Config, None, [*base, "train.resume=none", "train.seed=3"]), "sft")
+      runs.check_output_dir(sft, config_io.load(Config, None, [*base, fixed]), "sft")
+  runs.check_output_dir(sft, config_io.load(Config, None, [*base, "train.resume=none", "train.seed=3"]), "sft")

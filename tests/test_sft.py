@@ -30,7 +30,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from tests.conftest import TINY_LLAMA
-from tpu_reason import (checkpoint, config, loop, lora as lora_lib, mesh as mesh_lib, metrics, sft,
+from tpu_reason import (checkpoint, config, config_io, loop, lora as lora_lib, mesh as mesh_lib, metrics, sft,
                         sharding as sharding_lib)
 from tpu_reason.config import Config, MeshCfg
 from tpu_reason.data import loader
@@ -57,7 +57,7 @@ def write_rows(path, n_short, n_long, n_eval):
 
 def make_cfg(out, data_path, *overrides) -> Config:
   """16 short + 16 long training rows, 4 held out; 4 steps of 8 rows = one epoch."""
-  return config.load(Config, None, [
+  return config_io.load(Config, None, [
       f"output_dir={out}", "model.spec=tiny-llama", "data.source=jsonl", f"data.path={data_path}",
       "data.size=32", "data.eval_size=4", "data.system_prompt=", "data.max_prompt_tokens=56",
       "data.max_completion_tokens=64", "data.completion_buckets=[32]", "train.batch_size=8",
@@ -340,7 +340,7 @@ def straight_run(trainer, compile_history, tmp_path_factory):
 
 def test_run_writes_all_outputs(trainer, straight_run):
   cfg, out, summary = straight_run
-  assert config.load(Config, out / "config.yaml") == cfg
+  assert config_io.load(Config, out / "config.yaml") == cfg
 
   rows = read_metrics(out)
   train = [r for r in rows if r["split"] == "train"]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_JIT, TINY_LLAMA, tiny_params
-from tpu_reason import (config, grpo, lora as lora_lib, mesh as mesh_lib, plan, sharding as sharding_lib,
-                        train as train_lib)
+from tpu_reason import (config, config_io, grpo, lora as lora_lib, mesh as mesh_lib, plan,
+                        sharding as sharding_lib, train as train_lib)
 from tpu_reason.config import Config
 from tpu_reason.models.transformer import param_shapes
 
@@ -25,7 +25,7 @@ _SHAPE = re.compile(r"\b(?:f32|bf16|s32|pred|f16)\[([0-9,]*)\]")
 
 
 def recipe(*overrides) -> Config:
-  return config.load(Config, None, [
+  return config_io.load(Config, None, [
       "model.dtype=bfloat16", "lora.rank=4", f"mesh.fsdp={FSDP}", "mesh.tp=2", f"train.batch_size={ROWS}",
       f"data.max_prompt_tokens={PROMPT}", f"data.max_completion_tokens={COMPLETION}",
       f"data.completion_buckets=[{COMPLETION}]", "grpo.group=4", "grpo.prompts=10", "grpo.mini_batch=10",

@@ -16,7 +16,7 @@ import sys
 
 import jax.numpy as jnp
 
-from tpu_reason import config, mesh as mesh_lib, policy, tags
+from tpu_reason import config_io, mesh as mesh_lib, policy, tags
 from tpu_reason.config import Config
 from tpu_reason.errors import cli
 from tpu_reason.sampling import batched, layout, sampler
@@ -109,9 +109,9 @@ def run(cfg: Config, spec: str, hide: bool = False, stdin=sys.stdin, out=sys.std
 @cli
 def main(argv: list[str] | None = None):
   argv = sys.argv[1:] if argv is None else argv
-  _, flags = config.parse_args(Config, argv, FLAGS)
+  _, flags = config_io.parse_args(Config, argv, FLAGS)
   specs = [flags["model"]] if flags.get("model") else []
-  cfg, flags = config.parse_args(Config, policy.with_run_config(argv, specs), FLAGS)
+  cfg, flags = config_io.parse_args(Config, policy.with_run_config(argv, specs), FLAGS)
   hide = flags.get("hide_thoughts", "false") == "true"
   run(cfg, flags.get("model") or cfg.model.spec, hide)
 

@@ -1,10 +1,10 @@
-"""The names of the config choices whose implementations import jax, written once, without jax.
+"""The names of the config's choices, written once, importing nothing.
 
-`config` validates `model.remat`, `model.quant` and the GRPO choices against these tuples at parse
-time without importing jax (its modules import jax; `tpu_reason.models`' package does too, so the
-model choices live here as well). Each implementing module dispatches on, or checks its own table
-against, its tuple; nothing else spells the names out. Choices whose registries import no jax are
-validated against those registries directly: `tags.SCHEMAS`, `data.sources.LOADERS`, `rewards.REWARDS`.
+`config` validates every named choice (`model.remat`, `grpo.loss`, `data.source`, `grpo.rewards`, ...)
+against these tuples at parse time, so that reading a config loads neither jax (which the modules
+behind the model, loss and sampler choices import; `tpu_reason.models`' package does too) nor
+math_verify and sympy (which `rewards` imports). Each implementing module dispatches on, or asserts
+that its own table matches, its tuple; nothing else spells the names out.
 """
 
 REMAT = ("none", "dots", "full")  # models.transformer.REMAT: what a layer keeps for its backward pass
@@ -18,3 +18,7 @@ SCHEDULES = ("cosine", "linear", "constant")  # train.DECAYS: the learning rate 
 DTYPES = ("float32", "bfloat16")  # model.dtype: the compute / base-weight dtype
 DECODE_LAYOUTS = ("auto", "merged", "train")  # sampling.layout.MODES: the weights the sampler reads
 STRATA = ("auto", "domain", "keywords")  # curate.diversity.strata: what rows are balanced over
+REWARDS = ("format", "format_soft", "process", "outcome")  # rewards.REWARDS: what grpo.rewards may name
+# data.sources.LOADERS: what data.source may name
+SOURCES = ("teacher", "gsm8k", "s1k", "dolphin_r1", "dolphin-r1", "reasoning_gym", "jsonl", "parquet")
+SCHEMAS = ("reasoning", "think", "s1")  # tags.SCHEMAS: the tag schemas of data.schema

@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tpu_reason import config, models, rewards, tags
+from tpu_reason import config_io, models, rewards, tags
 from tpu_reason.config import Config, DataCfg, DistillCfg
 from tpu_reason.data import examples as data_examples, render as data_render
 from tpu_reason.data.prepare import split_records
@@ -306,7 +306,7 @@ def run(cfg: Config) -> Summary:
 
 @cli
 def main(argv: list[str] | None = None):
-  cfg, _ = config.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
+  cfg, _ = config_io.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
   summary = run(cfg)
   print(summary)
   if summary.kept == 0 and summary.dropped:  # e.g. the endpoint refused every request

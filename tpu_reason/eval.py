@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from tpu_reason import config, mesh as mesh_lib, policy, runs, tags
+from tpu_reason import config_io, mesh as mesh_lib, policy, runs, tags
 from tpu_reason import scoring
 from tpu_reason.config import Config, DataCfg
 from tpu_reason.data.prepare import load_records, split_records
@@ -215,7 +215,7 @@ def run(cfg: Config, specs: list[str], data_file: bool = False) -> dict[str, dic
   results, columns = {}, {}
   for name, spec in zip(labels(specs), specs):
     result, samples, cols = evaluate_model(cfg, spec, name, records, mesh)
-    config.save(cfg, out)  # only once there is a result: a failed eval leaves no directory
+    config_io.save(cfg, out)  # only once there is a result: a failed eval leaves no directory
     _write(out / name if len(specs) > 1 else out, result, samples)
     results[name] = result
     columns.update(cols)
@@ -230,7 +230,7 @@ def run(cfg: Config, specs: list[str], data_file: bool = False) -> dict[str, dic
 @cli
 def main(argv: list[str] | None = None):
   argv, specs, data_file = split_args(sys.argv[1:] if argv is None else argv)
-  cfg, _ = config.parse_args(Config, policy.with_run_config(argv, specs), FLAGS)
+  cfg, _ = config_io.parse_args(Config, policy.with_run_config(argv, specs), FLAGS)
   run(cfg, specs or [cfg.model.spec], data_file)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpu_reason import config, lora as lora_lib, models, policy, runs
+from tpu_reason import config_io, lora as lora_lib, models, policy, runs
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, cli
 from tpu_reason.models import convert, hf
@@ -118,7 +118,7 @@ def run(checkpoint: str, out: str, adapter_only: bool = False) -> Path:
 
 @cli
 def main(argv: list[str] | None = None):
-  _, flags = config.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
+  _, flags = config_io.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
   if not flags.get("checkpoint") or not flags.get("out"):
     raise UserError("usage: python -m tpu_reason.export --checkpoint DIR --out DIR [--adapter-only]")
   run(flags["checkpoint"], flags["out"], flags.get("adapter_only") == "true")

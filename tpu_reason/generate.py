@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import config, mesh as mesh_lib, models
+from tpu_reason import config, config_io, mesh as mesh_lib, models
 from tpu_reason.errors import UserError, cli
 from tpu_reason.sampling import layout, sampler
 from tpu_reason.sampling.stream import Streamer
@@ -23,7 +23,7 @@ FLAGS = {"--model": "model.spec", "--max-new-tokens": "sampling.max_new_tokens",
 
 
 def _parse(argv: list[str]):
-  cfg, flags = config.parse_args(config.Config, argv, extra=FLAGS)
+  cfg, flags = config_io.parse_args(config.Config, argv, extra=FLAGS)
   if not flags.get("prompt"):
     raise UserError('--prompt "..." is required')
   return cfg, flags["prompt"], flags.get("raw", "false").lower() in ("1", "true", "yes")

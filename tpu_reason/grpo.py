@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import (config, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs, scoring,
+from tpu_reason import (config_io, lora as lora_lib, losses, mesh as mesh_lib, models, rewards, runs, scoring,
                         sharding as sharding_lib)
 from tpu_reason import distributed, loop, tags
 from tpu_reason import train as train_lib
@@ -582,7 +582,7 @@ def run(cfg: Config) -> dict:
 
 @cli
 def main(argv: list[str] | None = None):
-  cfg, _ = config.parse_args(Config, sys.argv[1:] if argv is None else argv)
+  cfg, _ = config_io.parse_args(Config, sys.argv[1:] if argv is None else argv)
   run(cfg)
 
 

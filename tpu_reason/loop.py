@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Protocol
 import jax
 import jax.numpy as jnp
 
-from tpu_reason import checkpoint, config, distributed, lora as lora_lib, runs, train as train_lib
+from tpu_reason import checkpoint, config_io, distributed, lora as lora_lib, runs, train as train_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, check_interrupt
 from tpu_reason.metrics import MetricsLog, compiles
@@ -151,7 +151,7 @@ def interrupt_after_step():
 def meta(cfg: Config, step: int, position: int | None = None) -> dict:
   """The JSON saved beside each checkpoint: where the data stream stands (batches drawn: the step unless
   the trainer says otherwise), and the run's config."""
-  return {"step": step, "data_position": step if position is None else position, "config": config.to_dict(cfg)}
+  return {"step": step, "data_position": step if position is None else position, "config": config_io.to_dict(cfg)}
 
 
 class Loop:
@@ -171,7 +171,7 @@ class Loop:
       state, saved = initial_state(a, self.ckpts)
       self.log = MetricsLog(self.out, write=self.main)
       if self.main:
-        config.save(self.cfg, self.out)
+        config_io.save(self.cfg, self.out)
         runs.write_info(self.out, a.kind, a.init)
       start = saved.get("step", 0)
       self.position = saved.get("data_position", start)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import checkpoint, config, lora as lora_lib, models, runs, sharding as sharding_lib
+from tpu_reason import checkpoint, config_io, lora as lora_lib, models, runs, sharding as sharding_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError
 from tpu_reason.sampling import layout
@@ -108,7 +108,7 @@ def _saved_lora(step: Path) -> tuple[Any, Config]:
     raise UserError(f"{step}: cannot restore its LoRA: {e}") from None
   if "config" not in meta:
     raise UserError(f"{step}: the checkpoint's meta has no config (not saved by tpu_reason)")
-  return lora, config.from_saved(meta["config"], f"{step} (its saved config)")
+  return lora, config_io.from_saved(meta["config"], f"{step} (its saved config)")
 
 
 def check(spec: str):

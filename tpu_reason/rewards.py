@@ -41,6 +41,7 @@ logging.getLogger("math_verify.grader").setLevel(logging.ERROR)
 logging.getLogger("math_verify.parser").setLevel(logging.ERROR)
 from math_verify import verify as mv_verify
 
+from tpu_reason import choices
 from tpu_reason.tags import Parsed, TagSchema, get_schema, last_boxed
 
 Reward = Callable[..., list[float | None]]
@@ -309,6 +310,7 @@ REWARDS: dict[str, Reward] = {
     "process": process_reward,
     "outcome": outcome_reward,
 }
+assert tuple(REWARDS) == choices.REWARDS, "choices.REWARDS names these (config validates grpo.rewards by it)"
 
 
 def make_rewards(schema: str = "reasoning") -> dict[str, Reward]:

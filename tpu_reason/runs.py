@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tpu_reason import checkpoint, config, lora as lora_lib
+from tpu_reason import checkpoint, config, config_io, lora as lora_lib
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, first_line
 
@@ -46,7 +46,7 @@ def read_config(run_dir: Path) -> Config:
   path = Path(run_dir) / "config.yaml"
   if not path.is_file():
     raise UserError(f"{run_dir} has no config.yaml: not a finished tpu_reason run directory")
-  return config.load(Config, path)
+  return config_io.load(Config, path)
 
 
 def latest_finished(spec: str, trainer: str = "sft", root: Path = RUNS) -> Path | None:
@@ -152,7 +152,7 @@ def check_output(out: Path, flag: str, markers: tuple[str, ...]):
 
 
 def _flat(cfg: Config) -> dict:
-  return config.flatten(config.to_dict(cfg))
+  return config_io.flatten(config_io.to_dict(cfg))
 
 
 def _settings(flat: dict, keys: list[str]) -> str:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tpu_reason import (config, distributed, loop, lora as lora_lib, losses, mesh as mesh_lib, models, scoring,
+from tpu_reason import (config_io, distributed, loop, lora as lora_lib, losses, mesh as mesh_lib, models, scoring,
                         sharding as sharding_lib, tags)
 from tpu_reason import train as train_lib
 from tpu_reason.train import TrainState, init_state, make_optimizer, schedule, state_sharding  # noqa: F401 (re-exported)
@@ -218,7 +218,7 @@ def run(cfg: Config) -> dict:
 
 @cli
 def main(argv: list[str] | None = None):
-  cfg, _ = config.parse_args(Config, sys.argv[1:] if argv is None else argv)
+  cfg, _ = config_io.parse_args(Config, sys.argv[1:] if argv is None else argv)
   run(cfg)
 
 

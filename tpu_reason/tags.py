@@ -41,6 +41,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 
+from tpu_reason import choices
 from tpu_reason.errors import UserError
 
 _FINAL_ANSWER_PUNCT = re.compile(r"\*{0,2}:?\*{0,2}")
@@ -247,6 +248,7 @@ SCHEMAS: dict[str, TagSchema] = {
         tail_answer=_prefixed_tail,
     ),
 }
+assert tuple(SCHEMAS) == choices.SCHEMAS, "choices.SCHEMAS names these (config validates data.schema by it)"
 
 
 def get_schema(name: str) -> TagSchema:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import sys
 
-from tpu_reason import config, errors
+from tpu_reason import config, config_io, errors
 from tpu_reason.curate.pipeline import run
 
 
 @errors.cli
 def main(argv: list[str] | None = None):
-  cfg, _ = config.parse_args(config.Config, sys.argv[1:] if argv is None else argv)
+  cfg, _ = config_io.parse_args(config.Config, sys.argv[1:] if argv is None else argv)
   report = run(cfg)
   print(report.table())
   print(f"outputs: {', '.join(f'{k}={v}' for k, v in report.outputs.items())}")

@@ -21,7 +21,7 @@ import pathlib
 import time
 from collections.abc import Sequence
 
-from tpu_reason import config, mesh as mesh_lib, models, runs, tags
+from tpu_reason import config_io, mesh as mesh_lib, models, runs, tags
 from tpu_reason.config import Config
 from tpu_reason.curate import difficulty, diversity, quality
 from tpu_reason.curate.report import CurateReport, StageCount, length_summary, plot
@@ -125,7 +125,7 @@ def run(cfg: Config, make_solver=None) -> CurateReport:
     t0 = time.perf_counter()
 
   pool, load_stage, source = load_pool(cfg)
-  config.save(cfg, out)
+  config_io.save(cfg, out)
   keys, field = diversity.strata(pool, c.strata)
   ledger = Ledger(keys, load_stage)
   lap("load")

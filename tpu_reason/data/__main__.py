@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_reason import config, errors, models, scoring, tags
+from tpu_reason import config, config_io, errors, models, scoring, tags
 from tpu_reason.data import stats
 from tpu_reason.data.examples import Example
 from tpu_reason.data.prepare import prepare, split_records
@@ -68,7 +68,7 @@ def rouge_summary(model, examples: Sequence[Example], schema: TagSchema, max_new
 
 @errors.cli
 def main(argv: list[str] | None = None):
-  cfg, flags = config.parse_args(config.Config, sys.argv[1:] if argv is None else argv, FLAGS)
+  cfg, flags = config_io.parse_args(config.Config, sys.argv[1:] if argv is None else argv, FLAGS)
   n_generate = flags.get("generate", "0")
   if not n_generate.isdigit():
     raise errors.UserError(f"--generate takes a number of eval rows, got {n_generate!r}")

@@ -29,7 +29,7 @@ import sys
 
 import jax
 
-from tpu_reason import config, models
+from tpu_reason import config_io, models
 from tpu_reason.config import Config
 from tpu_reason.errors import UserError, cli
 from tpu_reason.plan.analytical import GIB, Plan, check_mesh, plan, table
@@ -72,7 +72,7 @@ def run(cfg: Config, devices: int | None = None, hbm_gib: float = V5E_HBM_GIB, o
 
 @cli
 def main(argv: list[str] | None = None):
-  cfg, flags = config.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
+  cfg, flags = config_io.parse_args(Config, sys.argv[1:] if argv is None else argv, FLAGS)
   devices = _positive(flags, "devices", int, 0) if "devices" in flags else None
   hbm_gib = _positive(flags, "hbm_gib", float, V5E_HBM_GIB, least=0.001)  # below 1 MiB nothing fits
   tpu, stand_in_model = flags.get("tpu"), "stand_in" in flags

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tpu_reason import choices
 from tpu_reason.data.sources.readers import read_rows
 from tpu_reason.data.sources.record import (LoadReport, Record, Row, _answer, _between, _checkpoints, _collect,
                                             _columns, _field, _first_field, _json_values, _prompt, _Skip, stable_id)
@@ -319,6 +320,7 @@ LOADERS: dict[str, Callable[..., tuple[list[Record], LoadReport]]] = {
   "jsonl": load_table,
   "parquet": load_table,
 }
+assert tuple(LOADERS) == choices.SOURCES, "choices.SOURCES names these (config validates data.source by it)"
 
 
 def load_source(spec: Mapping[str, Any] | Any = None, /, **kwargs: Any) -> tuple[list[Record], LoadReport]:
