@@ -253,18 +253,6 @@ class Trainer:
   def dtype(self):
     return jnp.dtype(self.cfg.model.dtype)
 
-  @property
-  def steps(self) -> int:
-    return self.cfg.grpo.steps
-
-  @property
-  def eval_every(self) -> int:
-    return self.cfg.grpo.eval_every
-
-  @property
-  def save_every(self) -> int:
-    return self.cfg.grpo.save_every
-
   def step(self, state, batch: Collated, step: int):
     """Rollout, scoring and updates: (state, metrics row, the step's completions)."""
     state, m, drawn = grpo_step(self, state, batch, step)

@@ -86,18 +86,6 @@ class Trainer:
   def dtype(self):
     return jnp.dtype(self.cfg.model.dtype)
 
-  @property
-  def steps(self) -> int:
-    return self.cfg.train.max_steps
-
-  @property
-  def eval_every(self) -> int:
-    return self.cfg.train.eval_every
-
-  @property
-  def save_every(self) -> int:
-    return self.cfg.train.save_every
-
   def batches(self, start: int):
     t = self.cfg.train
     return loader.batches(self.train, t.batch_size, seed=t.seed, start_step=start)
