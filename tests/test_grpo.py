@@ -312,7 +312,7 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   wide = dataclasses.replace(wide, old_logp_BxC=(wide.ref_logp_BxC + noise).astype(np.float32))
   narrow = dataclasses.replace(wide, **{k: getattr(wide, k)[:, :c] for k in (*cols, "ref_logp_BxC", "old_logp_BxC")})
   g = dataclasses.replace(tr.cfg.grpo, loss=loss, importance_level=level)
-  fn = jax.jit(functools.partial(grpo.policy_loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
+  fn = jax.jit(functools.partial(grpo.loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
                                  remat="none", chunk=tr.cfg.model.vocab_chunk, on_policy=False))
 
   def loss_at(a):

@@ -171,7 +171,7 @@ class Stream:
     return batch
 
 
-def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, chunk, on_policy: bool):
+def loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, chunk, on_policy: bool):
   """Clipped surrogate + β·k3 KL over one micro-batch, aggregated as `g.loss`; aux for logging."""
   logp = losses.completion_logprobs(params, cfg, mb, lora=lora, lora_scale=lora_scale, dtype=dtype, remat=remat,
                                     chunk=chunk, temperature=g.sampling.temperature)
@@ -186,13 +186,13 @@ def policy_loss(lora, params, mb, *, cfg, g: GrpoCfg, lora_scale, dtype, remat, 
     per_token = per_token * losses.truncated_is_weight(old, mb.sampler_logp_BxC, g.rollout_correction_cap)
   kl = losses.kl_k3(logp, mb.ref_logp_BxC) if g.beta else jnp.zeros_like(logp)
   # dr_grpo divides by the cap, not by this step's trimmed width: the same batch, the same loss
-  loss = losses.aggregate(per_token + g.beta * kl, mask, g.loss, max_tokens=g.sampling.max_new_tokens,
-                          num_tokens=mb.num_tokens_B[0])
+  total = losses.aggregate(per_token + g.beta * kl, mask, g.loss, max_tokens=g.sampling.max_new_tokens,
+                           num_tokens=mb.num_tokens_B[0])
   gap = jnp.abs(old - mb.sampler_logp_BxC)  # the trainer's rollout-policy log-probs against the sampler's
   aux = {"kl": losses.masked_mean(kl, mask), "clip_ratio/low_mean": losses.masked_mean(low, mask),
          "clip_ratio/high_mean": losses.masked_mean(high, mask), "rollout/logp_diff/mean": losses.masked_mean(gap, mask),
          "rollout/logp_diff/max": jnp.max(jnp.where(mask, gap, 0.0))}
-  return loss, aux
+  return total, aux
 
 
 def _logprobs(lora, params, batch, *, cfg, lora_scale, dtype, chunk, temperature):
@@ -534,7 +534,7 @@ def jitted(model_cfg, cfg: Config, mesh):
   g, dtype, scale = cfg.grpo, jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
   optimizer = make_optimizer(g)
   state_sh = train_lib.state_sharding(model_cfg, cfg, optimizer, mesh)
-  loss_fn = functools.partial(policy_loss, cfg=model_cfg, g=g, lora_scale=scale, dtype=dtype, remat=cfg.model.remat,
+  loss_fn = functools.partial(loss, cfg=model_cfg, g=g, lora_scale=scale, dtype=dtype, remat=cfg.model.remat,
                               chunk=cfg.model.vocab_chunk, on_policy=updates_per_step(g) == 1)
   accum = g.mini // g.micro_batch
   step_fn = jax.jit(functools.partial(train_lib.step, loss_fn=loss_fn, optimizer=optimizer, accum=accum),
