@@ -241,7 +241,7 @@ def dynamic_batch(rounds: list[Round], keep: list[np.ndarray], g: GrpoCfg) -> Ro
   n = kept_groups(keep) * g.group
   if n:  # the same per group; with scale_rewards=batch, one std over the rows that train
     arrays.advantages_B[:n] = losses.group_advantages(rewards_B[:n], g.group, scale=g.scale_rewards,
-                                                         ddof=g.std_ddof)
+                                                      ddof=g.std_ddof)
   return arrays
 
 
