@@ -8,7 +8,7 @@ Each side runs in its own subprocess so its peak RSS is its own, and prints thre
      temperature / top-k / top-p from grpo.sampling, a fresh seed per call, the first call compiling.
      Against the memory-bandwidth ceiling of decode: every step streams all weights once,
      so rows x copy bandwidth / weight bytes tokens/s (ours process measures the bandwidth).
-  2. a GRPO step through our trainer (`grpo.build` + `grpo.grpo_step`, grpo.init=base):
+  2. a GRPO step through our trainer (`grpo.build` + `Trainer.step`, grpo.init=base):
      rollout / reference / train seconds and tokens/s; then the same config through Tunix's
      GRPOLearner (RLCluster, vanilla rollout, qwix LoRA, reference = the same base arrays).
   3. ours / Tunix per step and per part, and ours against TRL's ~72 s/step.
@@ -148,7 +148,7 @@ def run_ours(a) -> dict:
     mem_guard("ours", est, not a.no_mem_guard)
     for step, batch in enumerate(batches):
       t = time.perf_counter()
-      state, metrics, _ = grpo.grpo_step(tr, state, batch, step)
+      state, metrics, _ = tr.step(state, batch, step)
       jax.block_until_ready(state)
       parts.append({"total": time.perf_counter() - t, "rollout": metrics["time/rollout"],
                     "decode_weights": metrics["time/decode_weights"],

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests.test_sft import host, write_rows
-from tpu_reason import (checkpoint, config, config_io, grpo, lora as lora_lib, loop, losses, runs, sft,
+from tpu_reason import (checkpoint, config, config_io, grpo, lora as lora_lib, loop, losses, rewards, runs, sft,
                         train as train_lib)
 from tpu_reason.config import Config
 from tpu_reason.data.batch import RolloutBatch
@@ -74,7 +74,7 @@ def first_batch(tr):
 
 
 def reuse_build(monkeypatch, tr, **changes):
-  monkeypatch.setattr(grpo, "build", lambda cfg: dataclasses.replace(tr, cfg=cfg, out=cfg.resolved_output_dir(), **changes))
+  monkeypatch.setattr(grpo.cli, "build", lambda cfg: dataclasses.replace(tr, cfg=cfg, out=cfg.resolved_output_dir(), **changes))
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -253,7 +253,7 @@ def test_reference_is_the_adapter_off_without_a_weight_copy(trainer):
   before = {id(a): a for a in jax.live_arrays()}
   base_ids = {id(x) for x in jax.tree.leaves(tr.params)}
   assert base_ids <= set(before)  # the trainer's one copy
-  state, m, _ = grpo.grpo_step(tr, state, batch, 0)
+  state, m, _ = tr.step(state, batch, 0)
   jax.block_until_ready(state.lora)
   gc.collect()
   after = jax.live_arrays()
@@ -316,7 +316,7 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   wide = dataclasses.replace(wide, old_logp_BxC=(wide.ref_logp_BxC + noise).astype(np.float32))
   narrow = dataclasses.replace(wide, **{k: getattr(wide, k)[:, :c] for k in (*cols, "ref_logp_BxC", "old_logp_BxC")})
   g = dataclasses.replace(tr.cfg.grpo, loss=loss, importance_level=level)
-  fn = jax.jit(functools.partial(grpo.policy_loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
+  fn = jax.jit(functools.partial(grpo.loss, cfg=tr.model.cfg, g=g, lora_scale=tr.lora_scale, dtype=tr.dtype,
                                  remat="none", chunk=tr.cfg.model.vocab_chunk, on_policy=False))
 
   def loss_at(a):
@@ -482,7 +482,7 @@ def dynamic_run(trainer, tmp_path_factory):
   out = tmp_path_factory.mktemp("dynamic")
   with pytest.MonkeyPatch.context() as mp:
     reuse_build(mp, trainer)
-    mp.setattr(grpo.rewards, "score", sparse_reward)
+    mp.setattr(rewards, "score", sparse_reward)
     summary = grpo.run(dynamic_cfg(trainer, out))
   return out, summary
 
@@ -527,7 +527,7 @@ def test_dynamic_sampling_resumes_exactly(trainer, dynamic_run, tmp_path, monkey
     return real(self, lora, batch, step, round)
 
   reuse_build(monkeypatch, trainer)
-  monkeypatch.setattr(grpo.rewards, "score", sparse_reward)
+  monkeypatch.setattr(rewards, "score", sparse_reward)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(grpo.Trainer, "sample_round", crash_in_a_resample)
     with pytest.raises(KeyboardInterrupt):
@@ -549,7 +549,7 @@ def test_sampling_budget_ends_the_run_where_the_completions_run_out(trainer, tmp
   cfg = dynamic_cfg(trainer, tmp_path / "budget")
   cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, steps=10, max_completions=5 * 4 * 4))
   reuse_build(monkeypatch, trainer)
-  monkeypatch.setattr(grpo.rewards, "score", sparse_reward)
+  monkeypatch.setattr(rewards, "score", sparse_reward)
   summary = grpo.run(cfg)
   rows = train_rows(tmp_path / "budget")
   last = max(rows)
@@ -572,9 +572,9 @@ def latest_saved(out) -> int | None:
 KILL_DRIVER = """
 import os, sys, time
 from tests.test_grpo import sparse_reward
-from tpu_reason import grpo
+from tpu_reason import grpo, rewards
 
-grpo.rewards.score = sparse_reward
+rewards.score = sparse_reward
 real = grpo.Trainer.sample_round
 
 def hang_in_a_resample(self, lora, batch, step, round=0):
@@ -641,7 +641,7 @@ def test_curriculum_comes_first(trainer):
   ids = [set(next(it).id) for _ in range(3)]
   assert ids[0] <= easy and ids[1] <= easy and not ids[2] & easy
   # resuming mid-curriculum or after it yields the same batches
-  assert [set(b.id) for b in grpo._take(tr.batches(1), 2)] == ids[1:]
+  assert [set(b.id) for b in grpo.rollout.take(tr.batches(1), 2)] == ids[1:]
 
 
 # --------------------------------------------------------------------------- init from an SFT run

@@ -93,7 +93,7 @@ def test_grpo_step_in_bf16_moves_every_adapter_entry(tmp_path):
   state = fresh(tr)
   before = jax.device_get(state.lora)
   with jax.set_mesh(tr.mesh):
-    state, m, _ = grpo.grpo_step(tr, state, next(tr.batches(0)), 0)
+    state, m, _ = tr.step(state, next(tr.batches(0)), 0)
   assert m["finite"] and m["grad_norm"] > 0
   assert float_dtypes(state.lora) == float_dtypes(state.opt_state) == {"float32"}
   assert changed_a(before, jax.device_get(state.lora)) >= 0.99

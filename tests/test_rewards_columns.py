@@ -79,7 +79,7 @@ def test_a_new_column_reaches_its_reward_in_rollouts_and_evals(tmp_path, toy_rew
   state, batch = fresh_state(tr), next(tr.batches(0))
   g = tr.cfg.grpo.group
 
-  state, m, _ = grpo.grpo_step(tr, state, batch, 0)
+  state, m, _ = tr.step(state, batch, 0)
   want = [float(difficulty[i]) for i in batch.id for _ in range(g)]  # each prompt's, over its group
   assert toy_reward.seen == [want]
   assert m["rewards/difficulty_bonus/mean"] == pytest.approx(np.mean(want))

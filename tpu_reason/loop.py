@@ -36,7 +36,7 @@ class NonFinite(UserError):
 class Algorithm(Protocol):
   """What a trainer hands the loop (see `sft.Trainer`, `grpo.Trainer`)."""
 
-  kind: str  # "sft" | "grpo": run.json, the checkpoints' best metric
+  kind: str  # "sft" | "grpo": run.json, the checkpoints' best metric, the cadence's config section (`cadence`)
   cfg: Config
   out: Path
   init: str  # "base" or the run whose adapter is merged into the weights
@@ -51,15 +51,6 @@ class Algorithm(Protocol):
   # Optional: batches drawn so far, for a trainer whose steps may draw more than one (GRPO's dynamic
   # sampling); `batches(start)` then takes that count. Without it the data position is the step.
   # data_position: int | None
-
-  @property
-  def steps(self) -> int: ...
-
-  @property
-  def eval_every(self) -> int: ...
-
-  @property
-  def save_every(self) -> int: ...
 
   def batches(self, start: int) -> Iterator[dict]: ...
 
@@ -96,6 +87,15 @@ def run(cfg: Config, build: Callable[[Config], Algorithm], kind: str = "") -> di
     if fresh and not isinstance(e, NonFinite) and distributed.is_main() and not checkpoint.any_saved(algo.out):
       shutil.rmtree(algo.out, ignore_errors=True)
     raise
+
+
+def cadence(cfg: Config, kind: str) -> tuple[int, int, int]:
+  """(steps, eval_every, save_every) of a `kind` run, from its config section: grpo.* for GRPO, train.* for SFT."""
+  if kind == "grpo":
+    g = cfg.grpo
+    return g.steps, g.eval_every, g.save_every
+  t = cfg.train
+  return t.max_steps, t.eval_every, t.save_every
 
 
 def check_model(cfg: Config, vocab: int):
@@ -162,6 +162,7 @@ class Loop:
     self.main = distributed.is_main()
     self.log = None  # opened once the initial state is in hand: a refused restore leaves the directory as it was
     self.ckpts = checkpoint.Checkpoints(self.out / "checkpoints", self.cfg.train.keep_last, *runs.BEST[algo.kind])
+    self.steps, self.eval_every, self.save_every = cadence(self.cfg, algo.kind)
     self.saved_at = 0
     self.position = 0  # batches drawn after the last whole step: what `batches` resumes from
 
@@ -210,7 +211,7 @@ class Loop:
 
     a, t = self.algo, self.cfg.train
     t0 = time.monotonic()
-    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc=a.kind, dynamic_ncols=True,
+    bar = tqdm(range(start, self.steps), initial=start, total=self.steps, desc=a.kind, dynamic_ncols=True,
                disable=not self.main)
     records = (self.out / a.samples_file).open("a") if a.samples_file and self.main else open(os.devnull, "w")
     done = start
@@ -235,9 +236,9 @@ class Loop:
             raise NonFinite(f"{t.max_nonfinite} non-finite steps in a row at step {done}: lower {a.lr_key} or "
                             f"check the data; {resume} (train.resume=none starts afresh)")
           self.cadence(state, done)
-          if t.max_minutes and time.monotonic() - t0 > 60 * t.max_minutes and done < a.steps:
+          if t.max_minutes and time.monotonic() - t0 > 60 * t.max_minutes and done < self.steps:
             self.save(state, done)
-            print(f"\nstopped after step {done} of {a.steps}: train.max_minutes={t.max_minutes} spent; "
+            print(f"\nstopped after step {done} of {self.steps}: train.max_minutes={t.max_minutes} spent; "
                   f"run the same command again to resume from {self.out / 'checkpoints'}", file=sys.stderr)
             return state, False
     except NonFinite:
@@ -247,21 +248,21 @@ class Loop:
       raise
     finally:
       bar.close()
-    if done < a.steps:  # the trainer's batches ran out first (GRPO's grpo.max_completions)
+    if done < self.steps:  # the trainer's batches ran out first (GRPO's grpo.max_completions)
       if done > self.saved_at:
         self.save(state, done)
-      print(f"the run's batches ran out after step {done} of {a.steps} (its sampling budget)")
+      print(f"the run's batches ran out after step {done} of {self.steps} (its sampling budget)")
     return state, True
 
   def cadence(self, state, done: int):
     """Held-out eval (the final one is the 'after' eval) and checkpoints at their intervals."""
     a = self.algo
-    if done % a.eval_every == 0 and done < a.steps:
+    if done % self.eval_every == 0 and done < self.steps:
       ev = a.held_out(state.lora, full=False)
       if ev:
         self.log.log(done, ev, "eval")
         self.ckpts.save_best(done, state, self.meta(done), ev)
-    if done % a.save_every == 0 or done == a.steps:
+    if done % self.save_every == 0 or done == self.steps:
       self.save(state, done)
 
   def meta(self, done: int) -> dict:

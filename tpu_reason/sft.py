@@ -86,18 +86,6 @@ class Trainer:
   def dtype(self):
     return jnp.dtype(self.cfg.model.dtype)
 
-  @property
-  def steps(self) -> int:
-    return self.cfg.train.max_steps
-
-  @property
-  def eval_every(self) -> int:
-    return self.cfg.train.eval_every
-
-  @property
-  def save_every(self) -> int:
-    return self.cfg.train.save_every
-
   def batches(self, start: int):
     t = self.cfg.train
     return loader.batches(self.train, t.batch_size, seed=t.seed, start_step=start)
@@ -174,12 +162,9 @@ def build(cfg: Config) -> Trainer:
   dtype = jnp.dtype(cfg.model.dtype)
   params = models.place_params(model.params, model.cfg, mesh, dtype)
   model.params = None  # the host copy is no longer needed: keep one copy of the weights
-  optimizer = make_optimizer(cfg.train.optim, cfg.train.max_steps)
-  step_fn, state_sh = jit_train_step(cfg, model.cfg, optimizer, mesh)
-  scale = lora_lib.scale(cfg.lora)
-  eval_fn = jax.jit(functools.partial(_eval_sums, cfg=model.cfg, lora_scale=scale, dtype=dtype,
-                                      chunk=cfg.model.vocab_chunk))
-  return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn, scale, state_sh)
+  optimizer, step_fn, eval_fn, state_sh = jitted(model.cfg, cfg, mesh)
+  return Trainer(cfg, out, model, schema, train, evals, params, mesh, optimizer, step_fn, eval_fn,
+                 lora_lib.scale(cfg.lora), state_sh)
 
 
 def pack_rows(examples: list, d, model) -> list:
@@ -201,14 +186,19 @@ def check_micro_batch(t: TrainCfg, fsdp: int):
                     f"fsdp mesh size {fsdp}")
 
 
-def jit_train_step(cfg: Config, model_cfg, optimizer, mesh):
-  """(jitted `_train_step`, TrainState of shardings) for `mesh`; also what `plan` compiles."""
+def jitted(model_cfg, cfg: Config, mesh):
+  """(optimizer, update step, held-out loss sums, state shardings) for this config and mesh; `plan` compiles the
+  step (the jitted `_train_step`)."""
+  dtype, scale = jnp.dtype(cfg.model.dtype), lora_lib.scale(cfg.lora)
+  optimizer = make_optimizer(cfg.train.optim, cfg.train.max_steps)
   state_sh = state_sharding(model_cfg, cfg, optimizer, mesh)
-  step = functools.partial(_train_step, cfg=model_cfg, optimizer=optimizer, lora_scale=lora_lib.scale(cfg.lora),
-                           dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, chunk=cfg.model.vocab_chunk,
-                           accum=cfg.train.grad_accum)
+  step = functools.partial(_train_step, cfg=model_cfg, optimizer=optimizer, lora_scale=scale, dtype=dtype,
+                           remat=cfg.model.remat, chunk=cfg.model.vocab_chunk, accum=cfg.train.grad_accum)
   # Pinning the output layout to the input layout keeps one compile per batch shape.
-  return jax.jit(step, donate_argnums=0, out_shardings=(state_sh, sharding_lib.replicated(mesh))), state_sh
+  step_fn = jax.jit(step, donate_argnums=0, out_shardings=(state_sh, sharding_lib.replicated(mesh)))
+  eval_fn = jax.jit(functools.partial(_eval_sums, cfg=model_cfg, lora_scale=scale, dtype=dtype,
+                                      chunk=cfg.model.vocab_chunk))
+  return optimizer, step_fn, eval_fn, state_sh
 
 
 def run(cfg: Config) -> dict:

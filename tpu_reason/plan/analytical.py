@@ -5,7 +5,7 @@ step), from abstract shapes only: no weights are loaded or allocated.
   LoRA gradients                 one adapter-sized tree (two when micro-batches accumulate)
   gathered layer                 FSDP all-gathers one layer's weights at a time
   activations                    what autodiff saves for the backward pass of the trainer's own
-                                 loss (`sft.loss`, `grpo.policy_loss`), traced with `jax.vjp` on
+                                 loss (`sft.loss`, `grpo.loss`), traced with `jax.vjp` on
                                  the rows one device holds, plus one layer's worth of working memory
                                  while that layer is recomputed and differentiated (the reference
                                  and old-policy log-probs are forward-only)
@@ -146,7 +146,7 @@ def sft_loss(model_cfg: ModelConfig, cfg: Config):
 
 def grpo_loss(model_cfg: ModelConfig, cfg: Config):
   """GRPO's policy loss(lora, params, micro_batch, remat=...) for these shapes."""
-  return functools.partial(grpo.policy_loss, cfg=model_cfg, g=cfg.grpo, lora_scale=lora_lib.scale(cfg.lora),
+  return functools.partial(grpo.loss, cfg=model_cfg, g=cfg.grpo, lora_scale=lora_lib.scale(cfg.lora),
                            dtype=jnp.dtype(cfg.model.dtype), chunk=cfg.model.vocab_chunk,
                            on_policy=grpo.updates_per_step(cfg.grpo) == 1)
 

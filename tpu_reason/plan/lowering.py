@@ -58,8 +58,7 @@ def abstract_state(model_cfg: ModelConfig, cfg: Config, optimizer, state_sh) -> 
 
 def lower_sft_step(cfg: Config, model_cfg: ModelConfig, mesh) -> jax.stages.Lowered:
   """`sft`'s jitted train step lowered on `mesh` for the recipe's batch shapes (abstract inputs)."""
-  optimizer = train_lib.make_optimizer(cfg.train.optim, cfg.train.max_steps)
-  step, state_sh = sft.jit_train_step(cfg, model_cfg, optimizer, mesh)
+  optimizer, step, _, state_sh = sft.jitted(model_cfg, cfg, mesh)
   state = abstract_state(model_cfg, cfg, optimizer, state_sh)
   params = base_params(model_cfg, jnp.dtype(cfg.model.dtype), mesh)
   batch = sft_batch(cfg)(cfg.train.batch_size, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
