@@ -7,6 +7,8 @@ math_verify and sympy (which `rewards` imports). Each implementing module dispat
 that its own table matches, its tuple; nothing else spells the names out.
 """
 
+import sys
+
 REMAT = ("none", "dots", "full")  # models.transformer.REMAT: what a layer keeps for its backward pass
 QUANT = ("none", "int8", "int4")  # models.quant.DTYPES (and "none": the compute dtype): base projection storage
 GRPO_LOSSES = ("grpo", "dapo", "dr_grpo")  # losses.aggregate: how token losses become the batch loss
@@ -22,3 +24,10 @@ REWARDS = ("format", "format_soft", "process", "outcome")  # rewards.REWARDS: wh
 # data.sources.LOADERS: what data.source may name
 SOURCES = ("teacher", "gsm8k", "s1k", "dolphin_r1", "dolphin-r1", "reasoning_gym", "jsonl", "parquet")
 SCHEMAS = ("reasoning", "think", "s1")  # tags.SCHEMAS: the tag schemas of data.schema
+
+
+def reward_names() -> tuple[str, ...]:
+  """What grpo.rewards may name: the built-in REWARDS and any reward a program registered in `rewards.REWARDS`
+  at run time (a program that registers one has imported `rewards`; reading a config never has to)."""
+  loaded = sys.modules.get("tpu_reason.rewards")
+  return REWARDS + tuple(n for n in (loaded.REWARDS if loaded else ()) if n not in REWARDS)

@@ -253,7 +253,7 @@ class GrpoCfg:
   group: int = 4  # completions per prompt (G)
   optim: OptimCfg = OptimCfg(lr=2e-4, warmup_steps=2)  # warmup in GRPO steps
   sampling: SamplingCfg = SamplingCfg(max_new_tokens=192, temperature=0.9, top_k=50)  # seed: the rollouts' keys
-  rewards: tuple[str, ...] = ("format", "process", "outcome")  # of choices.REWARDS (rewards.REWARDS)
+  rewards: tuple[str, ...] = ("format", "process", "outcome")  # of choices.reward_names()
   reward_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
   scale_rewards: str = "group"  # choices.ADVANTAGE_SCALES: group | batch | none (Dr. GRPO)
   std_ddof: int = 0  # the std of advantages and reward_std: 0 population, 1 sample (TRL's)
@@ -298,8 +298,8 @@ class GrpoCfg:
     _check(self.sampling.temperature > 0,
            "grpo.sampling.temperature must be > 0 (greedy samples of a group are identical)")
     _check(len(self.rewards) == len(self.reward_weights), "grpo.rewards and grpo.reward_weights must have the same length")
-    _check_choice("grpo.rewards", self.rewards, choices.REWARDS)
-    _check(bool(self.rewards), "grpo.rewards is empty: give at least one of " + ", ".join(choices.REWARDS))
+    _check_choice("grpo.rewards", self.rewards, choices.reward_names())
+    _check(bool(self.rewards), "grpo.rewards is empty: give at least one of " + ", ".join(choices.reward_names()))
     twice = sorted({r for r in self.rewards if self.rewards.count(r) > 1})
     _check(not twice, f"grpo.rewards names {', '.join(twice)} more than once: give each reward once, with its weight "
            "in grpo.reward_weights")
