@@ -94,6 +94,7 @@ def _assert_matches_reference(gen, params, cfg, tok, prompts, schema, budget, eo
     BudgetCfg(max_thinking_tokens=14, extend=3),
     BudgetCfg(extend=2, wait="CC"),  # forced tokens that spell the close never count as one
 ], ids=["cap", "extend", "cap+extend", "wait-contains-close"])
+@pytest.mark.slow
 def test_tiny_matches_the_reference(tiny, budget):
   gen = _generate(tiny, TINY, CharTok(), PROMPTS, 40, budget)
   _assert_matches_reference(gen, tiny, TINY, CharTok(), PROMPTS, CC, budget)

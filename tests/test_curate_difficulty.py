@@ -116,6 +116,7 @@ def test_verdicts_cull_what_any_baseline_solves_too_often(tmp_path):
   assert len(logs["m1"]) == 9  # all cached
 
 
+@pytest.mark.slow
 def test_model_solver_counts_hits_per_prompt_ignoring_filler_rows(monkeypatch):
   model = models.load("tiny-llama")
   records = _records(3)

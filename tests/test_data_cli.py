@@ -16,6 +16,7 @@ def _run(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_prints_report_and_marked_examples():
   out = _run("data.size=16", "data.eval_size=4", "data.max_prompt_tokens=256", "data.max_completion_tokens=512",
              "data.completion_buckets=[128,256,512]")

@@ -143,6 +143,7 @@ def test_eval_writes_metrics_and_samples(tmp_path, rows_file, capsys):
   assert "format_accuracy" in table and "pass@1" in table and "tiny-llama" in table
 
 
+@pytest.mark.slow
 def test_k_samples_share_one_prefill_per_prompt(tmp_path, rows_file, monkeypatch):
   calls = []
   real = sampler.generate
@@ -197,6 +198,7 @@ def test_repetition_guard_is_its_own_column(tmp_path, rows_file, capsys):
   assert ["tiny-llama", "tiny-llama+guard"] in [line.split() for line in lines]
 
 
+@pytest.mark.slow
 def test_budget_runs_plain_and_forced_side_by_side(tmp_path, rows_file, capsys):
   out = _run(tmp_path, rows_file, "budget.max_thinking_tokens=3", "budget.extend=1", "eval.batch_size=4",
                 "sampling.max_new_tokens=16")
@@ -289,6 +291,7 @@ def test_embedded_model_eval_greedy_matches_direct_generation(smollm2_tiny_batch
 # --------------------------------------------------------------------------- rows and models from the CLI
 
 
+@pytest.mark.slow
 def test_compare_three_models_in_one_table(tmp_path, rows_file, tiny_run, capsys):
   run_a, _ = tiny_run
   run_b, _ = write_run(tmp_path / "tiny-run-b", seed=1)

@@ -228,6 +228,7 @@ def test_rollouts_are_fresh_every_step_and_reproducible(trainer):
   np.testing.assert_allclose(a0.advantages_B.reshape(4, 4).sum(1), 0.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_truncated_completions_can_be_masked(trainer):
   tr = trainer
   state, batch = fresh_state(tr), first_batch(tr)
@@ -416,6 +417,7 @@ def test_run_writes_all_outputs(straight_run):
   assert len((out / "rollouts.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(trainer, straight_run, tmp_path, monkeypatch, capsys):
   out_a, _ = straight_run
   out = tmp_path / "run"
@@ -487,6 +489,7 @@ def dynamic_run(trainer, tmp_path_factory):
   return out, summary
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_keeps_informative_groups_and_counts_them(trainer, dynamic_run):
   out, summary = dynamic_run
   assert summary["last_step"] == 3
@@ -543,6 +546,7 @@ def test_dynamic_sampling_resumes_exactly(trainer, dynamic_run, tmp_path, monkey
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sampling_budget_ends_the_run_where_the_completions_run_out(trainer, tmp_path, monkeypatch):
   """grpo.max_completions = 5 prompt batches: however many a dynamic step draws, the run stops at 5, saves
   that step and evaluates it as a finished run."""

@@ -59,6 +59,7 @@ def test_golden_logits_match_transformers(embedded):
   np.testing.assert_allclose(out[:, :sample.shape[1]], sample, atol=GOLDEN_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embedded", EMBEDDED, indirect=True)
 def test_embedded_config_matches_param_shapes(embedded):
   want = {k: s for k, (s, _) in param_shapes(embedded.cfg).items()}

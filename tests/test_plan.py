@@ -94,6 +94,7 @@ def test_the_decode_copy_falls_back_to_the_training_layout_where_it_does_not_fit
   assert forced.decode_layout == "train" and not any("does not fit" in n for n in forced.notes)
 
 
+@pytest.mark.slow
 def test_abstract_bytes_equal_real_placement():
   """shard_shape's arithmetic is what device_put really puts on each of 8 devices."""
   cfg = tiny_cfg()
@@ -115,6 +116,7 @@ def test_residual_bytes_counts_new_buffers_not_inputs():
   assert plan.residual_bytes(lambda x, w: jnp.sum(x @ w), x, w) == 0
 
 
+@pytest.mark.slow
 def test_activations_grow_linearly_with_rows_and_remat_saves_memory():
   act = {}
   for remat in ("none", "dots", "full"):

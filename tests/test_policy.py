@@ -67,6 +67,7 @@ def test_place_shards_params_and_lora_by_the_table(tiny_run):
   _same(lora, pol.lora)
 
 
+@pytest.mark.slow
 def test_grpo_run_loads_on_top_of_its_init_run(tiny_run, tmp_path):
   """A GRPO run's adapter applies to the base with its init (SFT) run's best adapter merged in."""
   from tests.conftest import write_run

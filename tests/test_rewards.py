@@ -354,6 +354,7 @@ checkpoint = st.one_of(st.sampled_from(CHECKPOINTS), st.text(max_size=20))
 checkpoint_lists = st.one_of(st.none(), st.lists(checkpoint, max_size=5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REWARDS))
 @settings(max_examples=2000, deadline=None)
 @given(text=texts, gold=golds, checkpoints=checkpoint_lists, schema=st.sampled_from(sorted(SCHEMAS)))

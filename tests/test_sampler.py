@@ -36,6 +36,7 @@ def _greedy_reference(params, cfg, prompt, n):
   return seq[len(prompt):]
 
 
+@pytest.mark.slow
 def test_greedy_matches_full_forward_with_left_padding(tiny):
   prompts = [[5, 6, 7, 8, 9], [11, 12]]
   tokens, mask = sampler.left_pad(prompts, 8, 0)
@@ -53,6 +54,7 @@ def _teacher_forced_argmax(params, cfg, prompt, completion):
   return np.asarray(jnp.argmax(T.logits(params, cfg, h)[0], -1))[len(prompt) - 1:-1]
 
 
+@pytest.mark.slow
 def test_greedy_across_span_buckets_matches_teacher_forcing(tiny):
   """80 steps cross the 64-slot attention span bucket; the cache must stay exact across it."""
   prompts = [[5, 6, 7, 8, 9], [11, 12]]
@@ -64,6 +66,7 @@ def test_greedy_across_span_buckets_matches_teacher_forcing(tiny):
     np.testing.assert_array_equal(gen.tokens[i], _teacher_forced_argmax(tiny, TINY, p, gen.tokens[i]))
 
 
+@pytest.mark.slow
 def test_sharded_generate_matches_single_device(tiny):
   """Params split over a 2x4 mesh of fake devices: the same greedy tokens as on one device."""
   m = mesh.make_mesh(MeshCfg(fsdp=2, tp=4))
@@ -76,6 +79,7 @@ def test_sharded_generate_matches_single_device(tiny):
   np.testing.assert_array_equal(one.tokens, many.tokens)
 
 
+@pytest.mark.slow
 def test_rollout_rows_are_split_over_the_mesh(tiny):
   """Under the mesh each chip decodes its own rows: its KV caches hold only those, and the
   sampled tokens (greedy and at T=1) are the ones a single device draws."""
@@ -99,6 +103,7 @@ def test_rollout_rows_are_split_over_the_mesh(tiny):
   assert {sh.data.shape for sh in state.tokens.addressable_shards} == {(2, 10)}
 
 
+@pytest.mark.slow
 def test_group_samples_share_prompt_but_differ(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7], [8, 9]], 4, 0)
   s = SamplingCfg(max_new_tokens=16, temperature=1.0)
@@ -190,6 +195,7 @@ def test_no_recompile_across_calls(tiny):
   assert (sampler.prefill._cache_size(), sampler.start._cache_size(), sampler.decode._cache_size()) == sizes
 
 
+@pytest.mark.slow
 def test_real_model_answers_coherently():
   m = models.load("smollm2-135m")
   params = jax.tree.map(jnp.asarray, m.params)

@@ -160,6 +160,7 @@ def first_bucket(compile_history):
   return compile_history[0][0]
 
 
+@pytest.mark.slow
 def test_step_cache_stops_growing_once_every_bucket_was_stepped(compile_history):
   history = compile_history
   assert {b for b, _, _ in history[:4]} == {32, 64}
@@ -245,6 +246,7 @@ def test_non_finite_step_is_skipped_and_counted(trainer, first_bucket):
   assert tree_equal(host(state.opt_state), host(ref.opt_state))
 
 
+@pytest.mark.slow
 def test_sharded_steps_agree(trainer, first_bucket):
   """One step on meshes (8,1), (2,4) and (1,1): same loss, grad norm and updated adapters."""
   tr = trainer
@@ -338,6 +340,7 @@ def straight_run(trainer, compile_history, tmp_path_factory):
   return cfg, out, summary
 
 
+@pytest.mark.slow
 def test_run_writes_all_outputs(trainer, straight_run):
   cfg, out, summary = straight_run
   assert config_io.load(Config, out / "config.yaml") == cfg
@@ -385,6 +388,7 @@ def test_run_writes_all_outputs(trainer, straight_run):
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]  # 4 steps do learn something
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(trainer, straight_run, tmp_path, monkeypatch, capsys):
   cfg_a, out_a, _ = straight_run
   out = tmp_path / "run"
@@ -444,6 +448,7 @@ def test_run_stops_after_max_nonfinite_steps_on_its_last_checkpoint(trainer, com
   assert all(np.all(np.asarray(x) == 0) for n, x in flatten(state.lora).items() if n.endswith("/b"))
 
 
+@pytest.mark.slow
 def test_session_budget_stops_with_a_checkpoint_and_resumes(trainer, straight_run, tmp_path, monkeypatch, capsys):
   _, out_a, _ = straight_run
   out = tmp_path / "run"

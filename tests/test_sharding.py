@@ -88,6 +88,7 @@ def mesh_4x2():
   return mesh_lib.make_mesh(config.MeshCfg(fsdp=FSDP, tp=2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["sft", "grpo"])
 def test_each_chip_computes_only_its_rows(mesh_4x2, phase):
   cfg = recipe()
