@@ -80,7 +80,7 @@ def test_cli_runs_a_packaged_recipe_from_the_installed_wheel(wheel, tmp_path):
   def run(*args):
     return subprocess.run([sys.executable, *args], cwd=elsewhere, env=_env(site), capture_output=True, text=True)
 
-  where = run("-c", "import tpu_reason, tpu_reason.config as c; print(tpu_reason.__file__); print(c.RECIPES)")
+  where = run("-c", "import tpu_reason, tpu_reason.config_io as c; print(tpu_reason.__file__); print(c.RECIPES)")
   assert where.stdout.split() == [str(site / "tpu_reason" / "__init__.py"), str(site / "tpu_reason" / "recipes")]
   listed = run("-m", "tpu_reason.sft", "--list-recipes")
   assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == RECIPES
