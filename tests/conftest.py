@@ -9,9 +9,21 @@ import os
 # libtpu is installed for the TPU compiler (plan --tpu compiles for compile-only chips); the tests
 # themselves run on CPU devices, without probing for a TPU in every process
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# 8 fake devices; and no LLVM optimisation passes: the tests' programs are tiny or matmul-bound (dots
+# call the runtime's optimised kernels either way), so compiling is their cost and this halves it
+QUICK_XLA = "--xla_backend_optimization_level=0"
+for _flag in ("--xla_force_host_platform_device_count=8", QUICK_XLA):
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# One compilation cache for the whole session, subprocesses (CLI runs, xdist workers) included: many tests
+# build the same tiny trainer, and each would otherwise compile the same programs again. A fresh folder
+# per session, so nothing compiled by another version is ever reused.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpu_reason_tests_xla_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -38,6 +50,12 @@ TINY = {"llama": TINY_LLAMA, "gemma3": TINY_GEMMA3}
 # jit options for tiny models: they run in microseconds, so compiling is the whole cost,
 # and skipping LLVM's optimisation passes halves it (numerics are unchanged: no fast-math).
 TINY_JIT = {"xla_backend_optimization_level": 0}
+
+
+def one_device_env(**extra: str) -> dict[str, str]:
+  """A child process's environment: one CPU device, as a user has (still compiled without LLVM passes)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return {**env, "XLA_FLAGS": QUICK_XLA, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def tiny_params(cfg: ModelConfig, seed: int = 0):

@@ -3,13 +3,13 @@
 
 import dataclasses
 import io
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.conftest import one_device_env
 from tpu_reason import chat, config_io, tags
 from tpu_reason.config import Config
 from tpu_reason.sampling import sampler
@@ -115,7 +115,7 @@ def test_run_dir_chats_with_its_lora(tiny_run):
 
 
 def test_cli_reads_piped_stdin():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user runs it
+  env = one_device_env()
   p = subprocess.run([sys.executable, "-m", "tpu_reason.chat", "--model", "tiny-llama", "--max-new-tokens", "5",
                       "--hide-thoughts"], input="What is 2+3?\n", capture_output=True, text=True, env=env,
                      timeout=600)

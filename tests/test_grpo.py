@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import one_device_env
 from tests.test_sft import host, write_rows
 from tpu_reason import (checkpoint, config, config_io, grpo, lora as lora_lib, loop, losses, rewards, runs, sft,
                         train as train_lib)
@@ -599,8 +600,7 @@ def test_dynamic_sampling_killed_with_sigkill_resumes_exactly(trainer, data_path
   driver = tmp_path / "driver.py"
   driver.write_text(KILL_DRIVER)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  env = one_device_env(PYTHONPATH=root)
 
   def launch(out, **extra):
     args = cfg_args(out, data_path, "grpo.steps=3", "grpo.dynamic_sampling=true", "grpo.max_resample_rounds=2",

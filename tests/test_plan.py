@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tests.conftest import TINY_LLAMA, tiny_params
+from tests.conftest import QUICK_XLA, TINY_LLAMA, tiny_params
 from tpu_reason import config_io, lora as lora_lib, mesh as mesh_lib, plan, sharding as sharding_lib
 from tpu_reason.config import Config
 from tpu_reason.data.batch import PackedBatch
@@ -172,7 +172,7 @@ def test_cli_exit_status_and_errors():
   proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "--devices", "zero")
   assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
       "error: --devices must be a positive int, got 'zero'"]
-  proc = _cli("--devices", "3", XLA_FLAGS="")  # the default recipe's batches do not divide over 3: one error line
+  proc = _cli("--devices", "3", XLA_FLAGS=QUICK_XLA)  # the default recipe's batches do not divide over 3: one error line
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1:] == [
       "error: mesh error on 3 device(s): SFT micro-batch train.batch_size/grad_accum=4 must be a multiple of the fsdp "
       "mesh size 3; GRPO grpo.micro_batch * grpo.group = 4 rows must be a multiple of the fsdp mesh size 3"], proc.stderr
@@ -183,7 +183,7 @@ def test_cli_exit_status_and_errors():
 def test_cli_compiles_on_fake_devices():
   """The whole --devices path in a fresh process: 8 fake devices, stand-in compile, XLA's opinion."""
   proc = _cli("--config", "gemma3-1b-it-v5e8.yaml", "model.spec=tiny-llama", "--devices", "8",
-              XLA_FLAGS="")
+              XLA_FLAGS=QUICK_XLA)
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   assert "compile check: SFT train step on 8 CPU devices, tiny llama stand-in, batch 16 x (256+512) tokens: OK" in out

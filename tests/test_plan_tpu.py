@@ -117,6 +117,7 @@ def test_bad_tpu_name_is_one_error_line():
 
 
 @needs_libtpu
+@pytest.mark.serial  # no other test may take or release libtpu's lock while this one holds it
 def test_libtpu_held_by_another_process_is_a_one_line_error():
   env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
   # holds libtpu until stdin closes (if another jax program already does, that one holds it)

@@ -4,7 +4,6 @@ Each case is a user mistake or a damaged file that once ended in a traceback (or
 success); every call is a subprocess, as a user would run it.
 """
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import sys
 
 import pytest
 
+from tests.conftest import one_device_env
 from tpu_reason import models
 
 pytestmark = pytest.mark.slow  # the CLIs as subprocesses
@@ -21,9 +21,8 @@ TINY_SFT = ["model.spec=tiny-llama", "data.size=16", "data.eval_size=0", "train.
 
 
 def run_cli(module: str, *args: str, cwd: pathlib.Path, **env: str) -> subprocess.CompletedProcess:
-  base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
   return subprocess.run([sys.executable, "-m", f"tpu_reason.{module}", *args], cwd=cwd, text=True,
-                        capture_output=True, timeout=600, env={**base, "JAX_PLATFORMS": "cpu", **env})
+                        capture_output=True, timeout=600, env=one_device_env(**env))
 
 
 def one_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

@@ -8,7 +8,6 @@ cases run one after another in one process, each on its own copy of the run it m
 
 import hashlib
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import write_run
+from tests.conftest import one_device_env, write_run
 from tests.test_reliability import TINY_SFT, one_error
 
 pytestmark = pytest.mark.slow  # the CLIs as subprocesses
@@ -222,9 +221,8 @@ def refused(world):
   before = {name: [digest(p) for p in c[2]] for name, c in cases.items()}
   cwd = world / "cwd"
   cwd.mkdir()
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
   proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps([c[:2] for c in cases.values()]), cwd=cwd,
-                        text=True, capture_output=True, timeout=600, env={**env, "JAX_PLATFORMS": "cpu"})
+                        text=True, capture_output=True, timeout=600, env=one_device_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = [subprocess.CompletedProcess(c[1], **r) for c, r in zip(cases.values(), json.loads(proc.stdout.splitlines()[-1]))]
   return {name: (r, before[name], [digest(p) for p in c[2]], c) for r, (name, c) in zip(results, cases.items())}

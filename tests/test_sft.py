@@ -283,10 +283,12 @@ def test_sharded_steps_agree(trainer, first_bucket):
     l, g, u = results[mesh_shape]
     assert l == pytest.approx(loss, rel=1e-5), mesh_shape
     assert g == pytest.approx(gnorm, rel=1e-5), mesh_shape
-    # Adam's first update is ~lr * sign(grad): entries with a near-zero gradient amplify
-    # reduction-order noise, hence an absolute tolerance of 1% of lr
-    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(upd)):
-      np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * tr.cfg.train.optim.lr, err_msg=str(mesh_shape))
+    # Adam's first update is lr * g / (|g| + eps): an entry whose gradient is within a few eps of zero turns
+    # reduction-order noise into a visible change (up to 2 lr on a sign flip). Every entry agrees to 1% of lr
+    # but at most 1 in 1000 of them, and those by no more than a sign flip.
+    lr = tr.cfg.train.optim.lr
+    diff = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(upd))])
+    assert (diff > 1e-2 * lr).mean() <= 1e-3 and diff.max() <= 2 * lr * (1 + 1e-3), (mesh_shape, diff.max())
 
 
 # --------------------------------------------------------------------------- run(): outputs, resume
