@@ -326,7 +326,8 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
     return float(fn(state.lora, tr.params, tr.place(mb))[0])
 
   narrow_loss = loss_at(narrow)
-  assert narrow_loss != 0.0 and loss_at(wide) == pytest.approx(narrow_loss, rel=1e-5)
+  # the loss is a small difference of O(1) terms (advantages ±1): f32 round-off is absolute, ~1e-7 per term
+  assert narrow_loss != 0.0 and loss_at(wide) == pytest.approx(narrow_loss, rel=1e-5, abs=1e-6)
 
 
 def test_overlong_penalty_and_normalize_each_in_the_rollout(trainer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,9 @@ class Checkpoints:
     if step not in saved:
       raise UserError(f"no checkpoint at step {step} in {where.parent} (saved steps: {saved or 'none'})")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    try:
+    with _unreadable(where, f"; train.resume=none starts afresh, train.resume=<step> picks another of {saved}"):
       out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                       meta=ocp.args.JsonRestore()))
-    except Exception as e:  # a corrupt or half-copied step: orbax/tensorstore raise many kinds
-      _settle_reads()
-      raise UserError(f"{where}: checkpoint unreadable ({first_line(e)}); train.resume=none starts afresh, "
-                      f"train.resume=<step> picks another of {saved}") from None
     return out["state"], out["meta"]
 
   def close(self):
@@ -78,11 +75,22 @@ class Checkpoints:
         m.close()
 
 
-def _settle_reads(seconds: float = 1.0):
-  """Wait out the reads a failed restore left in flight, muted: each one's callback finds orbax's
-  event loop closed and would print a stray 'Event loop is closed' traceback after our error."""
-  with contextlib.redirect_stderr(io.StringIO()):
-    time.sleep(seconds)
+@contextlib.contextmanager
+def _unreadable(where: str, hint: str = ""):
+  """Read a checkpoint; a failure of any kind (orbax and tensorstore raise many) is one line naming `where`.
+
+  A failed read leaves others in flight, whose callbacks find orbax's event loop already closed and print a
+  stray 'Event loop is closed' traceback, during the read or just after it: stderr is held while reading
+  (written out as it was when the read succeeds) and muted a moment longer when it fails."""
+  held = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(held):
+      yield
+  except Exception as e:
+    with contextlib.redirect_stderr(io.StringIO()):
+      time.sleep(1.0)
+    raise UserError(f"{where}: checkpoint unreadable ({first_line(e)}){hint}") from None
+  sys.stderr.write(held.getvalue())
 
 
 def _steps(manager_dir: Path) -> list[int]:
@@ -121,11 +129,8 @@ def lora_metadata(step_dir: Path) -> dict:
   """The saved state's tree metadata (shapes, no arrays) of one step, checked to hold a LoRA: a cheap check of a
   checkpoint before a model loads; a damaged or foreign step is one line."""
   step_dir = Path(step_dir).absolute()
-  try:
+  with _unreadable(str(step_dir)):  # a damaged or foreign step: its metadata does not read
     saved = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
-  except Exception as e:  # a damaged or foreign step: its metadata does not read
-    _settle_reads()
-    raise UserError(f"{step_dir}: checkpoint unreadable ({first_line(e)})") from None
   if not isinstance(saved, dict) or "lora" not in saved:
     raise UserError(f"{step_dir}: the saved state has no 'lora' entry")
   return saved
@@ -138,11 +143,8 @@ def restore_lora(step_dir: Path) -> tuple[Any, dict]:
   # Only the adapters, as numpy: no optimizer state, and no saved device layout to match.
   item = {"lora": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["lora"])}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  try:
+  with _unreadable(str(step_dir)):
     state = ocp.PyTreeCheckpointer().restore(
         step_dir / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
-  except Exception as e:
-    _settle_reads()
-    raise UserError(f"{step_dir}: checkpoint unreadable ({first_line(e)})") from None
   return state["lora"], meta

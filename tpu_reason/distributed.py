@@ -62,6 +62,13 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str):
+  """Every process waits here for the others (a no-op with one process): e.g. all have checked an output
+  directory before the main process writes into it, so none reads it half-written."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def to_host(tree):
   """Whole numpy arrays on every process, gathered across hosts when an array spans several."""
   def one(x):

@@ -78,6 +78,7 @@ def run(cfg: Config, build: Callable[[Config], Algorithm], kind: str = "") -> di
   runs.check_output_dir(algo.out, algo.cfg, algo.kind)
   check_model(algo.cfg, algo.model.cfg.vocab_size)
   fresh = not algo.out.exists()
+  distributed.barrier("output_dir checked")  # before the main process writes into it
   try:
     with jax.set_mesh(algo.mesh):  # activations take their layout from the mesh (sharding.constrain)
       return Loop(algo).run()
