@@ -8,7 +8,7 @@
 # `serial` (several processes that must meet within a deadline, libtpu's lock) run afterwards, alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-workers=(-n "${TEST_WORKERS:-2}" --dist loadfile)
+workers=(-n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)  # heavy files first: conftest
 if [[ "${1:-}" == "--fast" ]]; then
   shift
   exec python -m pytest tests -p no:cacheprovider "${workers[@]}" -m "not slow" "$@"

@@ -9,12 +9,13 @@ import os
 # libtpu is installed for the TPU compiler (plan --tpu compiles for compile-only chips); the tests
 # themselves run on CPU devices, without probing for a TPU in every process
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# 8 fake devices; and no LLVM optimisation passes: the tests' programs are tiny or matmul-bound (dots
-# call the runtime's optimised kernels either way), so compiling is their cost and this halves it
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# No LLVM optimisation passes: halves compiling, the whole cost of a tiny model's program, but makes a real
+# model's elementwise work several times slower (test_budget's SmolLM2 run: 84 s against 46 s). So only for
+# tiny-model child processes (`one_device_env`) and jits of tiny models (`TINY_JIT`).
 QUICK_XLA = "--xla_backend_optimization_level=0"
-for _flag in ("--xla_force_host_platform_device_count=8", QUICK_XLA):
-  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 # One compilation cache for the whole session, subprocesses (CLI runs, xdist workers) included: many tests
 # build the same tiny trainer, and each would otherwise compile the same programs again. A fresh folder
 # per session, so nothing compiled by another version is ever reused.
@@ -52,10 +53,11 @@ TINY = {"llama": TINY_LLAMA, "gemma3": TINY_GEMMA3}
 TINY_JIT = {"xla_backend_optimization_level": 0}
 
 
-def one_device_env(**extra: str) -> dict[str, str]:
-  """A child process's environment: one CPU device, as a user has (still compiled without LLVM passes)."""
+def one_device_env(quick: bool = True, **extra: str) -> dict[str, str]:
+  """A child process's environment: one CPU device, as a user has; `quick` (for tiny models) compiles
+  without LLVM's passes."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return {**env, "XLA_FLAGS": QUICK_XLA, "JAX_PLATFORMS": "cpu", **extra}
+  return {**env, "XLA_FLAGS": QUICK_XLA if quick else "", "JAX_PLATFORMS": "cpu", **extra}
 
 
 def tiny_params(cfg: ModelConfig, seed: int = 0):
@@ -75,6 +77,19 @@ def tiny_params(cfg: ModelConfig, seed: int = 0):
         fan_in = shape[1] * shape[2]
       flat[name] = rng.standard_normal(shape) / np.sqrt(fan_in)
   return unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+# Files whose tests take minutes (worker-seconds of a full run, 2026-12-07), collected first: with two
+# workers (scripts/test.sh: --dist loadfile --no-loadscope-reorder) they start at once, and the many short
+# files fill the gaps, instead of a long file being the last one left running.
+HEAVY_FIRST = ("test_notebook.py", "test_plan_tpu.py", "test_grpo.py", "test_eval.py", "test_sft.py",
+               "test_reliability.py", "test_export.py", "test_plan.py", "test_precision.py", "test_sampler.py",
+               "test_budget.py", "test_quant.py", "test_add_tokens.py", "test_curate_pipeline.py", "test_safety.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(params=sorted(TINY), ids=lambda name: f"tiny-{name}")

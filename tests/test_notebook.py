@@ -13,7 +13,7 @@ import papermill
 import pytest
 import yaml
 
-from tests.conftest import QUICK_XLA, one_device_env
+from tests.conftest import one_device_env
 
 pytestmark = pytest.mark.slow  # builds and installs the wheel, runs the notebook
 
@@ -42,7 +42,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def _env(site: Path) -> dict:
   """A child's environment: tpu_reason from `site` (the venv only supplies the dependencies), one CPU device."""
-  return one_device_env(PYTHONPATH=str(site))
+  return one_device_env(quick=False, PYTHONPATH=str(site))  # the embedded SmolLM2: optimised code
 
 
 def _outputs(nb) -> str:
@@ -101,7 +101,7 @@ def test_notebook_installs_the_wheel_and_runs_sft_grpo_eval_export(wheel, tmp_pa
   site.mkdir()  # empty and on the kernel's path: the install cell puts tpu_reason there
   monkeypatch.setenv("PYTHONPATH", str(site))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # no probing for a TPU (the test extra installs libtpu)
-  monkeypatch.setenv("XLA_FLAGS", QUICK_XLA)  # the kernel gets one CPU device, as a user's would
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel gets one CPU device, as a user's would
   parameters = {**CPU_PARAMETERS, "SOURCE": str(wheel), "PIP_OPTIONS": ["--no-deps", "--target", str(site)],
                 "WORK_DIR": str(work)}
   papermill.execute_notebook(str(NOTEBOOK), str(out), parameters=parameters, kernel_name="python3",
