@@ -12,4 +12,4 @@ from tpu_reason.plan.analytical import (GIB, Phase, Plan, abstract_batch, activa
 from tpu_reason.plan.cli import main, n_devices, run  # noqa: F401
 from tpu_reason.plan.lowering import lower_all, lower_sft_step, stand_in, xla_bytes  # noqa: F401
 from tpu_reason.plan.tpu import (TIME_HEAD, TPU_HEAD, TPUS, V5E_HBM_GIB, Compiled, all_gathers,  # noqa: F401
-                                 refusal, run_tpu, tpu_devices)
+                                 chosen_programs, refusal, run_tpu, tpu_devices)

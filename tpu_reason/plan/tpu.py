@@ -36,6 +36,20 @@ DECODE_LOOP = hlo_cost.DECODE_LOOP  # its trip count is data dependent: a run's 
 # each program beside the analytical phase that covers it (the log-prob pass has none)
 PLAN_PHASE = {"SFT step": "SFT step", "GRPO merge": "GRPO rollout", "GRPO prefill": "GRPO rollout",
               "GRPO decode": "GRPO rollout", "GRPO update": "GRPO train"}
+# `--programs` names each program by one word (the SFT step's compile takes about a third of the whole)
+PROGRAM_KEYS = {"sft": "SFT step", "merge": "GRPO merge", "prefill": "GRPO prefill", "decode": "GRPO decode",
+                "log-probs": "GRPO log-probs", "update": "GRPO update"}
+
+
+def chosen_programs(keys: str | None) -> tuple[str, ...] | None:
+  """`--programs sft,decode` -> the programs' names (None: every program); an unknown key is a UserError."""
+  if keys is None:
+    return None
+  asked = [k.strip() for k in keys.split(",") if k.strip()]
+  unknown = [k for k in asked if k not in PROGRAM_KEYS]
+  if unknown or not asked:
+    raise UserError(f"--programs takes a comma-separated list of {', '.join(PROGRAM_KEYS)}, got {keys!r}")
+  return tuple(PROGRAM_KEYS[k] for k in asked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +264,9 @@ def time_report(cfg: Config, model_cfg: ModelConfig, mesh, p: Plan, results: lis
 
 
 def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model: bool = False,
-            out=sys.stdout) -> bool:
-  """Print the plan, then compile every program for the TPU slice `tpu`; whether all of them fit."""
+            out=sys.stdout, programs: tuple[str, ...] | None = None) -> bool:
+  """Print the plan, then compile every program (or those named in `programs`) for the TPU slice `tpu`;
+  whether all of them fit."""
   chips = tpu_devices(tpu)
   model_cfg = models.config_for(cfg.model)
   model_cfg = stand_in(model_cfg) if stand_in_model else model_cfg
@@ -266,6 +281,8 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
         f"{hbm_gib:g} GiB usable per chip\n{TPU_HEAD}", file=out, flush=True)
   results, trips = [], {DECODE_LOOP: cfg.grpo.sampling.max_new_tokens}  # a whole rollout: no row stops early
   for name, lowered in lower_all(cfg, model_cfg, mesh, p.decode_layout).items():
+    if programs is not None and name not in programs:
+      continue
     results.append(compile_tpu(name, lowered, options, trips))
     print(tpu_row(results[-1], p), file=out, flush=True)
   fits, line = tpu_verdict(tpu, results, p)
