@@ -100,6 +100,7 @@ def test_tiny_matches_the_reference(tiny, budget):
   _assert_matches_reference(gen, tiny, TINY, CharTok(), PROMPTS, CC, budget)
 
 
+@pytest.mark.slow
 def test_cap_forces_the_answer_start_exactly_at_the_cap(tiny):
   free = _generate(tiny, TINY, CharTok(), PROMPTS, 30)
   assert free.thinking_tokens.tolist() == [30, 3, 1]
@@ -113,6 +114,7 @@ def test_cap_forces_the_answer_start_exactly_at_the_cap(tiny):
   assert not gen.unclosed.any() and gen.extensions.tolist() == [0, 0, 0]
 
 
+@pytest.mark.slow
 def test_wait_replaces_each_close_and_other_rows_stay_bit_identical(tiny):
   free = _generate(tiny, TINY, CharTok(), PROMPTS, 40)
   assert free.unclosed.tolist() == [True, False, False]
@@ -142,6 +144,7 @@ def test_streamed_text_only_grows(tiny):
     assert all(a.startswith(b) for b, a in zip(before, after))
 
 
+@pytest.mark.slow
 def test_zero_budget_changes_nothing(tiny):
   plain = _generate(tiny, TINY, CharTok(), PROMPTS, 24, schema=None)
   assert plain.thinking_tokens is None
@@ -169,6 +172,7 @@ def test_budget_needs_a_schema(tiny):
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
+@pytest.mark.slow
 def test_cap_for_every_schema(tiny, name):
   schema = SCHEMAS[name]
   gen = _generate(tiny, TINY, CharTok(), PROMPTS, 40, BudgetCfg(max_thinking_tokens=4), schema=schema)
@@ -228,6 +232,7 @@ def _guard_reference(params, cfg, prompt, max_new, close, force, guard: BudgetCf
 @pytest.mark.parametrize("guard", [BudgetCfg(repeat_ngram=2, repeat_times=3, repeat_window=12),
                                    BudgetCfg(repeat_ngram=3, repeat_times=2, repeat_window=256)],
                          ids=["2x3-in-12", "3x2-in-256"])
+@pytest.mark.slow
 def test_repetition_guard_closes_a_loop_and_leaves_the_rest(tiny, guard):
   free = _generate(tiny, TINY, CharTok(), PROMPTS, 40)
   assert free.unclosed.tolist() == [True, False, False]  # row 0 loops on to the cap

@@ -296,6 +296,7 @@ def _args(data, out, url, *extra):
           "distill.backoff=0.01", *extra]
 
 
+@pytest.mark.slow
 def test_wrong_key_stops_with_one_line_that_hides_it(tmp_path):
   teacher = FakeTeacher()
   try:
@@ -343,6 +344,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
   assert f"kept {n - len(first)} new rows, dropped 0 ({len(first)} of {n} questions were already done)" in stdout
 
 
+@pytest.mark.slow
 def test_nothing_kept_exits_nonzero_with_one_line(tmp_path):
   with socket.socket() as s:  # a port nobody listens on: every request is refused
     s.bind(("127.0.0.1", 0))

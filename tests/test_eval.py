@@ -164,6 +164,7 @@ def test_k_samples_share_one_prefill_per_prompt(tmp_path, rows_file, monkeypatch
   assert len({s["completion"] for s in samples[:3]}) > 1  # sampled, not copies
 
 
+@pytest.mark.slow
 def test_equal_batches_cover_every_row_once(tmp_path, rows_file, monkeypatch):
   sizes = []
   real = sampler.generate
@@ -173,6 +174,7 @@ def test_equal_batches_cover_every_row_once(tmp_path, rows_file, monkeypatch):
   assert len(_samples(out / "samples.jsonl")) == 4
 
 
+@pytest.mark.slow
 def test_redact_thoughts_keeps_answers_and_lengths_only(tmp_path, rows_file):
   plain = _samples(_run(tmp_path / "a", rows_file) / "samples.jsonl")
   redacted = _samples(_run(tmp_path / "b", rows_file, "redact_thoughts=true") / "samples.jsonl")
@@ -219,6 +221,7 @@ def test_budget_runs_plain_and_forced_side_by_side(tmp_path, rows_file, capsys):
   assert ["tiny-llama", "tiny-llama+budget"] in [line.split() for line in lines]
 
 
+@pytest.mark.slow
 def test_compare_base_and_run_in_one_table(tmp_path, rows_file, tiny_run, capsys):
   run, _ = tiny_run
   out = _run(tmp_path, rows_file, model=("--compare", "tiny-llama", str(run)))
@@ -251,6 +254,7 @@ def test_bad_input_is_one_error_line(tmp_path, rows_file, args, message, capsys)
   assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_generate_and_score_keeps_sft_contract(smollm2_tiny_batch):
   model, params, examples = smollm2_tiny_batch
   scores, texts = scoring.generate_and_score(model, params, examples, REASONING, max_new_tokens=4)
@@ -362,6 +366,7 @@ def test_a_file_source_with_nothing_held_out_is_one_error_line(tmp_path, capsys)
   assert e.value.code == 2 and err.startswith("error: no rows to evaluate") and "--data" in err and "\n" not in err
 
 
+@pytest.mark.slow
 def test_eval_on_a_file_source_never_sees_a_training_row(tmp_path, leaky_file, capsys):
   overrides = ["data.source=teacher", f"data.path={leaky_file}", "data.eval_size=4", "data.size=100"]
   cfg = config_io.load(Config, None, overrides)

@@ -271,6 +271,7 @@ def test_reference_is_the_adapter_off_without_a_weight_copy(trainer):
   assert int(state.step) == grpo.updates_per_step(tr.cfg.grpo) == 1
 
 
+@pytest.mark.slow
 def test_trim_prompts_keeps_every_prompt_token(trainer):
   batch = first_batch(trainer)
   pad = lambda x: np.pad(x, ((0, 0), (40, 0)))  # noqa: E731
@@ -285,6 +286,7 @@ def test_trim_prompts_keeps_every_prompt_token(trainer):
   assert trimmed.answer == batch.answer
 
 
+@pytest.mark.slow
 def test_logprobs_do_not_depend_on_padding_width(trainer):
   """Trimmed batches score exactly like padded ones: the rollout may cut padding columns."""
   tr = trainer
@@ -330,6 +332,7 @@ def test_policy_loss_does_not_depend_on_padding_width(trainer, loss, level):
   assert narrow_loss != 0.0 and loss_at(wide) == pytest.approx(narrow_loss, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_overlong_penalty_and_normalize_each_in_the_rollout(trainer):
   tr = trainer
   state, batch = fresh_state(tr), first_batch(tr)
@@ -352,6 +355,7 @@ def test_rollouts_record_keeps_the_reasoning_only_by_length_when_redacted(traine
   assert line == trainer.schema.redact(text) and "4 + 4" not in line and "chars of reasoning redacted" in line
 
 
+@pytest.mark.slow
 def test_reference_logprobs_equal_the_base_model(trainer):
   tr = trainer
   arrays, _, _ = tr.rollout(fresh_state(tr).lora, first_batch(tr), 0)
@@ -707,6 +711,7 @@ def test_init_merges_the_sft_adapter(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_cli_bad_init_is_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "tpu_reason.grpo", f"grpo.init={tmp_path / 'nope'}"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -53,6 +53,7 @@ def smol(smollm2):
 # --------------------------------------------------------------------------- real weights
 
 
+@pytest.mark.slow
 def test_fresh_adapter_is_the_base_model(smol):
   m, lcfg, adapters, tokens, base = smol
   assert all(np.all(np.asarray(x) == 0) for n, x in flatten(adapters).items() if n.endswith("/b"))
@@ -71,6 +72,7 @@ def test_fresh_adapter_a_is_scaled_by_fan_in(smol):
   assert not np.allclose(a[0], a[1])
 
 
+@pytest.mark.slow
 def test_nonzero_b_changes_logits_and_merge_matches(smol):
   m, lcfg, adapters, tokens, base = smol
   trained = randomize_b(adapters)
@@ -165,6 +167,7 @@ def test_merge_equals_adapter_forward_tiny(tiny):
   jax.tree.map(np.testing.assert_array_equal, params, before)
 
 
+@pytest.mark.slow
 def test_merge_with_qkv_bias():
   cfg = dataclasses.replace(TINY_LLAMA, family="qwen2", qkv_bias=True)
   params = tiny_params(cfg)
@@ -191,6 +194,7 @@ def _batch(cfg, seed):
   return tuple(jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)), jnp.int32) for _ in range(2))
 
 
+@pytest.mark.slow
 def test_gradients_flow_to_adapters_only(tiny):
   cfg, params = tiny
   adapters = lora.init(cfg, LoraCfg(rank=4, alpha=8.0), key(5))

@@ -75,6 +75,7 @@ def test_token_logprobs_matches_full_log_softmax(random_problem, chunk, softcap,
 
 @pytest.mark.parametrize("chunk", [8, 37])
 @pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (2.5, 1.6)], ids=["plain", "softcap+temperature"])
+@pytest.mark.slow
 def test_token_logprobs_gradients_match(random_problem, chunk, softcap, temperature):
   h, w, targets, weights = random_problem
 
@@ -152,6 +153,7 @@ def _batch(rows, p, c, pad):
 
 
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
+@pytest.mark.slow
 def test_completion_logprobs_match_unpadded_full_vocab_logits(tiny_llama, with_lora):
   cfg, params = tiny_llama
   lora, scale = _randomize_lora(cfg) if with_lora else (None, 1.0)

@@ -169,6 +169,7 @@ def smol_batch(smollm2):
 
 
 @pytest.mark.parametrize("fsdp,tp", MESHES)
+@pytest.mark.slow
 def test_sharded_forward_matches_single_device_smollm2(smollm2, smol_batch, fsdp, tp):
   cfg = smollm2.cfg
   tokens, ref_hidden, ref_logits = smol_batch

@@ -103,6 +103,7 @@ def _positions(valid):
   return jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
 
 
+@pytest.mark.slow
 def test_prefill_then_continue_equals_full_forward(tiny):
   cfg, params = tiny  # T=12 > 2 * the gemma3 window of 4: the window matters here
   tokens = _tokens(cfg, B, T)
@@ -149,6 +150,7 @@ def test_left_padding_is_invisible(tiny):
   np.testing.assert_allclose(h2, full[:, P:], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_group_cache_row_is_shared_by_consecutive_query_rows(tiny):
   """KVCache(..., group=2): prompt i is stored once and read by query rows 2i and 2i+1."""
   cfg, params = tiny
@@ -474,6 +476,7 @@ def test_smollm2_end_of_turn_is_eos(smollm2):
   assert smollm2.encode(prompt).count(ids[0]) == prompt.count("<|im_end|>")
 
 
+@pytest.mark.slow
 def test_gemma3_tokenizer(gemma3):
   tok = gemma3.tokenizer
   eot = tok.encode("<end_of_turn>", add_special_tokens=False)
@@ -512,6 +515,7 @@ def test_add_tokens_surgery_keeps_old_behaviour(smollm2):
   np.testing.assert_array_equal(np.asarray(new[..., :v]), np.asarray(old))
 
 
+@pytest.mark.slow
 def test_converted_model_cache_survives_concurrent_saves(tmp_path):
   """Processes loading the same GGUF at once each write their own temp dir; one complete cache remains."""
   import concurrent.futures

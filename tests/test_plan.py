@@ -84,6 +84,7 @@ def test_rollout_bytes_match_hand_counts(tiny_plan):
   assert split.items["KV cache"] == kv(1, 8) + kv(4, 8)  # 4 prompts -> 1 per chip, 16 rows -> 4 per chip
 
 
+@pytest.mark.slow
 def test_the_decode_copy_falls_back_to_the_training_layout_where_it_does_not_fit(tiny_plan):
   """auto: merged when the copy fits beside the training state; else the training layout, said in a note."""
   rollout = tiny_plan.phases[1]
@@ -152,6 +153,7 @@ def test_verdict_follows_the_hbm_size(tiny_plan):
 
 
 @pytest.mark.parametrize("recipe", V5E8)
+@pytest.mark.slow
 def test_v5e8_recipes_fit(recipe):
   cfg = config_io.load(Config, recipe)
   p = plan.run(cfg, hbm_gib=plan.V5E_HBM_GIB, out=io.StringIO())

@@ -368,6 +368,7 @@ def test_rewards_bounded_on_any_text(name, text, gold, checkpoints, schema):
 
 @settings(max_examples=2000, deadline=None)
 @given(pred=texts, gold=golds)
+@pytest.mark.slow
 def test_answers_match_is_total(pred, gold):
   assert answers_match(pred, gold) in (True, False)
   assert isinstance(normalize_answer(pred), str)

@@ -70,6 +70,7 @@ def test_reward_columns_give_every_row_every_column():
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_a_new_column_reaches_its_reward_in_rollouts_and_evals(tmp_path, toy_reward):
   data = tmp_path / "rows.jsonl"
   difficulty = write_difficulty_rows(data)

@@ -118,6 +118,7 @@ def test_group_samples_share_prompt_but_differ(tiny):
   np.testing.assert_array_equal(g1.tokens, np.repeat(g0.tokens, 3, axis=0))
 
 
+@pytest.mark.slow
 def test_seed_controls_sampling(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7]], 4, 0)
   run = lambda seed: sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,  # noqa: E731
@@ -129,6 +130,7 @@ def test_seed_controls_sampling(tiny):
   assert not np.array_equal(key_a, run(0))  # an explicit key overrides the config seed
 
 
+@pytest.mark.slow
 def test_eos_stops_row_and_pads(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7, 8, 9]], 8, 0)
   free = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
@@ -155,6 +157,7 @@ def test_stop_string_cuts_at_the_token_that_completes_it(tiny):
   assert gen.finished[0] and gen.lengths[0] == n and gen.texts[0] == text[:n]
 
 
+@pytest.mark.slow
 def test_top_k_one_is_greedy(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7]], 4, 0)
   greedy = sampler.generate(tiny, TINY, ByteTok(), tokens, mask, eos_ids=(-1,), pad_id=0,
@@ -183,6 +186,7 @@ def test_top_p_keeps_the_nucleus():
   assert abs(frac0 - 0.5 / 0.8) < 0.05
 
 
+@pytest.mark.slow
 def test_no_recompile_across_calls(tiny):
   tokens, mask = sampler.left_pad([[5, 6, 7], [1, 2]], 4, 0)
   s = SamplingCfg(max_new_tokens=12, temperature=1.0)

@@ -174,12 +174,14 @@ def test_step_cache_stops_growing_once_every_bucket_was_stepped(compile_history)
   assert {size for _, size, _ in later} == {history[warm][1]}, history  # no new jit cache entry
 
 
+@pytest.mark.slow
 def test_exactly_one_compile_per_completion_bucket(compile_history):
   seen = {b for b, _, _ in compile_history}
   assert sum(c for _, _, c in compile_history) == len(seen)
   assert compile_history[-1][1] == len(seen)
 
 
+@pytest.mark.slow
 def test_train_step_is_lora_only(trainer, first_bucket):
   tr = trainer
   params_before = host(tr.params)
@@ -215,6 +217,7 @@ def test_train_step_is_lora_only(trainer, first_bucket):
   assert int(adam[0].count) == 3
 
 
+@pytest.mark.slow
 def test_non_finite_step_is_skipped_and_counted(trainer, first_bucket):
   tr = trainer
   b1, b2 = [tr.place_batch(b) for b in batches_of(tr, first_bucket, 2)]
@@ -427,6 +430,7 @@ def test_interrupted_run_resumes_exactly(trainer, straight_run, tmp_path, monkey
   assert meta_a["data_position"] == meta_b["data_position"] == 4
 
 
+@pytest.mark.slow
 def test_run_stops_after_max_nonfinite_steps_on_its_last_checkpoint(trainer, compile_history, tmp_path, monkeypatch):
   out = tmp_path / "run"
   cfg = dataclasses.replace(trainer.cfg, output_dir=str(out),
@@ -469,6 +473,7 @@ def test_session_budget_stops_with_a_checkpoint_and_resumes(trainer, straight_ru
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_ctrl_c_during_a_step_finishes_and_saves_it(trainer, tmp_path, monkeypatch, capsys, signum):
   """A real SIGINT (or SIGTERM) while step 1 is dispatched: the step completes, is saved, then the run stops."""
   real = trainer.step_fn
@@ -490,6 +495,7 @@ def test_ctrl_c_during_a_step_finishes_and_saves_it(trainer, tmp_path, monkeypat
   assert int(state.step) == 1 and len(calls) == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_a_step_holds_the_donated_state_exits_cleanly(trainer, tmp_path, monkeypatch, capsys):
   """An interrupt after a step consumed its (donated) input state: no 'Array has been deleted' crash."""
   real = trainer.step_fn
@@ -551,6 +557,7 @@ def test_failed_save_leaves_previous_checkpoint_usable(tmp_path):
 @pytest.mark.parametrize("override,needle", [("train.nope=1", "train.nope"), ("train.optim.lr=-1", "train.optim.lr"),
                                              ("train.max_nonfinite=0", "train.max_nonfinite must be > 0"),
                                              ("model.vocab_chunk=0", "model.vocab_chunk must be > 0")])
+@pytest.mark.slow
 def test_cli_config_errors_are_one_line(tmp_path, override, needle):
   proc = subprocess.run([sys.executable, "-m", "tpu_reason.sft", override], cwd=tmp_path, capture_output=True,
                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})

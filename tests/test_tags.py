@@ -181,6 +181,7 @@ def _check(parsed):
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 @settings(max_examples=2000, deadline=None)
 @given(text=st.one_of(st.text(), tag_soup))
+@pytest.mark.slow
 def test_parse_never_raises(name, text):
   _check(get_schema(name).parse(text))
 
