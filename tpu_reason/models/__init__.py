@@ -156,7 +156,9 @@ def _cached_source(path: Path) -> dict | None:
     return None
 
 
-def _load_cache(path: Path, name: str, source: dict) -> Model | None:
+def _load_cache(path: Path, name: str, source: dict, weights: bool = True) -> Model | None:
+  """The converted model cached at `path` if it was converted from `source`; `weights=False` skips reading the
+  weights (a tiny stand-in only needs the donor's tokenizer)."""
   meta_file = path / "meta.json"
   if not meta_file.exists():
     return None
@@ -166,17 +168,17 @@ def _load_cache(path: Path, name: str, source: dict) -> Model | None:
   from safetensors.numpy import load_file
   from transformers import AutoTokenizer
 
-  params = unflatten(load_file(path / "params.safetensors"))
+  params = unflatten(load_file(path / "params.safetensors")) if weights else None
   tok = AutoTokenizer.from_pretrained(path / "tokenizer")
   return Model(name, ModelConfig(**meta["cfg"]), params, tok, tuple(meta["eos_ids"]))
 
 
-def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...]) -> Model:
+def _load_gguf(name: str, path: Path, eos_tokens: tuple[str, ...], weights: bool = True) -> Model:
   import gguf
 
   source = {"gguf": str(path), "size": path.stat().st_size, "version": 2}
   cache = cache_root() / name
-  cached = _load_cache(cache, name, source)
+  cached = _load_cache(cache, name, source, weights)
   if cached is not None:
     return cached
   try:
@@ -212,7 +214,7 @@ TINY = {
 
 def _tiny(spec: str) -> Model:
   donor, kw = TINY[spec]
-  real = load(donor)
+  real = load(donor, weights=False)  # its tokenizer and vocabulary only
   cfg = ModelConfig(vocab_size=real.cfg.vocab_size, **kw)
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
   return Model(spec, cfg, params, real.tokenizer, real.eos_ids)
@@ -227,7 +229,7 @@ def load(spec: str, dtype=np.float32, weights: bool = True) -> Model:
   if spec in TINY:
     model = _tiny(spec)
   elif spec in EMBEDDED:
-    model = _load_gguf(spec, _embedded_gguf(spec), EMBEDDED[spec].eos_tokens)
+    model = _load_gguf(spec, _embedded_gguf(spec), EMBEDDED[spec].eos_tokens, weights)
   elif spec.endswith(".gguf"):
     if not Path(spec).is_file():
       raise UserError(f"GGUF file not found: {spec}")
