@@ -207,8 +207,8 @@ def test_no_recompile_across_calls(tiny):
 
 
 @pytest.mark.slow
-def test_real_model_answers_coherently():
-  m = models.load("smollm2-135m")
+def test_real_model_answers_coherently(smollm2):
+  m = smollm2
   params = jax.tree.map(jnp.asarray, m.params)
   tokens, mask = sampler.left_pad([m.encode(m.chat_prompt("What is the capital of France?"))], None, 0)
   gen = sampler.generate(params, m.cfg, m.tokenizer, tokens, mask, eos_ids=m.eos_ids, pad_id=m.pad_id,
