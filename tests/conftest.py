@@ -15,7 +15,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # No LLVM optimisation passes: halves compiling, the whole cost of a tiny model's program, but makes a real
 # model's elementwise work several times slower (test_budget's SmolLM2 run: 84 s against 46 s). So only for
 # tiny-model child processes (`one_device_env`) and, in this process, tests that hold no real weights
-# (`_compile_for_the_weights_at_hand`).
+# (`pytest_runtest_setup`).
 QUICK_XLA = "--xla_backend_optimization_level=0"
 # One compilation cache for the whole session, subprocesses (CLI runs, xdist workers) included: many tests
 # build the same tiny trainer, and each would otherwise compile the same programs again. A fresh folder
@@ -86,21 +86,15 @@ def tiny_params(cfg: ModelConfig, seed: int = 0):
 # files fill the gaps, instead of a long file being the last one left running.
 # Fixtures that hold a real model: a test that uses one (directly or through another fixture) compiles with
 # XLA's optimisations; every other test in this process compiles without most of them (a tiny model's
-# program: 30% less time, e.g. test_precision + test_decode_layout 134-149 s -> 102 s; numerics unchanged).
+# program: 30% less time, e.g. test_precision + test_decode_layout 134-149 s -> 102 s). Set before the test's
+# fixtures are built, so a module fixture computes its reference with the same compiler as its tests (the
+# two settings round differently: 4e-5 apart on SmolLM2's logits).
 REAL_WEIGHTS = {"smollm2", "gemma3", "embedded"}
-jax.config.update("jax_disable_most_optimizations", True)
 
 
-@pytest.fixture(autouse=True)
-def _compile_for_the_weights_at_hand(request):
-  if not REAL_WEIGHTS & set(request.fixturenames):
-    yield
-    return
-  jax.config.update("jax_disable_most_optimizations", False)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_disable_most_optimizations", True)
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+  jax.config.update("jax_disable_most_optimizations", not REAL_WEIGHTS & set(item.fixturenames))
 
 
 HEAVY_FIRST = ("test_notebook.py", "test_plan_tpu.py", "test_grpo.py", "test_eval.py", "test_sft.py",

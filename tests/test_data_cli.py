@@ -40,24 +40,3 @@ def test_cli_generate_reports_reasoning_rouge_l():
   assert "reasoning ROUGE-L vs reference (2 eval rows, greedy, 8 new tokens): mean=" in line
   mean = float(line.split("mean=")[1].split()[0])
   assert 0.0 <= mean <= 1.0
-
-
-@pytest.mark.slow
-def test_cli_generate_needs_a_count():
-  out = _run("--generate", "many")
-  assert out.returncode == 2 and out.stderr.startswith("error:") and "--generate" in out.stderr
-
-
-@pytest.mark.slow
-def test_cli_bad_override_is_one_line_error():
-  out = _run("data.nope=1")
-  assert out.returncode == 2
-  assert out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
-  assert "Traceback" not in out.stderr and "nope" in out.stderr
-
-
-@pytest.mark.slow
-def test_cli_missing_path_is_one_line_error():
-  out = _run("data.source=teacher", "data.path=does/not/exist.jsonl")
-  assert out.returncode == 2, out.stderr
-  assert out.stderr.startswith("error:") and "Traceback" not in out.stderr

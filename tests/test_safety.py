@@ -78,6 +78,7 @@ def world(tmp_path_factory):
       "bad.csv": b'question,answer\n"What is 1 + 1?,2\n',
       "notes.txt": b"What is 1 + 1? 2\n",
       "plain.txt": b"notes without a final newline",
+      "empty.jsonl": b"",
   }
   for name, data in files.items():
     (root / name).write_bytes(data)
@@ -175,6 +176,20 @@ CASES = {
     "an output_dir that cannot be made": (
         "sft", [*SFT, "output_dir={w}/a.yaml/run"], ["{w}/a.yaml"], [], ["output_dir={w}/a.yaml/run", "is a file"]),
     "an empty model.spec": ("sft", ["model.spec="], [], [], ["model.spec is empty"]),
+    "an unknown key on the command line": ("sft", ["train.nope=1"], [], [], ["train.nope"]),
+    "a negative learning rate": ("sft", ["train.optim.lr=-1"], [], [], ["train.optim.lr"]),
+    "train.max_nonfinite=0": ("sft", ["train.max_nonfinite=0"], [], [], ["train.max_nonfinite must be > 0"]),
+    "model.vocab_chunk=0": ("sft", ["model.vocab_chunk=0"], [], [], ["model.vocab_chunk must be > 0"]),
+    "grpo.std_ddof=2": ("grpo", ["grpo.std_ddof=2"], [], [], ["grpo.std_ddof must be 0"]),
+    "a folder as --config": ("sft", ["--config", "."], [], [], ["recipe not found: ."]),
+    "an empty data file": (
+        "sft", [*SFT, "data.source=gsm8k", "data.path={w}/empty.jsonl", "output_dir={w}/empty-run"],
+        ["{w}/empty.jsonl"], ["{w}/empty-run"], ["data.path={w}/empty.jsonl has no rows"]),
+    "data: an unknown key": ("data.__main__", ["data.nope=1"], [], [], ["data.nope"]),
+    "data: a data file that does not exist": (
+        "data.__main__", ["data.source=teacher", "data.path=does/not/exist.jsonl"], [], [],
+        ["data.path not found: does/not/exist.jsonl"]),
+    "data --generate not a number": ("data.__main__", ["--generate", "many"], [], [], ["--generate", "'many'"]),
     "lora.targets not a regular expression": ("sft", ["lora.targets=("], [], [], ["lora.targets='('"]),
     "resume a finished run whose checkpoints were deleted": (
         "sft", [*SFT, "output_dir={c:emptied}"], ["{c}"], [], ["no completed checkpoint left", "train.resume=none"]),
@@ -234,6 +249,10 @@ def test_refused_command_is_one_line_and_changes_nothing(refused, name):
   one_error(proc, *needles)
   assert after == before  # every file it was pointed at, byte for byte
   assert not [p for p in absent if p.exists()]
+
+
+def test_refused_commands_write_nothing_where_they_run(refused, world):
+  assert not list((world / "cwd").iterdir())  # e.g. no default output_dir made before the refusal
 
 
 def test_runs_saved_before_the_config_sections_moved_still_load(world, tmp_path):

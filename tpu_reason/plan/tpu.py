@@ -285,6 +285,9 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
       continue
     results.append(compile_tpu(name, lowered, options, trips))
     print(tpu_row(results[-1], p), file=out, flush=True)
+  absent = [name for name in programs or () if name not in {c.name for c in results}]
+  if absent:  # the merge exists only in the merged decode layout
+    print(f"{', '.join(absent)}: not a program of this run (decode layout {p.decode_layout})", file=out, flush=True)
   fits, line = tpu_verdict(tpu, results, p)
   report = [*tpu_notes(cfg, model_cfg, mesh), *time_report(cfg, model_cfg, mesh, p, results), line]
   print("\n".join(report), file=out, flush=True)
