@@ -608,8 +608,9 @@ def test_dynamic_sampling_killed_with_sigkill_resumes_exactly(trainer, data_path
   env = one_device_env(PYTHONPATH=root)
 
   def launch(out, **extra):
+    # no held-out evals: what resumes is the training, and each eval compiles and runs its own generation
     args = cfg_args(out, data_path, "grpo.steps=3", "grpo.dynamic_sampling=true", "grpo.max_resample_rounds=2",
-                    "train.keep_last=3")
+                    "train.keep_last=3", "data.eval_size=0", "train.eval_generate=0")
     return subprocess.Popen([sys.executable, str(driver), *args], cwd=root, env={**env, **extra},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
