@@ -2,7 +2,7 @@
 # Install (with test extras), then run the whole test suite: rewards, data, real-weight
 # model parity, LoRA, sharding on 8 fake CPU devices.
 #   bash scripts/test.sh          everything (what CI runs)
-#   bash scripts/test.sh --fast   the inner loop: no install, tests not marked `slow` (~2.5 min on 2 cores)
+#   bash scripts/test.sh --fast   the inner loop: no install, tests not marked `slow` (under 2 min on 2 cores)
 # Extra arguments go to pytest (e.g. -k sampler). Two pytest workers share the machine (TEST_WORKERS=N to
 # change); each test file runs whole in one worker, so a module's fixtures are built once. Tests marked
 # `serial` (several processes that must meet within a deadline, libtpu's lock) run afterwards, alone.

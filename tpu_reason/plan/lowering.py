@@ -161,7 +161,14 @@ def lower_grpo_train(cfg: Config, model_cfg: ModelConfig, mesh) -> dict[str, jax
             "GRPO update": step_fn.lower(state, params, mini)}
 
 
-def lower_all(cfg: Config, model_cfg: ModelConfig, mesh, decode: str = "merged") -> dict[str, jax.stages.Lowered]:
-  """Every program a run compiles at its largest shapes, by name (the rollout's in the `decode` layout)."""
-  return {"SFT step": lower_sft_step(cfg, model_cfg, mesh), **lower_rollout(cfg, model_cfg, mesh, decode),
-          **lower_grpo_train(cfg, model_cfg, mesh)}
+def lower_all(cfg: Config, model_cfg: ModelConfig, mesh, decode: str = "merged",
+              only: tuple[str, ...] | None = None) -> dict[str, jax.stages.Lowered]:
+  """Every program a run compiles at its largest shapes (or those named in `only`), by name (the rollout's in
+  the `decode` layout). A group of programs is traced only when one of them is wanted."""
+  wanted = lambda *names: only is None or any(n in only for n in names)  # noqa: E731
+  programs = {"SFT step": lower_sft_step(cfg, model_cfg, mesh)} if wanted("SFT step") else {}
+  if wanted("GRPO merge", "GRPO prefill", "GRPO decode"):
+    programs.update(lower_rollout(cfg, model_cfg, mesh, decode))
+  if wanted("GRPO log-probs", "GRPO update"):
+    programs.update(lower_grpo_train(cfg, model_cfg, mesh))
+  return {name: p for name, p in programs.items() if only is None or name in only}

@@ -280,9 +280,7 @@ def run_tpu(cfg: Config, tpu: str, hbm_gib: float = V5E_HBM_GIB, stand_in_model:
   print(f"\nTPU compiler (libtpu {importlib.metadata.version('libtpu')}): {tpu} = {TPUS[tpu][0]}, {model}, "
         f"{hbm_gib:g} GiB usable per chip\n{TPU_HEAD}", file=out, flush=True)
   results, trips = [], {DECODE_LOOP: cfg.grpo.sampling.max_new_tokens}  # a whole rollout: no row stops early
-  for name, lowered in lower_all(cfg, model_cfg, mesh, p.decode_layout).items():
-    if programs is not None and name not in programs:
-      continue
+  for name, lowered in lower_all(cfg, model_cfg, mesh, p.decode_layout, programs).items():
     results.append(compile_tpu(name, lowered, options, trips))
     print(tpu_row(results[-1], p), file=out, flush=True)
   absent = [name for name in programs or () if name not in {c.name for c in results}]
