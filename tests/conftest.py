@@ -81,9 +81,6 @@ def tiny_params(cfg: ModelConfig, seed: int = 0):
   return unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
 
 
-# Files whose tests take minutes (worker-seconds of a full run, 2026-12-07), collected first: with two
-# workers (scripts/test.sh: --dist loadfile --no-loadscope-reorder) they start at once, and the many short
-# files fill the gaps, instead of a long file being the last one left running.
 # Fixtures that hold a real model: a test that uses one (directly or through another fixture) compiles with
 # XLA's optimisations; every other test in this process compiles without most of them (a tiny model's
 # program: 30% less time, e.g. test_precision + test_decode_layout 134-149 s -> 102 s). Set before the test's
@@ -97,6 +94,9 @@ def pytest_runtest_setup(item):
   jax.config.update("jax_disable_most_optimizations", not REAL_WEIGHTS & set(item.fixturenames))
 
 
+# Files whose tests take minutes (worker-seconds of a full run, 2026-12-07), collected first: with two
+# workers (scripts/test.sh: --dist loadfile --no-loadscope-reorder) they start at once, and the many short
+# files fill the gaps, instead of a long file being the last one left running.
 HEAVY_FIRST = ("test_notebook.py", "test_plan_tpu.py", "test_grpo.py", "test_eval.py", "test_sft.py",
                "test_reliability.py", "test_export.py", "test_plan.py", "test_precision.py", "test_sampler.py",
                "test_budget.py", "test_quant.py", "test_add_tokens.py", "test_curate_pipeline.py", "test_safety.py")
