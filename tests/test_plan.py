@@ -84,6 +84,17 @@ def test_rollout_bytes_match_hand_counts(tiny_plan):
   assert split.items["KV cache"] == kv(1, 8) + kv(4, 8)  # 4 prompts -> 1 per chip, 16 rows -> 4 per chip
 
 
+def test_decode_floor_counts_what_a_token_reads(tiny_plan):
+  """The HBM floor per generated token: the tp share of every weight, whole over fsdp (the decode copy), and
+  the rows' KV cache; an untied input embedding is left out (a token reads one row of it)."""
+  from tpu_reason.plan.tpu import decode_floor
+  cfg, mesh = tiny_cfg(), mesh_lib.abstract_mesh(config_io.load(Config, None, ["mesh.fsdp=4", "mesh.tp=2"]).mesh, 8)
+  weights, kv_bytes = decode_floor(cfg, TINY_LLAMA, mesh, tiny_plan)
+  assert (weights, kv_bytes) == (DECODE, tiny_plan.phases[1].items["KV cache"])
+  untied = dataclasses.replace(TINY_LLAMA, tie_embeddings=False)  # + lm_head [D, V/tp], - embed [V/tp, D]
+  assert decode_floor(cfg, untied, mesh, tiny_plan)[0] == DECODE
+
+
 @pytest.mark.slow
 def test_the_decode_copy_falls_back_to_the_training_layout_where_it_does_not_fit(tiny_plan):
   """auto: merged when the copy fits beside the training state; else the training layout, said in a note."""
