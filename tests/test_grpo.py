@@ -45,7 +45,7 @@ def cfg_args(out, data_path, *overrides) -> list[str]:
       "grpo.init=base", "grpo.steps=2", "grpo.prompts=4", "grpo.micro_batch=2", "grpo.sampling.max_new_tokens=8",
       "grpo.optim.lr=1e-2", "grpo.optim.warmup_steps=0", "grpo.save_every=1", "grpo.eval_every=1",
       "train.eval_generate=2", "train.eval_max_new_tokens=4", "grpo.sampling.temperature=1.0",
-      "grpo.sampling.top_k=0", *overrides]
+      "grpo.sampling.top_k=0", "grpo.eval_tasks=[]", *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +394,7 @@ def test_updates_follow_the_advantage_sign(trainer):
 def straight_run(trainer, tmp_path_factory):
   out = tmp_path_factory.mktemp("straight")
   with pytest.MonkeyPatch.context() as mp:
-    reuse_build(mp, trainer)
+    reuse_build(mp, trainer, tasks={"again": trainer.eval})  # a second held-out set (grpo.eval_tasks)
     summary = grpo.run(dataclasses.replace(trainer.cfg, output_dir=str(out)))
   return out, summary
 
@@ -416,6 +416,13 @@ def test_run_writes_all_outputs(straight_run):
     assert key in train[0], key
   assert set(summary["before"]) == set(summary["after"]) >= {"accuracy", "format_accuracy", "reward",
                                                              "reward/format", "mean_completion_tokens"}
+  # the second set is scored before and after, under its name, and not at eval_every (step 1)
+  evals = {r["step"]: r for r in rows if r["split"] == "eval"}
+  assert sorted(evals) == [0, 1, 2] and not any(k.startswith("again/") for k in evals[1])
+  for scores in (summary["before"], summary["after"]):
+    assert {k for k in scores if k.startswith("again/")} == {f"again/{k}" for k in (*grpo.trainer.TASK_METRICS, "rows")}
+    # the same prompts, greedy, by the same weights: the same scores as the run's own held-out set
+    assert scores["again/accuracy"] == scores["accuracy"] and scores["again/rows"] == scores["rows"] == 2
   assert "first_20pct_reward" in summary and summary["last_step"] == 2
   # these prompts have no checkpoints: the process reward applies to no row and says so
   assert train[0]["rewards/process/rows"] == 0 and "rewards/process/mean" not in train[0]
@@ -657,9 +664,9 @@ def test_curriculum_comes_first(trainer):
 # --------------------------------------------------------------------------- init from an SFT run
 
 
-def fake_sft_run(root, name, spec, lora, trainer_name="sft", finished=True):
+def fake_sft_run(root, name, spec, lora, trainer_name="sft", finished=True, data=()):
   run = root / name
-  cfg = config_io.load(Config, None, [f"model.spec={spec}", "lora.rank=16", "lora.alpha=32"])
+  cfg = config_io.load(Config, None, [f"model.spec={spec}", "lora.rank=16", "lora.alpha=32", *data])
   config_io.save(cfg, run)
   runs.write_info(run, trainer_name)
   if lora is not None:
@@ -686,6 +693,38 @@ def test_latest_finished_sft_run_is_found(tmp_path):
   (tmp_path / "junk" / "summary.json").write_text("{}")  # no run.json
   assert runs.latest_finished("tiny-llama", "sft", tmp_path) == newest
   assert runs.latest_finished("smollm2-135m", "sft", tmp_path) is None
+
+
+def test_eval_tasks_are_the_sft_runs_held_out_set_and_reasoning_gym_tasks(trainer, tmp_path):
+  sft_rows = write_rows(tmp_path / "sft_rows.jsonl", 6, 0, 3)
+  run = fake_sft_run(tmp_path, "sft", "tiny-llama", None, data=["data.source=jsonl", f"data.path={sft_rows}",
+                                                                   "data.eval_size=3", "data.system_prompt="])
+  g = dataclasses.replace(trainer.cfg.grpo, eval_tasks=("init", config.MULTI_STEP_TASK))
+  cfg = dataclasses.replace(trainer.cfg, grpo=g, data=dataclasses.replace(trainer.cfg.data, max_prompt_tokens=160))
+  tasks = grpo.cli.eval_task_prompts(cfg, str(run), trainer.model)
+  assert list(tasks) == ["sft_rows.jsonl", config.MULTI_STEP_TASK]
+  held_out = [f"What is {i + 2} plus {(i * 7) % 11 + 1}?" for i in (6, 7, 8)]  # the file's last 3 rows
+  assert len(tasks["sft_rows.jsonl"]) == 3 and all(q in r.prompt_text for q, r in zip(held_out, tasks["sft_rows.jsonl"]))
+  assert len(tasks[config.MULTI_STEP_TASK]) == 4  # data.eval_size
+  assert list(grpo.cli.eval_task_prompts(cfg, "base", trainer.model)) == [config.MULTI_STEP_TASK]  # no SFT run
+  own = dataclasses.replace(g, eval_tasks=("init",))  # the SFT run's set is the run's own: scored once
+  same = fake_sft_run(tmp_path, "same", "tiny-llama", None, data=["data.source=jsonl", f"data.path={cfg.data.path}"])
+  assert grpo.cli.eval_task_prompts(dataclasses.replace(cfg, grpo=own), str(same), trainer.model) == {}
+
+
+def test_table_has_a_block_per_eval_task(trainer):
+  tr = dataclasses.replace(trainer, tasks={"gsm_symbolic": []})
+  gsm = lambda acc, fmt: {"gsm_symbolic/accuracy": acc, "gsm_symbolic/format_accuracy": fmt,  # noqa: E731
+                          "gsm_symbolic/unclosed_rate": 1 - fmt, "gsm_symbolic/mean_completion_tokens": 90.0,
+                          "gsm_symbolic/rows": 112}
+  before = {"accuracy": 0.25, "format_accuracy": 0.75, "rows": 128, **gsm(0.0, 0.857)}
+  after = {"accuracy": 0.5, "format_accuracy": 1.0, "rows": 128, **gsm(0.0, 0.964)}
+  own, task = [b.splitlines() for b in tr.table(before, after).split("\n\n")]
+  assert own[0].split() == ["held-out", "(128", "rows)", "before", "after"]
+  assert [line.split() for line in own[1:]] == [["accuracy", "0.250", "0.500"], ["format_accuracy", "0.750", "1.000"]]
+  assert task[0].split() == ["held-out", "gsm_symbolic", "(112", "rows)", "before", "after"]
+  assert [line.split()[0] for line in task[1:]] == grpo.trainer.TASK_METRICS
+  assert task[2].split()[1:] == ["0.857", "0.964"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,8 @@ from tpu_reason import choices
 from tpu_reason.errors import UserError
 
 
+# three one-digit terms: a step more than GRPO's default task, which its held-out evals also score
+MULTI_STEP_TASK = "basic_arithmetic:min_terms=3,max_terms=3,min_digits=1,max_digits=1"
 DEFAULT_SYSTEM_PROMPT = "Think step by step inside the reasoning tags, then give only the final answer inside the answer tags."
 
 
@@ -285,6 +287,10 @@ class GrpoCfg:
   init: str = "auto"  # auto (latest finished SFT run of model.spec, else base) | base | a run dir
   curriculum: tuple[str, ...] = ()  # easy reasoning-gym tasks served first (a warm-up)
   curriculum_steps: int = 0  # steps drawn from `curriculum` before `data.task`
+  # More held-out sets scored greedily before and after (not at eval_every), each up to train.eval_generate rows:
+  # "init" is the task of the SFT run GRPO starts from (its held-out rows, drawn as that run drew them; skipped
+  # from the base), the others reasoning-gym tasks at data.eval_seed. The chain's final model on every task.
+  eval_tasks: tuple[str, ...] = ("init", MULTI_STEP_TASK)
   eval_every: int = 10
   save_every: int = 10
 
@@ -328,6 +334,8 @@ class GrpoCfg:
            f"itself a multiple of grpo.micro_batch={self.micro_batch}")
     _check(self.eval_every > 0 and self.save_every > 0, "grpo.eval_every and grpo.save_every must be > 0")
     _check(bool(self.curriculum) or not self.curriculum_steps, "grpo.curriculum_steps needs grpo.curriculum tasks")
+    _check(len(set(self.eval_tasks)) == len(self.eval_tasks) and all(self.eval_tasks),
+           f"grpo.eval_tasks must name each task once, got {list(self.eval_tasks)}")
 
 
 @dataclasses.dataclass(frozen=True)

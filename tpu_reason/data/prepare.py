@@ -196,17 +196,23 @@ def prepare(
 
 def prepare_prompts(data: DataCfg, model: Any, splits: Splits | None = None) -> tuple[list[Example], list[Example], dict]:
   """Prompt-only train / eval examples for RL (rows need a question and an answer, not a trace)."""
-  schema = tags.get_schema(data.schema)
   s = split_records(data) if splits is None else splits
-  out, reports = [], {}
-  for split, records, source, dropped in (("train", s.train, s.train_source, s.train_dropped),
-                                          ("eval", s.eval, s.eval_source, s.eval_dropped)):
-    examples, report = build_prompts(records, model, schema, system_prompt=data.system_prompt,
-                                     max_prompt_tokens=data.max_prompt_tokens, split=split, source=source)
-    report.absorb(dropped)
-    assert report.accounted, report
-    out.append(examples)
-    reports[split] = report
-  if not out[0]:
-    raise UserError(f"no training prompt survived: {reports['train'].summary()}")
-  return out[0], out[1], reports
+  train, train_report = _prompts(data, model, "train", s.train, s.train_source, s.train_dropped)
+  evals, eval_report = _prompts(data, model, "eval", s.eval, s.eval_source, s.eval_dropped)
+  if not train:
+    raise UserError(f"no training prompt survived: {train_report.summary()}")
+  return train, evals, {"train": train_report, "eval": eval_report}
+
+
+def held_out_prompts(data: DataCfg, model: Any) -> tuple[list[Example], Any]:
+  """The held-out split's prompts alone (the rows the trainers hold out of `data`), and its report."""
+  s = split_records(data)
+  return _prompts(data, model, "eval", s.eval, s.eval_source, s.eval_dropped)
+
+
+def _prompts(data: DataCfg, model: Any, split: str, records, source: str, dropped: dict[str, int]):
+  examples, report = build_prompts(records, model, tags.get_schema(data.schema), system_prompt=data.system_prompt,
+                                   max_prompt_tokens=data.max_prompt_tokens, split=split, source=source)
+  report.absorb(dropped)
+  assert report.accounted, report
+  return examples, report

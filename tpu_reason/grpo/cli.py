@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tpu_reason import config_io, lora as lora_lib, loop, mesh as mesh_lib, models, runs, tags
-from tpu_reason.config import Config
+from tpu_reason.config import Config, DataCfg
 from tpu_reason.data import prepare
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
@@ -39,9 +39,19 @@ def resolve_init(cfg: Config) -> str:
   return str(path.resolve())
 
 
+def prompt_data(cfg: Config) -> DataCfg:
+  """The data settings of the run's prompts: `data` with grpo.task, when set, as the task."""
+  return dataclasses.replace(cfg.data, task=cfg.grpo.task) if cfg.grpo.task else cfg.data
+
+
+def task_name(data: DataCfg) -> str:
+  """What a held-out set is called: its reasoning-gym task, or its file's name."""
+  return data.task if data.source in prepare.GENERATED_SOURCES else Path(data.path).name
+
+
 def load_prompts(cfg: Config, model) -> tuple[list, list, list]:
   """(train, curriculum, eval) prompt examples; reports printed."""
-  data = dataclasses.replace(cfg.data, task=cfg.grpo.task) if cfg.grpo.task else cfg.data
+  data = prompt_data(cfg)
   train, evals, reports = prepare_prompts(data, model)
   warmup = []
   for task in cfg.grpo.curriculum:
@@ -52,6 +62,27 @@ def load_prompts(cfg: Config, model) -> tuple[list, list, list]:
   for r in reports.values():
     print(r.summary())
   return train, warmup, evals
+
+
+def eval_task_prompts(cfg: Config, init: str, model) -> dict[str, list]:
+  """Held-out prompts of each of grpo.eval_tasks, by task name: "init" is the SFT run's task with its data settings
+  (its held-out rows, drawn as that run drew them; none from the base), the others reasoning-gym tasks drawn like
+  this run's own held-out rows. A task the run already scores is skipped."""
+  own = task_name(prompt_data(cfg))
+  tasks = {}
+  for task in cfg.grpo.eval_tasks if cfg.data.eval_size else ():
+    if task == "init":
+      if init == "base":
+        continue
+      data = runs.read_config(Path(init)).data
+    else:
+      data = dataclasses.replace(cfg.data, task=task, source="reasoning_gym")
+    name = task_name(data)
+    if name in (own, *tasks):
+      continue
+    tasks[name], report = prepare.held_out_prompts(data, model)
+    print(f"{name}: {report.summary()}")
+  return tasks
 
 
 def build(cfg: Config) -> Trainer:
@@ -67,8 +98,11 @@ def build(cfg: Config) -> Trainer:
     prepare.check_task(cfg.grpo.task, "grpo.task")
   for task in cfg.grpo.curriculum:
     prepare.check_task(task, "grpo.curriculum")
+  for task in set(cfg.grpo.eval_tasks) - {"init"}:
+    prepare.check_task(task, "grpo.eval_tasks")
   model = models.load_for(cfg.model)
   train, warmup, evals = load_prompts(cfg, model)
+  tasks = eval_task_prompts(cfg, init, model)
   if len(train) < g.prompts:
     raise UserError(f"only {len(train)} training prompts survived filtering; need >= grpo.prompts={g.prompts}")
   mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -82,7 +116,7 @@ def build(cfg: Config) -> Trainer:
   optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)
   cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, init=init))  # config.yaml names the resolved init
   return Trainer(cfg, out, model, schema, train, warmup, evals, params, mesh, optimizer, step_fn, logp_fn,
-                 lora_lib.scale(cfg.lora), state_sh, init)
+                 lora_lib.scale(cfg.lora), state_sh, init, tasks=tasks)
 
 
 def run(cfg: Config) -> dict:

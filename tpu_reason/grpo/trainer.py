@@ -102,6 +102,7 @@ class Trainer:
   lora_scale: float
   state_sharding: Any
   init: str  # "base" or the run dir whose adapter is merged into `params`
+  tasks: dict[str, list] = dataclasses.field(default_factory=dict)  # grpo.eval_tasks' held-out prompts, by task
   stream: rollout.Stream | None = dataclasses.field(default=None, repr=False)  # set by `batches`
   noted: bool = False  # the decode layout's fallback note was printed
   kind = "grpo"
@@ -143,7 +144,8 @@ class Trainer:
     return {"ids": ids, "completions": texts, **({} if kept is None else {"kept": kept})}
 
   def held_out(self, lora, full: bool) -> dict:
-    return self.evaluate(lora)
+    """The task's held-out scores; `full` (before / after) adds each of grpo.eval_tasks' as "<task>/<metric>"."""
+    return self.evaluate(lora, self.tasks if full else {})
 
   def completed(self, state) -> int | None:
     """Whole GRPO steps in `state` (None between the updates of one step: not exactly resumable)."""
@@ -154,7 +156,11 @@ class Trainer:
     return {"reward": f"{row['reward']:.2f}", "kl": f"{row['kl']:.3f}", "len": f"{row['completions/mean_length']:.0f}"}
 
   def table(self, before: dict, after: dict) -> str:
-    return loop.table(before, after, list(after))
+    """The task's before / after table, then one per task of grpo.eval_tasks."""
+    own = [k for k in after if not any(k.startswith(f"{task}/") for task in self.tasks)]
+    per_task = [loop.table(task_scores(before, task), task_scores(after, task), TASK_METRICS, name=task)
+                for task in self.tasks]
+    return "\n\n".join([loop.table(before, after, own), *per_task])
 
   @property
   def on_policy(self) -> bool:
@@ -267,20 +273,41 @@ class Trainer:
     reduce = lambda k: np.max if k.endswith("/max") else np.mean  # noqa: E731
     return state, {k: float(reduce(k)([m[k] for m in metrics])) for k in metrics[0]}
 
-  def evaluate(self, lora) -> dict:
-    """Greedy completions on held-out prompts: accuracy, format, mean of each reward, length."""
+  def evaluate(self, lora, tasks: dict[str, list] | None = None) -> dict:
+    """Greedy completions on held-out prompts: accuracy, format, mean of each reward, length; and for each of
+    `tasks` (name -> prompts) its TASK_METRICS as "<name>/<metric>"."""
     t, g = self.cfg.train, self.cfg.grpo
     rows = self.eval[: t.eval_generate]
-    if not rows:
+    tasks = {name: prompts[: t.eval_generate] for name, prompts in (tasks or {}).items() if prompts}
+    if not rows and not tasks:
       return {}
     w = self.decode_weights(lora)
-    with jax.set_mesh(self.mesh):
-      scores, texts = scoring.generate_and_score(self.model, w.params, rows, self.schema, lora=w.lora,
-                                                  lora_scale=w.lora_scale, max_new_tokens=t.eval_max_new_tokens,
-                                                  dtype=self.dtype)
-    total, parts = rewards.score([r.prompt_text for r in rows], texts, dict(zip(g.rewards, g.reward_weights)),
-                                 **reward_columns(rows), schema=self.schema.name)
-    return {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],
-            "reward": float(np.mean(total)),
-            **{f"reward/{k}": float(np.mean(applicable(v))) for k, v in parts.items() if applicable(v)},
-            "mean_completion_tokens": scores["mean_completion_tokens"], "rows": scores["rows"]}
+
+    def generate(prompts):
+      with jax.set_mesh(self.mesh):
+        return scoring.generate_and_score(self.model, w.params, prompts, self.schema, lora=w.lora,
+                                          lora_scale=w.lora_scale, max_new_tokens=t.eval_max_new_tokens,
+                                          dtype=self.dtype)
+
+    out = {}
+    if rows:
+      scores, texts = generate(rows)
+      total, parts = rewards.score([r.prompt_text for r in rows], texts, dict(zip(g.rewards, g.reward_weights)),
+                                   **reward_columns(rows), schema=self.schema.name)
+      out = {"accuracy": scores["answer_accuracy"], "format_accuracy": scores["format_accuracy"],
+             "reward": float(np.mean(total)),
+             **{f"reward/{k}": float(np.mean(applicable(v))) for k, v in parts.items() if applicable(v)},
+             "mean_completion_tokens": scores["mean_completion_tokens"], "rows": scores["rows"]}
+    for name, prompts in tasks.items():
+      scores, _ = generate(prompts)
+      scores["accuracy"] = scores["answer_accuracy"]
+      out.update({f"{name}/{k}": scores[k] for k in (*TASK_METRICS, "rows")})
+    return out
+
+
+TASK_METRICS = ["accuracy", "format_accuracy", "unclosed_rate", "mean_completion_tokens"]
+
+
+def task_scores(scores: dict, task: str) -> dict:
+  """One task's entries of a held-out dict ("<task>/<metric>"), under their metric names."""
+  return {k.removeprefix(f"{task}/"): v for k, v in scores.items() if k.startswith(f"{task}/")}
