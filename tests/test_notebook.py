@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import QUICK_XLA, one_device_env
+from tpu_reason.config import MULTI_STEP_TASK
 
 pytestmark = pytest.mark.slow  # builds and installs the wheel, runs the notebook
 
@@ -121,6 +122,8 @@ def test_notebook_installs_the_wheel_and_runs_sft_grpo_eval_export(wheel, tmp_pa
   grpo_summary = json.loads((work / "grpo" / "summary.json").read_text())
   assert sft_summary["last_step"] == 2 and grpo_summary["last_step"] == 1
   assert grpo_summary["init"] == str(work / "sft")  # GRPO continued from the notebook's SFT run
+  # ... and scored the SFT run's held-out prompts (gsm_symbolic) and a multi-step task beside its own
+  assert grpo_summary["after"]["gsm_symbolic/rows"] == grpo_summary["after"][f"{MULTI_STEP_TASK}/rows"] == 2
   for stage in ("sft", "grpo"):  # the session budget reached both trainers
     assert 0 < yaml.safe_load((work / stage / "config.yaml").read_text())["train"]["max_minutes"] <= 60
   for name in ("tiny-llama", "sft", "grpo"):  # eval's labels: the spec, then the run directories
