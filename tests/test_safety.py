@@ -147,6 +147,9 @@ CASES = {
     "an unknown grpo.curriculum task": (
         "grpo", [*GRPO, "grpo.curriculum=[nosuch]", "grpo.curriculum_steps=1", "output_dir={w}/bad-curriculum"], [],
         ["{w}/bad-curriculum"], ["grpo.curriculum=nosuch"]),
+    "an unknown grpo.eval_tasks task": (
+        "grpo", [*GRPO, "grpo.eval_tasks=[init,nosuch]", "output_dir={w}/bad-eval-task"], [], ["{w}/bad-eval-task"],
+        ["grpo.eval_tasks=nosuch"]),
     "an unknown curate.tasks task": (
         "curate.__main__", ["curate.tasks=[nosuch]", "output_dir={w}/bad-curate"], [], ["{w}/bad-curate"],
         ["curate.tasks=nosuch"]),
