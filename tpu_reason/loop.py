@@ -320,9 +320,8 @@ def table(before: dict, after: dict, keys: list[str], name: str = "") -> str:
   """Held-out scores before and after training, one row per key both have; the header says on how many rows
   (and of which task, `name`)."""
   keys = [k for k in keys if k in before and k in after and k != "rows"]
-  width = max([24] + [len(k) + 2 for k in keys])
   title = " ".join(filter(None, ["held-out", name, f"({after['rows']} rows)" if "rows" in after else ""]))
-  width = max(width, len(title) + 2)
+  width = max([24, len(title) + 2] + [len(k) + 2 for k in keys])
   lines = [f"{title:<{width}}{'before':>10}{'after':>10}"]
   lines += [f"{k:<{width}}{before[k]:>10.3f}{after[k]:>10.3f}" for k in keys]
   return "\n".join(lines)
