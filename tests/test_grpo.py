@@ -9,6 +9,7 @@ x G=4 = 8 rows. The GRPO maths itself is tested by hand in test_grpo_math.py.
 import dataclasses
 import functools
 import gc
+import inspect
 import json
 import os
 import re
@@ -586,11 +587,13 @@ def latest_saved(out) -> int | None:
     ckpts.close()
 
 
-KILL_DRIVER = """
-import os, sys, time
-from tests.test_grpo import sparse_reward
+# The child runs what a user runs: one CPU device. So it must not import a test module (tests.conftest would give
+# it 8 fake devices, and every array op of its run would be sharded 8 ways); the reward is copied in as source.
+KILL_DRIVER = f"""
+import os, re, sys, time, zlib
 from tpu_reason import grpo, rewards
 
+{inspect.getsource(sparse_reward)}
 rewards.score = sparse_reward
 real = grpo.Trainer.sample_round
 
