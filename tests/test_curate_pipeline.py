@@ -13,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
+from tests.conftest import one_device_env
 from tpu_reason import config_io, models, tags
 from tpu_reason.config import Config
 from tpu_reason.curate import pipeline
@@ -184,7 +185,7 @@ def _cli(out: pathlib.Path, *extra: str) -> subprocess.Popen:
   args = [sys.executable, "-m", "tpu_reason.curate", f"output_dir={out}", "curate.baselines=[tiny-llama]",
           "curate.tasks=[leg_counting,basic_arithmetic,chain_sum]", "data.size=6", "curate.k=2",
           "curate.sampling.max_new_tokens=4", "curate.batch_size=2", "curate.target_size=9", *extra]
-  env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+  env = one_device_env(HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))  # a user's one device, tiny-model compiles
   return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

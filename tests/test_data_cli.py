@@ -1,17 +1,18 @@
 """Tests for `python -m tpu_reason.data`: prints the report, one-line errors."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import one_device_env
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _run(*args):
-  env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+  env = one_device_env(HF_DATASETS_OFFLINE="1")  # a user's one device, tiny-model compiles
   return subprocess.run([sys.executable, "-m", "tpu_reason.data", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)
 
