@@ -715,6 +715,43 @@ def test_eval_tasks_are_the_sft_runs_held_out_set_and_reasoning_gym_tasks(traine
   assert grpo.cli.eval_task_prompts(dataclasses.replace(cfg, grpo=own), str(same), trainer.model) == {}
 
 
+def test_init_task_before_is_the_sft_runs_after_when_scored_alike(trainer, tmp_path, monkeypatch):
+  """GRPO's "before" on the SFT run's held-out rows is that run's own "after" (summary.json), not generated again,
+  when it scored the same rows with the adapters GRPO merged and the same settings; else it is generated."""
+  sft_rows = write_rows(tmp_path / "sft_rows.jsonl", 6, 0, 3)
+  data = ["data.source=jsonl", f"data.path={sft_rows}", "data.eval_size=3", "data.system_prompt="]
+  cfg = dataclasses.replace(trainer.cfg, grpo=dataclasses.replace(trainer.cfg.grpo, eval_tasks=("init",)),
+                            data=dataclasses.replace(trainer.cfg.data, max_prompt_tokens=160))
+  after = {"eval_loss": 0.4, "answer_accuracy": 0.25, "format_accuracy": 0.75, "unclosed_rate": 0.125,
+           "mean_completion_tokens": 90.5, "rows": 2}
+
+  def sft_run(name, *extra, **summary):
+    run = fake_sft_run(tmp_path, name, "tiny-llama", None, data=[*data, f"train.eval_generate={cfg.train.eval_generate}",
+                                                               f"train.eval_max_new_tokens={cfg.train.eval_max_new_tokens}",
+                                                               *extra])
+    (run / "summary.json").write_text(json.dumps({"after": after, "finished": True, "best_step": 9, "last_step": 9,
+                                                  **summary}))
+    return str(run)
+
+  run = sft_run("alike")
+  tasks = grpo.cli.eval_task_prompts(cfg, run, trainer.model)
+  assert cfg.train.eval_generate == 2 and len(tasks["sft_rows.jsonl"]) == 3  # 2 of them scored
+  known = grpo.cli.init_before(cfg, run, tasks)
+  assert known == {"sft_rows.jsonl": {"accuracy": 0.25, "format_accuracy": 0.75, "unclosed_rate": 0.125,
+                                      "mean_completion_tokens": 90.5, "rows": 2}}
+  for name, extra, summary in [("other length", ["train.eval_max_new_tokens=5"], {}),
+                               ("best is not last", [], {"best_step": 4}), ("unfinished", [], {"finished": False}),
+                               ("other rows", ["train.eval_generate=3"], {"after": {**after, "rows": 3}})]:
+    assert grpo.cli.init_before(cfg, sft_run(name, *extra, **summary), tasks) == {}, name
+
+  generated = []
+  monkeypatch.setattr(grpo.Trainer, "evaluate", lambda self, lora, tasks=None: generated.append(list(tasks or {})) or {})
+  tr = dataclasses.replace(trainer, tasks={**tasks, "other": []}, known_before=known)
+  before, after_scores = tr.held_out(None, full=True, before=True), tr.held_out(None, full=True)
+  assert generated == [["other"], ["sft_rows.jsonl", "other"]]  # generated after, never before
+  assert before == {f"sft_rows.jsonl/{k}": v for k, v in known["sft_rows.jsonl"].items()} and after_scores == {}
+
+
 def test_table_has_a_block_per_eval_task(trainer):
   tr = dataclasses.replace(trainer, tasks={"gsm_symbolic": []})
   gsm = lambda acc, fmt: {"gsm_symbolic/accuracy": acc, "gsm_symbolic/format_accuracy": fmt,  # noqa: E731

@@ -124,6 +124,10 @@ def test_notebook_installs_the_wheel_and_runs_sft_grpo_eval_export(wheel, tmp_pa
   assert grpo_summary["init"] == str(work / "sft")  # GRPO continued from the notebook's SFT run
   # ... and scored the SFT run's held-out prompts (gsm_symbolic) and a multi-step task beside its own
   assert grpo_summary["after"]["gsm_symbolic/rows"] == grpo_summary["after"][f"{MULTI_STEP_TASK}/rows"] == 2
+  # its "before" there is the SFT run's "after" (scored alike: same rows, adapters and settings), not generated again
+  assert "gsm_symbolic: before = the SFT run's after on the same 2 rows" in text
+  assert [grpo_summary["before"][f"gsm_symbolic/{k}"] for k in ("format_accuracy", "unclosed_rate", "accuracy")] == [
+      sft_summary["after"][k] for k in ("format_accuracy", "unclosed_rate", "answer_accuracy")]
   for stage in ("sft", "grpo"):  # the session budget reached both trainers
     assert 0 < yaml.safe_load((work / stage / "config.yaml").read_text())["train"]["max_minutes"] <= 60
   for name in ("tiny-llama", "sft", "grpo"):  # eval's labels: the spec, then the run directories

@@ -56,7 +56,7 @@ class Algorithm(Protocol):
 
   def step(self, state, batch: dict, step: int) -> tuple[Any, dict, dict | None]: ...
 
-  def held_out(self, lora, full: bool) -> dict: ...
+  def held_out(self, lora, full: bool, before: bool = False) -> dict: ...  # before: the scores of the initial adapters
 
   def completed(self, state) -> int | None: ...
 
@@ -199,7 +199,7 @@ class Loop:
     path = self.out / "before.json"
     if start and path.exists():
       return json.loads(path.read_text())
-    before = self.algo.held_out(state.lora, full=True)
+    before = self.algo.held_out(state.lora, full=True, before=True)
     if self.main:
       path.write_text(json.dumps(before))
     if before:

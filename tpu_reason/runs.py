@@ -49,6 +49,15 @@ def read_config(run_dir: Path) -> Config:
   return config_io.load(Config, path)
 
 
+def summary(run_dir: Path) -> dict:
+  """The run's summary.json ({} when it has none yet, or it cannot be read)."""
+  try:
+    found = json.loads((Path(run_dir) / "summary.json").read_text())
+  except (OSError, ValueError, UnicodeDecodeError):
+    return {}
+  return found if isinstance(found, dict) else {}
+
+
 def latest_finished(spec: str, trainer: str = "sft", root: Path = RUNS) -> Path | None:
   """Newest run under `root` by `trainer` on model `spec` that wrote its summary."""
   found = []

@@ -105,8 +105,8 @@ class Trainer:
       row["mfu"] = 6 * self.model.cfg.num_params * tokens / dt / (peak * jax.device_count())
     return state, row, None
 
-  def held_out(self, lora, full: bool) -> dict:
-    """Held-out loss; `full` adds the scores of generated completions (before / after training)."""
+  def held_out(self, lora, full: bool, before: bool = False) -> dict:
+    """Held-out loss; `full` adds the scores of generated completions (before / after training, alike)."""
     if not self.eval:  # data.eval_size=0
       return {}
     return {"eval_loss": self.eval_loss(lora), **(self.generation_scores(lora) if full else {})}

@@ -210,6 +210,12 @@ def held_out_prompts(data: DataCfg, model: Any) -> tuple[list[Example], Any]:
   return _prompts(data, model, "eval", s.eval, s.eval_source, s.eval_dropped)
 
 
+def held_out_examples(data: DataCfg, model: Any) -> tuple[list[Example], Any]:
+  """The held-out rows an SFT run of `data` scores (those whose trace fits as well as their prompt), and the report."""
+  s = split_records(data)
+  return _examples(s.eval, model, data, tags.get_schema(data.schema), "eval", s.eval_source, s.eval_dropped)
+
+
 def _prompts(data: DataCfg, model: Any, split: str, records, source: str, dropped: dict[str, int]):
   examples, report = build_prompts(records, model, tags.get_schema(data.schema), system_prompt=data.system_prompt,
                                    max_prompt_tokens=data.max_prompt_tokens, split=split, source=source)

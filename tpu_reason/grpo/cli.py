@@ -7,6 +7,7 @@ functions, and hands `loop.run` a `Trainer`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tpu_reason.config import Config, DataCfg
 from tpu_reason.data import prepare
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
-from tpu_reason.grpo.trainer import Trainer, jitted
+from tpu_reason.grpo.trainer import TASK_METRICS, Trainer, jitted
 
 
 def resolve_init(cfg: Config) -> str:
@@ -65,9 +66,9 @@ def load_prompts(cfg: Config, model) -> tuple[list, list, list]:
 
 
 def eval_task_prompts(cfg: Config, init: str, model) -> dict[str, list]:
-  """Held-out prompts of each of grpo.eval_tasks, by task name: "init" is the SFT run's task with its data settings
-  (its held-out rows, drawn as that run drew them; none from the base), the others reasoning-gym tasks drawn like
-  this run's own held-out rows. A task the run already scores is skipped."""
+  """Held-out prompts of each of grpo.eval_tasks, by task name: "init" is the task of the run GRPO starts from
+  (an SFT run's: the held-out rows it scored, drawn as it drew them; none from the base), the others
+  reasoning-gym tasks drawn like this run's own held-out rows. A task the run already scores is skipped."""
   own = task_name(prompt_data(cfg))
   tasks = {}
   for task in cfg.grpo.eval_tasks if cfg.data.eval_size else ():
@@ -80,9 +81,37 @@ def eval_task_prompts(cfg: Config, init: str, model) -> dict[str, list]:
     name = task_name(data)
     if name in (own, *tasks):
       continue
-    tasks[name], report = prepare.held_out_prompts(data, model)
+    from_sft = task == "init" and runs.info(Path(init))["trainer"] == "sft"
+    tasks[name], report = (prepare.held_out_examples if from_sft else prepare.held_out_prompts)(data, model)
     print(f"{name}: {report.summary()}")
   return tasks
+
+
+# What a held-out eval's scores depend on beside the rows and the adapters: equal in an SFT run's config and
+# this run's, its "after" scores are what this run's "before" would generate on the same rows
+SCORED_ALIKE = ("train.eval_generate", "train.eval_max_new_tokens", "model.dtype", "model.quant", "mesh.decode_layout",
+                "data.schema")
+
+
+def init_before(cfg: Config, init: str, tasks: dict[str, list]) -> dict[str, dict]:
+  """The "before" scores of the init task taken from the SFT run's summary.json, by task name, instead of
+  generated again (minutes of greedy decoding): its "after" eval scored the same rows (`eval_task_prompts`)
+  with the adapters GRPO merged (its last step is its best) and the same generation settings. Empty (generate)
+  when anything differs."""
+  if init == "base" or runs.info(Path(init))["trainer"] != "sft":
+    return {}
+  sft_cfg, summary = runs.read_config(Path(init)), runs.summary(Path(init))
+  name, after = task_name(sft_cfg.data), summary.get("after", {})
+  setting = lambda c, key: functools.reduce(getattr, key.split("."), c)  # noqa: E731
+  sft_key = lambda metric: "answer_accuracy" if metric == "accuracy" else metric  # noqa: E731  SFT's name for it
+  rows = min(cfg.train.eval_generate, len(tasks.get(name, ())))
+  alike = (all(setting(sft_cfg, key) == setting(cfg, key) for key in SCORED_ALIKE) and name in tasks
+           and summary.get("finished") and summary.get("best_step") == summary.get("last_step")
+           and after.get("rows") == rows and all(sft_key(k) in after for k in TASK_METRICS))
+  if not alike:
+    return {}
+  print(f"{name}: before = the SFT run's after on the same {rows} rows (its summary.json)")
+  return {name: {**{k: after[sft_key(k)] for k in TASK_METRICS}, "rows": rows}}
 
 
 def build(cfg: Config) -> Trainer:
@@ -116,7 +145,7 @@ def build(cfg: Config) -> Trainer:
   optimizer, step_fn, logp_fn, state_sh = jitted(model.cfg, cfg, mesh)
   cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(g, init=init))  # config.yaml names the resolved init
   return Trainer(cfg, out, model, schema, train, warmup, evals, params, mesh, optimizer, step_fn, logp_fn,
-                 lora_lib.scale(cfg.lora), state_sh, init, tasks=tasks)
+                 lora_lib.scale(cfg.lora), state_sh, init, tasks=tasks, known_before=init_before(cfg, init, tasks))
 
 
 def run(cfg: Config) -> dict:

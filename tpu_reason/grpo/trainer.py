@@ -103,6 +103,8 @@ class Trainer:
   state_sharding: Any
   init: str  # "base" or the run dir whose adapter is merged into `params`
   tasks: dict[str, list] = dataclasses.field(default_factory=dict)  # grpo.eval_tasks' held-out prompts, by task
+  # "before" scores known without generating (`cli.init_before`: the SFT run's own), by task
+  known_before: dict[str, dict] = dataclasses.field(default_factory=dict)
   stream: rollout.Stream | None = dataclasses.field(default=None, repr=False)  # set by `batches`
   noted: bool = False  # the decode layout's fallback note was printed
   kind = "grpo"
@@ -143,9 +145,13 @@ class Trainer:
       texts = [self.schema.redact(t) for t in texts]
     return {"ids": ids, "completions": texts, **({} if kept is None else {"kept": kept})}
 
-  def held_out(self, lora, full: bool) -> dict:
-    """The task's held-out scores; `full` (before / after) adds each of grpo.eval_tasks' as "<task>/<metric>"."""
-    return self.evaluate(lora, self.tasks if full else {})
+  def held_out(self, lora, full: bool, before: bool = False) -> dict:
+    """The task's held-out scores; `full` (before / after) adds each of grpo.eval_tasks' as "<task>/<metric>"
+    (`before`: those of `known_before` as they are, not generated)."""
+    known = self.known_before if before else {}
+    scores = self.evaluate(lora, {name: prompts for name, prompts in self.tasks.items() if name not in known}
+                           if full else {})
+    return {**scores, **{f"{name}/{k}": v for name, metrics in known.items() for k, v in metrics.items()}}
 
   def completed(self, state) -> int | None:
     """Whole GRPO steps in `state` (None between the updates of one step: not exactly resumable)."""
