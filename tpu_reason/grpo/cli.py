@@ -19,7 +19,7 @@ from tpu_reason.config import Config, DataCfg
 from tpu_reason.data import prepare
 from tpu_reason.data.prepare import prepare_prompts, split_records
 from tpu_reason.errors import UserError, cli
-from tpu_reason.grpo.trainer import TASK_METRICS, Trainer, jitted
+from tpu_reason.grpo.trainer import TASK_METRICS, Trainer, jitted, task_metrics
 
 
 def resolve_init(cfg: Config) -> str:
@@ -103,15 +103,14 @@ def init_before(cfg: Config, init: str, tasks: dict[str, list]) -> dict[str, dic
   sft_cfg, summary = runs.read_config(Path(init)), runs.summary(Path(init))
   name, after = task_name(sft_cfg.data), summary.get("after", {})
   setting = lambda c, key: functools.reduce(getattr, key.split("."), c)  # noqa: E731
-  sft_key = lambda metric: "answer_accuracy" if metric == "accuracy" else metric  # noqa: E731  SFT's name for it
-  rows = min(cfg.train.eval_generate, len(tasks.get(name, ())))
+  rows, metrics = min(cfg.train.eval_generate, len(tasks.get(name, ()))), task_metrics(after)
   alike = (all(setting(sft_cfg, key) == setting(cfg, key) for key in SCORED_ALIKE) and name in tasks
            and summary.get("finished") and summary.get("best_step") == summary.get("last_step")
-           and after.get("rows") == rows and all(sft_key(k) in after for k in TASK_METRICS))
+           and after.get("rows") == rows and len(metrics) == len(TASK_METRICS))
   if not alike:
     return {}
   print(f"{name}: before = the SFT run's after on the same {rows} rows (its summary.json)")
-  return {name: {**{k: after[sft_key(k)] for k in TASK_METRICS}, "rows": rows}}
+  return {name: {**metrics, "rows": rows}}
 
 
 def build(cfg: Config) -> Trainer:

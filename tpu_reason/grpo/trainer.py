@@ -306,12 +306,18 @@ class Trainer:
              "mean_completion_tokens": scores["mean_completion_tokens"], "rows": scores["rows"]}
     for name, prompts in tasks.items():
       scores, _ = generate(prompts)
-      scores["accuracy"] = scores["answer_accuracy"]
-      out.update({f"{name}/{k}": scores[k] for k in (*TASK_METRICS, "rows")})
+      out.update({f"{name}/{k}": v for k, v in {**task_metrics(scores), "rows": scores["rows"]}.items()})
     return out
 
 
 TASK_METRICS = ["accuracy", "format_accuracy", "unclosed_rate", "mean_completion_tokens"]
+
+
+def task_metrics(scores: dict) -> dict:
+  """The TASK_METRICS among scoring's scores (an SFT run's summary holds the same names): accuracy is its
+  answer_accuracy."""
+  named = {k: "answer_accuracy" if k == "accuracy" else k for k in TASK_METRICS}
+  return {k: scores[name] for k, name in named.items() if name in scores}
 
 
 def task_scores(scores: dict, task: str) -> dict:
